@@ -1,0 +1,122 @@
+"""Images from paths, bytes, PIL images, ``{"path"|"bytes": ...}`` dicts and data URIs.
+
+:func:`image_size` reads only the header: token counts that follow from an image's
+size never decode its pixels.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import math
+import os
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from .errors import MediaError
+
+ImageInput = Any  # str | bytes | os.PathLike | PIL.Image.Image | dict
+
+
+def describe(obj: Any) -> str:
+    """A short human name for a media object, for error messages."""
+    if isinstance(obj, (str, os.PathLike)):
+        text = str(obj)
+        return text if not text.startswith("data:") else text[:40] + "..."
+    if isinstance(obj, dict):
+        if obj.get("path"):
+            return str(obj["path"])
+        return "<in-memory bytes>"
+    if isinstance(obj, (bytes, bytearray)):
+        return f"<{len(obj)} bytes>"
+    if isinstance(obj, Image.Image):
+        return f"<PIL image {obj.size[0]}x{obj.size[1]}>"
+    return f"<{type(obj).__name__}>"
+
+
+def _open(obj: ImageInput) -> Image.Image:
+    """Open lazily (header only); pixels are decoded on first access."""
+    if isinstance(obj, Image.Image):
+        return obj
+    if isinstance(obj, dict):
+        if obj.get("bytes") is not None:
+            return _open(obj["bytes"])
+        if obj.get("path"):
+            return _open(obj["path"])
+        raise MediaError(f"image dict needs 'path' or 'bytes', got keys {sorted(obj)}")
+    if isinstance(obj, (bytes, bytearray)):
+        return Image.open(io.BytesIO(obj))
+    if isinstance(obj, (str, os.PathLike)):
+        text = str(obj)
+        if text.startswith("data:"):
+            try:
+                payload = text.split(",", 1)[1]
+                return Image.open(io.BytesIO(base64.b64decode(payload)))
+            except (IndexError, binascii.Error) as exc:
+                raise MediaError(f"malformed base64 image data URI ({exc})") from exc
+        if not os.path.exists(text):
+            raise MediaError(f"image file not found: {text}")
+        return Image.open(text)
+    raise MediaError(f"unsupported image input of type {type(obj).__name__}")
+
+
+def image_size(obj: ImageInput) -> tuple[int, int]:
+    """(width, height) from the header, without decoding pixels."""
+    try:
+        with _open(obj) if not isinstance(obj, Image.Image) else _nullctx(obj) as img:
+            return img.size
+    except MediaError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise MediaError(f"unreadable image {describe(obj)}: {exc}") from exc
+
+
+class _nullctx:
+    def __init__(self, img: Image.Image) -> None:
+        self.img = img
+
+    def __enter__(self) -> Image.Image:
+        return self.img
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def load_image(obj: ImageInput) -> Image.Image:
+    """Decode to an RGB PIL image; errors name the file."""
+    try:
+        img = _open(obj)
+        img.load()
+    except MediaError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise MediaError(f"unreadable image {describe(obj)}: {exc}") from exc
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return img
+
+
+def scaled_size(
+    width: int, height: int, max_pixels: int | None = None, min_pixels: int | None = None
+) -> tuple[int, int]:
+    """The size :func:`resize_image` produces, computed without touching pixels."""
+    pixels = width * height
+    if max_pixels is not None and pixels > max_pixels:
+        factor = math.sqrt(max_pixels / pixels)
+        width, height = max(1, int(width * factor)), max(1, int(height * factor))
+    elif min_pixels is not None and pixels < min_pixels:
+        factor = math.sqrt(min_pixels / pixels)
+        width, height = max(1, math.ceil(width * factor)), max(1, math.ceil(height * factor))
+    return width, height
+
+
+def resize_image(
+    image: Image.Image, max_pixels: int | None = None, min_pixels: int | None = None
+) -> Image.Image:
+    """Keep the aspect ratio while bringing the pixel count inside [min_pixels, max_pixels]."""
+    size = scaled_size(image.width, image.height, max_pixels, min_pixels)
+    if size != image.size:
+        image = image.resize(size, resample=Image.Resampling.BICUBIC)
+    return image

@@ -1,0 +1,1 @@
+"""Composite-model registry, loading, freezing and adapters."""

@@ -1,0 +1,235 @@
+"""BasePlugin: validation, media regularisation and the three public hooks.
+
+A family subclasses :class:`BasePlugin` and overrides what differs:
+
+* ``process_messages`` expands each ``<image>`` / ``<video>`` / ``<audio>`` placeholder into
+  exactly the tokens the family's processor would produce (counts from image headers and the
+  processor's settings wherever possible, so tokenising never decodes pixels);
+* ``process_token_ids`` edits ids after templating (PaliGemma prefixes, LLaVA's -200, ...);
+* ``get_mm_inputs`` builds the batch tensors (pixel values, grids, masks, ...).
+
+The base implementation expands nothing and feeds each sub-processor (image, video,
+audio) its regularised media.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mmtune.media import MediaConfig, MediaError, VideoClip, image_size, load_audio, load_image, load_video
+from mmtune.media.image import resize_image, scaled_size
+
+IMAGE_PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<video>"
+AUDIO_PLACEHOLDER = "<audio>"
+
+Message = dict[str, Any]  # {"role": str, "content": str}
+MediaList = Sequence[Any]
+
+
+class BasePlugin:
+    """Generic plugin: validation and media handling, no token expansion."""
+
+    #: family defaults, used when ``get_mm_plugin`` is given no token
+    default_image_token: str | None = None
+    default_video_token: str | None = None
+    default_audio_token: str | None = None
+    #: frames per video are rounded to a multiple of this (Qwen: temporal patch 2)
+    video_frame_factor: int = 1
+    #: whether ``expand_mm_tokens=False`` is meaningful for this family
+    supports_no_expand: bool = True
+
+    def __init__(
+        self,
+        image_token: str | None = None,
+        video_token: str | None = None,
+        audio_token: str | None = None,
+        expand_mm_tokens: bool = True,
+        media: MediaConfig | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.image_token = image_token if image_token is not None else self.default_image_token
+        self.video_token = video_token if video_token is not None else self.default_video_token
+        self.audio_token = audio_token if audio_token is not None else self.default_audio_token
+        self.expand_mm_tokens = expand_mm_tokens
+        self.media = media or MediaConfig()
+        if kwargs:
+            raise TypeError(f"{type(self).__name__} got unknown options: {sorted(kwargs)}")
+
+    # ------------------------------------------------------------------ validation
+    def _validate_input(self, processor: Any, images: MediaList, videos: MediaList, audios: MediaList) -> None:
+        """Media given but the family or the processor cannot take them."""
+        image_processor = getattr(processor, "image_processor", None)
+        video_processor = getattr(processor, "video_processor", None) or image_processor
+        feature_extractor = getattr(processor, "feature_extractor", None)
+        family = type(self).__name__
+        if images:
+            if self.image_token is None:
+                raise MediaError(f"{family} does not take images, but {len(images)} were given")
+            if processor is None or image_processor is None:
+                raise MediaError(f"images were given but the processor has no image processor ({family})")
+        if videos:
+            if self.video_token is None:
+                raise MediaError(f"{family} does not take videos, but {len(videos)} were given")
+            if processor is None or video_processor is None:
+                raise MediaError(f"videos were given but the processor has no video processor ({family})")
+        if audios:
+            if self.audio_token is None:
+                raise MediaError(f"{family} does not take audio, but {len(audios)} clips were given")
+            if processor is None or feature_extractor is None:
+                raise MediaError(f"audio was given but the processor has no feature extractor ({family})")
+
+    @staticmethod
+    def count_placeholders(messages: Sequence[Message], placeholder: str) -> int:
+        return sum(str(m.get("content", "")).count(placeholder) for m in messages)
+
+    def _validate_messages(
+        self, messages: Sequence[Message], images: MediaList, videos: MediaList, audios: MediaList
+    ) -> None:
+        """Each placeholder kind must match its media count; the error gives both numbers."""
+        for kind, placeholder, media in (
+            ("image", IMAGE_PLACEHOLDER, images),
+            ("video", VIDEO_PLACEHOLDER, videos),
+            ("audio", AUDIO_PLACEHOLDER, audios),
+        ):
+            found = self.count_placeholders(messages, placeholder)
+            if found != len(media):
+                raise MediaError(
+                    f"the messages hold {found} {placeholder} placeholder(s) but {len(media)} {kind}(s) were given"
+                )
+
+    # ------------------------------------------------------------------ regularisation
+    def image_sizes(self, images: MediaList) -> list[tuple[int, int]]:
+        """(width, height) each image will have when the processor sees it, from headers only."""
+        sizes = []
+        for img in images:
+            w, h = image_size(img)
+            sizes.append(scaled_size(w, h, *self._user_image_caps()))
+        return sizes
+
+    def _user_image_caps(self) -> tuple[int | None, int | None]:
+        """The user caps this plugin applies by resizing (families that hand caps to their
+        processor override this to return ``(None, None)``)."""
+        return self.media.image_max_pixels, self.media.image_min_pixels
+
+    def _user_video_caps(self) -> tuple[int | None, int | None]:
+        return self.media.video_max_pixels, self.media.video_min_pixels
+
+    def _regularize_images(self, images: MediaList) -> list[Image.Image]:
+        max_px, min_px = self._user_image_caps()
+        return [resize_image(load_image(img), max_px, min_px) for img in images]
+
+    def _regularize_videos(self, videos: MediaList) -> list[VideoClip]:
+        max_px, min_px = self._user_video_caps()
+        return [
+            load_video(
+                v,
+                fps=self.media.video_fps,
+                maxlen=self.media.video_maxlen,
+                frame_factor=self.video_frame_factor,
+                max_pixels=max_px,
+                min_pixels=min_px,
+            )
+            for v in videos
+        ]
+
+    def _regularize_audios(self, audios: MediaList) -> list[np.ndarray]:
+        return [load_audio(a, self.media.audio_sampling_rate) for a in audios]
+
+    # ------------------------------------------------------------------ tensors
+    def _get_mm_inputs(
+        self, images: MediaList, videos: MediaList, audios: MediaList, processor: Any
+    ) -> dict[str, torch.Tensor]:
+        """Run each sub-processor on its regularised media."""
+        out: dict[str, torch.Tensor] = {}
+        if images:
+            out.update(processor.image_processor(self._regularize_images(images), return_tensors="pt"))
+        if videos:
+            video_processor = getattr(processor, "video_processor", None) or processor.image_processor
+            clips = self._regularize_videos(videos)
+            out.update(video_processor(videos=[c.frames for c in clips], return_tensors="pt"))
+        if audios:
+            out.update(
+                processor.feature_extractor(
+                    self._regularize_audios(audios),
+                    sampling_rate=self.media.audio_sampling_rate,
+                    return_attention_mask=True,
+                    return_tensors="pt",
+                )
+            )
+        return dict(out)
+
+    # ------------------------------------------------------------------ expansion helper
+    @staticmethod
+    def replace_placeholders(
+        messages: Sequence[Message], placeholder: str, make: Callable[[int], str]
+    ) -> list[Message]:
+        """Replace the i-th ``placeholder`` across all messages (in order) by ``make(i)``."""
+        counter = 0
+        pattern = re.compile(re.escape(placeholder))
+        result = []
+        for message in messages:
+            content = message.get("content", "")
+
+            def _sub(_: re.Match[str]) -> str:
+                nonlocal counter
+                text = make(counter)
+                counter += 1
+                return text
+
+            new = dict(message)
+            new["content"] = pattern.sub(_sub, content) if isinstance(content, str) else content
+            result.append(new)
+        return result
+
+    # ------------------------------------------------------------------ public API
+    def process_messages(
+        self,
+        messages: Sequence[Message],
+        images: MediaList,
+        videos: MediaList,
+        audios: MediaList,
+        processor: Any,
+    ) -> list[Message]:
+        """Expand placeholders into the family's tokens (base: validate only)."""
+        self._validate_input(processor, images, videos, audios)
+        self._validate_messages(messages, images, videos, audios)
+        return copy.deepcopy(list(messages))
+
+    def process_token_ids(
+        self,
+        input_ids: list[int],
+        labels: list[int] | None,
+        images: MediaList,
+        videos: MediaList,
+        audios: MediaList,
+        tokenizer: Any,
+        processor: Any,
+    ) -> tuple[list[int], list[int] | None]:
+        """Family-specific id edits after templating (base: none)."""
+        self._validate_input(processor, images, videos, audios)
+        return input_ids, labels
+
+    def get_mm_inputs(
+        self,
+        images: MediaList,
+        videos: MediaList,
+        audios: MediaList,
+        imglens: Sequence[int],
+        vidlens: Sequence[int],
+        audlens: Sequence[int],
+        batch_ids: Sequence[list[int]],
+        processor: Any,
+    ) -> dict[str, torch.Tensor | list[Any]]:
+        """Tensors for a batch: ``images`` etc. are the batch's media flattened in sample
+        order, ``imglens[i]`` of them belonging to sample ``i``; ``batch_ids`` are the
+        samples' token ids (some families derive masks from them)."""
+        self._validate_input(processor, images, videos, audios)
+        return self._get_mm_inputs(images, videos, audios, processor)
