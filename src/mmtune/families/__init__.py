@@ -10,6 +10,7 @@ import importlib
 
 FAMILY_MODULES: tuple[str, ...] = (
     "base",
+    "qwen2_vl",
 )
 
 _LOADED = False
