@@ -11,6 +11,11 @@ import importlib
 FAMILY_MODULES: tuple[str, ...] = (
     "base",
     "qwen2_vl",
+    "llava",
+    "llava_next",
+    "llava_next_video",
+    "llava_onevision",
+    "video_llava",
 )
 
 _LOADED = False

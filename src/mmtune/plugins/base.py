@@ -114,6 +114,24 @@ class BasePlugin:
             sizes.append(scaled_size(w, h, *self._user_image_caps()))
         return sizes
 
+    def processor_image_token_counts(self, processor: Any, images: MediaList, **kwargs: Any) -> list[int]:
+        """Tokens per image from header sizes through the processor's own size-only counter
+        (``_get_num_multimodal_tokens``, the rule vLLM relies on): exact and decode-free."""
+        sizes = [[h, w] for (w, h) in self.image_sizes(images)]
+        data = processor._get_num_multimodal_tokens(image_sizes=sizes, **kwargs)
+        return [int(n) for n in data["num_image_tokens"]]
+
+    @staticmethod
+    def processed_frame_size(sub_processor: Any) -> tuple[int, int]:
+        """(height, width) a fixed-size image/video processor outputs (crop, else resize)."""
+        crop = getattr(sub_processor, "crop_size", None)
+        if getattr(sub_processor, "do_center_crop", False) and crop:
+            return int(crop["height"]), int(crop["width"])
+        size = sub_processor.size
+        if size.get("height") is not None:
+            return int(size["height"]), int(size["width"])
+        raise ValueError(f"{type(sub_processor).__name__} has no fixed output size ({dict(size)})")
+
     def _user_image_caps(self) -> tuple[int | None, int | None]:
         """The user caps this plugin applies by resizing (families that hand caps to their
         processor override this to return ``(None, None)``)."""

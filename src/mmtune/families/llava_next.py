@@ -1,0 +1,51 @@
+"""LLaVA-NeXT (1.6): any-resolution tiles; the count follows from the original size,
+the grid pinpoints and unpadding, all inside the processor's size-only counter."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mmtune.model.composite import CompositeModel, register_composite_model
+from mmtune.plugins import register_mm_plugin
+from mmtune.testing import FamilyFixture, register_fixture
+
+from .llava import LlavaPlugin, build_llama_tokenizer, tiny_vision_text
+
+
+class LlavaNextPlugin(LlavaPlugin):
+    """Images only; ``image_sizes`` travels with ``pixel_values`` (from the image processor)."""
+
+
+register_mm_plugin("llava_next", LlavaNextPlugin)
+register_composite_model(
+    CompositeModel(
+        model_type="llava_next",
+        projector_key="model.multi_modal_projector",
+        vision_model_keys=["model.vision_tower", "model.image_newline"],
+        language_model_keys=["model.language_model", "lm_head"],
+        lora_conflict_keys=[],
+    )
+)
+
+TINY_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+
+
+def _build(path: str) -> None:
+    from transformers import LlavaNextImageProcessor, LlavaNextProcessor
+
+    ip = LlavaNextImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
+                                 image_grid_pinpoints=TINY_PINPOINTS)
+    LlavaNextProcessor(image_processor=ip, tokenizer=build_llama_tokenizer(), patch_size=14,
+                       vision_feature_select_strategy="default", num_additional_image_tokens=1).save_pretrained(path)
+
+
+def tiny_config() -> Any:
+    from transformers import LlavaNextConfig
+
+    tok = build_llama_tokenizer()
+    return LlavaNextConfig(**tiny_vision_text(tok), image_token_id=tok.convert_tokens_to_ids("<image>"),
+                           image_grid_pinpoints=TINY_PINPOINTS, vision_feature_select_strategy="default",
+                           vision_feature_layer=-2)
+
+
+register_fixture(FamilyFixture("llava_next", build=_build, tiny_config=tiny_config, plugin="llava_next"))

@@ -1,0 +1,61 @@
+"""Video-LLaVA: CLIP-size images and 8-frame videos, every frame's patches kept."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from mmtune.model.composite import CompositeModel, register_composite_model
+from mmtune.plugins import register_mm_plugin
+from mmtune.testing import FamilyFixture, register_fixture
+
+from .llava import LlavaPlugin, build_llama_tokenizer, tiny_vision_text
+
+
+class VideoLlavaPlugin(LlavaPlugin):
+    default_video_token = "<video>"
+    fixed_video_frames = 8
+
+    def video_tokens_per_frame(self, processor: Any, height: int, width: int) -> int:
+        return (height // processor.patch_size) * (width // processor.patch_size) + processor.num_additional_image_tokens
+
+    def image_token_counts(self, images: Sequence[Any], processor: Any) -> list[int]:
+        """Fixed-size crops: every image gets the same count (its processor has no size-only counter)."""
+        height, width = self.processed_frame_size(processor.image_processor)
+        per_image = self.video_tokens_per_frame(processor, height, width)
+        if processor.vision_feature_select_strategy == "default":
+            per_image -= 1
+        return [per_image] * len(images)
+
+
+register_mm_plugin("video_llava", VideoLlavaPlugin)
+register_composite_model(
+    CompositeModel(
+        model_type="video_llava",
+        projector_key="model.multi_modal_projector",
+        vision_model_keys=["model.image_tower", "model.video_tower"],
+        language_model_keys=["model.language_model", "lm_head"],
+        lora_conflict_keys=[],
+    )
+)
+
+
+def _build(path: str) -> None:
+    from transformers import VideoLlavaImageProcessor, VideoLlavaProcessor, VideoLlavaVideoProcessor
+
+    VideoLlavaProcessor(image_processor=VideoLlavaImageProcessor(), video_processor=VideoLlavaVideoProcessor(),
+                        tokenizer=build_llama_tokenizer(), patch_size=14, vision_feature_select_strategy="default",
+                        num_additional_image_tokens=1).save_pretrained(path)
+
+
+def tiny_config() -> Any:
+    from transformers import VideoLlavaConfig
+
+    tok = build_llama_tokenizer()
+    return VideoLlavaConfig(**tiny_vision_text(tok, image_size=224), image_token_id=tok.convert_tokens_to_ids("<image>"),
+                            video_token_id=tok.convert_tokens_to_ids("<video>"), vision_feature_select_strategy="default",
+                            vision_feature_layer=-2)
+
+
+register_fixture(FamilyFixture("video_llava", build=_build, tiny_config=tiny_config, plugin="video_llava",
+                               modalities=("image", "video")))
