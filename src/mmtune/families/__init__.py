@@ -16,6 +16,8 @@ FAMILY_MODULES: tuple[str, ...] = (
     "llava_next_video",
     "llava_onevision",
     "video_llava",
+    "gemma3",
+    "paligemma",
 )
 
 _LOADED = False

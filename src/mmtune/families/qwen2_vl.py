@@ -37,6 +37,7 @@ class Qwen2VLPlugin(BasePlugin):
     vision_start = "<|vision_start|>"
     vision_end = "<|vision_end|>"
     video_frame_factor = 2
+    token_type_key = "mm_token_type_ids"
 
     # ---- caps: handed to the processor, never applied twice
     def _user_image_caps(self) -> tuple[int | None, int | None]:
@@ -140,15 +141,6 @@ class Qwen2VLPlugin(BasePlugin):
                 temporal = processor.video_processor.temporal_patch_size
                 out["second_per_grid_ts"] = torch.tensor([temporal / c.sample_fps for c in clips])
         return dict(out)
-
-    def mm_token_type_ids(self, input_ids: torch.Tensor, processor: Any) -> torch.Tensor:
-        """1 at image tokens, 2 at video tokens (transformers >= 5.17 needs them for M-RoPE)."""
-        tok = processor.tokenizer
-        types = torch.zeros_like(input_ids, dtype=torch.int32)
-        types[input_ids == tok.convert_tokens_to_ids(self.image_token)] = 1
-        if self.video_token:
-            types[input_ids == tok.convert_tokens_to_ids(self.video_token)] = 2
-        return types
 
 
 register_mm_plugin("qwen2_vl", Qwen2VLPlugin)

@@ -45,6 +45,9 @@ class BasePlugin:
     video_frame_factor: int = 1
     #: whether ``expand_mm_tokens=False`` is meaningful for this family
     supports_no_expand: bool = True
+    #: model-input name of per-token modality ids (Qwen: ``mm_token_type_ids``, Gemma 3:
+    #: ``token_type_ids``); None when the model needs none
+    token_type_key: str | None = None
 
     def __init__(
         self,
@@ -122,6 +125,16 @@ class BasePlugin:
         return [int(n) for n in data["num_image_tokens"]]
 
     @staticmethod
+    def processor_defaults(processor: Any, modality: str = "images") -> dict[str, Any]:
+        """The processor's call-time defaults for one modality (``images``/``videos``/``audio``),
+        which its sub-processors do not know when called directly. transformers >= 5.2x keeps
+        them on the processor class, older 5.x on its ``*ProcessorKwargs._defaults``."""
+        defaults = dict(getattr(type(processor), f"{modality}_kwargs", None) or {})
+        kwargs_cls = getattr(processor, "valid_processor_kwargs", None)
+        older = getattr(kwargs_cls, "_defaults", {}).get(f"{modality}_kwargs", {}) if kwargs_cls else {}
+        return {**older, **defaults}
+
+    @staticmethod
     def processed_frame_size(sub_processor: Any) -> tuple[int, int]:
         """(height, width) a fixed-size image/video processor outputs (crop, else resize)."""
         crop = getattr(sub_processor, "crop_size", None)
@@ -183,6 +196,14 @@ class BasePlugin:
                 )
             )
         return dict(out)
+
+    def mm_token_type_ids(self, input_ids: torch.Tensor, processor: Any) -> torch.Tensor | None:
+        """Per-token modality ids (0 text, 1 image, 2 video, 3 audio) exactly as the processor
+        builds them, for a padded batch of ids; built in the collator, never inside forward."""
+        create = getattr(processor, "create_mm_token_type_ids", None)
+        if create is None:
+            return None
+        return torch.tensor(create(input_ids.tolist()), dtype=torch.long)
 
     # ------------------------------------------------------------------ expansion helper
     @staticmethod

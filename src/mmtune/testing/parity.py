@@ -54,20 +54,25 @@ def check_batch_parity(
     processor_media: Callable[[MMSample], dict[str, Any]],
     processor_kwargs: dict[str, Any] | None = None,
     tensor_keys: Sequence[str] | None = None,
+    nested: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Per-sample ids and batch tensors of ``plugin`` against ``processor`` (one call, whole batch).
 
     ``to_processor_text`` maps the rendered text with ``<image>`` placeholders to the text the
     processor expects (its own single placeholder tokens); ``processor_media`` gives the
-    processor's media kwargs for a sample (decoded images, frames, waves). Returns our mm inputs.
+    processor's media kwargs for a sample (decoded images, frames, waves); keys in ``nested``
+    are passed per sample (list of lists) for processors that need that. Returns our mm inputs.
     """
     texts: list[str] = []
     media: dict[str, list[Any]] = {}
     for s in samples:
         texts.append(to_processor_text(render(s.messages)))
         for key, value in processor_media(s).items():
-            media.setdefault(key, []).extend(value)
-    ref = processor(text=texts, **{k: v for k, v in media.items() if v}, padding=True, return_tensors="pt", **(processor_kwargs or {}))
+            if key in nested:
+                media.setdefault(key, []).append(list(value))
+            else:
+                media.setdefault(key, []).extend(value)
+    ref = processor(text=texts, **{k: v for k, v in media.items() if any(v)}, padding=True, return_tensors="pt", **(processor_kwargs or {}))
     for i, s in enumerate(samples):
         ours = plugin_ids(plugin, processor, s)
         theirs = ref["input_ids"][i][ref["attention_mask"][i].bool()].tolist()

@@ -1,0 +1,95 @@
+"""PaliGemma: image tokens are an id-level PREFIX (then BOS, then the prompt), added in
+``process_token_ids`` rather than by rewriting text; ``token_type_ids`` are 1 on the
+answer (the processor's "suffix"), 0 on images and prompt (prefix-LM attention)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from mmtune.model.composite import CompositeModel, register_composite_model
+from mmtune.plugins import IMAGE_PLACEHOLDER, BasePlugin, Message, register_mm_plugin
+from mmtune.testing import FamilyFixture, register_fixture
+
+from .gemma3 import build_gemma_tokenizer
+
+IGNORE_INDEX = -100
+
+
+class PaliGemmaPlugin(BasePlugin):
+    default_image_token = "<image>"
+    token_type_key = "token_type_ids"
+    supports_no_expand = False
+
+    def process_messages(
+        self, messages: Sequence[Message], images: Sequence[Any], videos: Sequence[Any], audios: Sequence[Any], processor: Any
+    ) -> list[Message]:
+        self._validate_input(processor, images, videos, audios)
+        self._validate_messages(messages, images, videos, audios)
+        return self.replace_placeholders(messages, IMAGE_PLACEHOLDER, lambda i: "")
+
+    def process_token_ids(
+        self,
+        input_ids: list[int],
+        labels: list[int] | None,
+        images: Sequence[Any],
+        videos: Sequence[Any],
+        audios: Sequence[Any],
+        tokenizer: Any,
+        processor: Any,
+    ) -> tuple[list[int], list[int] | None]:
+        self._validate_input(processor, images, videos, audios)
+        prefix = [tokenizer.convert_tokens_to_ids(self.image_token)] * (processor.image_seq_length * len(images))
+        if images and (not input_ids or input_ids[0] != tokenizer.bos_token_id):
+            prefix.append(tokenizer.bos_token_id)
+        input_ids = prefix + list(input_ids)
+        if labels is not None:
+            labels = [IGNORE_INDEX] * len(prefix) + list(labels)
+        return input_ids, labels
+
+    @staticmethod
+    def token_type_ids_from_labels(labels: Any) -> Any:
+        """1 where the model is trained to answer (labels set), else 0."""
+        return (labels != IGNORE_INDEX).long()
+
+
+register_mm_plugin("paligemma", PaliGemmaPlugin)
+register_composite_model(
+    CompositeModel(
+        model_type="paligemma",
+        projector_key="model.multi_modal_projector",
+        vision_model_keys=["model.vision_tower"],
+        language_model_keys=["model.language_model", "lm_head"],
+        lora_conflict_keys=[],
+    )
+)
+
+
+def _tokenizer() -> Any:
+    return build_gemma_tokenizer(extra_special=("<image>",), extra_named={"image_token": "<image>"})
+
+
+def _build(path: str) -> None:
+    from transformers import PaliGemmaProcessor, SiglipImageProcessor
+
+    ip = SiglipImageProcessor(size={"height": 224, "width": 224})
+    ip.image_seq_length = 256
+    PaliGemmaProcessor(image_processor=ip, tokenizer=_tokenizer()).save_pretrained(path)
+
+
+def tiny_config() -> Any:
+    from transformers import PaliGemmaConfig
+
+    tok = _tokenizer()
+    return PaliGemmaConfig(
+        text_config=dict(model_type="gemma", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                         pad_token_id=tok.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=224, patch_size=14, projection_dim=64),
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        projection_dim=64,
+    )
+
+
+register_fixture(FamilyFixture("paligemma", build=_build, tiny_config=tiny_config, plugin="paligemma"))
