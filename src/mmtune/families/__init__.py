@@ -18,6 +18,7 @@ FAMILY_MODULES: tuple[str, ...] = (
     "video_llava",
     "gemma3",
     "paligemma",
+    "qwen2_audio",
 )
 
 _LOADED = False

@@ -72,7 +72,7 @@ def check_batch_parity(
                 media.setdefault(key, []).append(list(value))
             else:
                 media.setdefault(key, []).extend(value)
-    ref = processor(text=texts, **{k: v for k, v in media.items() if any(v)}, padding=True, return_tensors="pt", **(processor_kwargs or {}))
+    ref = processor(text=texts, **{k: v for k, v in media.items() if any(len(x) if hasattr(x, "__len__") else 1 for x in v)}, padding=True, return_tensors="pt", **(processor_kwargs or {}))
     for i, s in enumerate(samples):
         ours = plugin_ids(plugin, processor, s)
         theirs = ref["input_ids"][i][ref["attention_mask"][i].bool()].tolist()

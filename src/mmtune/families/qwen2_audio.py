@@ -1,0 +1,104 @@
+"""Qwen2-Audio: Whisper log-mel features; ``<audio>`` -> ``<|audio_bos|>`` + n x
+``<|AUDIO|>`` + ``<|audio_eos|>`` with n from the mel length through the encoder's
+conv (stride 2) and pooling (stride 2)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmtune.model.composite import CompositeModel, register_composite_model
+from mmtune.plugins import AUDIO_PLACEHOLDER, BasePlugin, Message, register_mm_plugin
+from mmtune.testing import FamilyFixture, register_fixture
+
+from .qwen2_vl import build_qwen_tokenizer
+
+AUDIO_SPECIALS = ("<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>")
+
+
+class WhisperAudioMixin:
+    """Whisper-style features as the Qwen audio processors build them (padded to 30 s,
+    ``feature_attention_mask`` marking the real frames)."""
+
+    media: Any
+
+    def audio_features(self, waves: Sequence[np.ndarray], processor: Any) -> dict[str, torch.Tensor]:
+        out = processor.feature_extractor(
+            list(waves),
+            sampling_rate=processor.feature_extractor.sampling_rate,
+            return_attention_mask=True,
+            padding="max_length",
+            return_tensors="pt",
+        )
+        return {"input_features": out["input_features"], "feature_attention_mask": out["attention_mask"]}
+
+    @staticmethod
+    def mel_frames(wave: np.ndarray, processor: Any) -> int:
+        """Real (unpadded) mel frames the extractor marks for ``wave``: one per hop, capped."""
+        fe = processor.feature_extractor
+        return min(len(wave) // fe.hop_length, fe.nb_max_frames)
+
+
+class Qwen2AudioPlugin(WhisperAudioMixin, BasePlugin):
+    default_audio_token = "<|AUDIO|>"
+    audio_bos = "<|audio_bos|>"
+    audio_eos = "<|audio_eos|>"
+
+    @staticmethod
+    def audio_tokens_for_frames(frames: int) -> int:
+        return (((frames - 1) // 2 + 1) - 2) // 2 + 1
+
+    def process_messages(
+        self, messages: Sequence[Message], images: Sequence[Any], videos: Sequence[Any], audios: Sequence[Any], processor: Any
+    ) -> list[Message]:
+        self._validate_input(processor, images, videos, audios)
+        self._validate_messages(messages, images, videos, audios)
+        counts = [self.audio_tokens_for_frames(self.mel_frames(w, processor)) for w in self._regularize_audios(audios)]
+        body = lambda i: self.audio_token * (counts[i] if self.expand_mm_tokens else 1)  # noqa: E731
+        return self.replace_placeholders(messages, AUDIO_PLACEHOLDER, lambda i: f"{self.audio_bos}{body(i)}{self.audio_eos}")
+
+    def _get_mm_inputs(
+        self, images: Sequence[Any], videos: Sequence[Any], audios: Sequence[Any], processor: Any
+    ) -> dict[str, torch.Tensor]:
+        return self.audio_features(self._regularize_audios(audios), processor) if audios else {}
+
+
+register_mm_plugin("qwen2_audio", Qwen2AudioPlugin)
+register_composite_model(
+    CompositeModel(
+        model_type="qwen2_audio",
+        projector_key="multi_modal_projector",
+        vision_model_keys=["audio_tower"],
+        language_model_keys=["language_model", "lm_head"],
+        lora_conflict_keys=["audio_tower"],
+    )
+)
+
+
+def _tokenizer() -> Any:
+    return build_qwen_tokenizer(extra_special=AUDIO_SPECIALS)
+
+
+def _build(path: str) -> None:
+    from transformers import Qwen2AudioProcessor, WhisperFeatureExtractor
+
+    Qwen2AudioProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=128), tokenizer=_tokenizer()).save_pretrained(path)
+
+
+def tiny_config() -> Any:
+    from transformers import Qwen2AudioConfig
+
+    tok = _tokenizer()
+    return Qwen2AudioConfig(
+        audio_config=dict(num_mel_bins=128, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64, d_model=32,
+                          max_source_positions=1500),
+        text_config=dict(model_type="qwen2", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+        audio_token_index=tok.convert_tokens_to_ids("<|AUDIO|>"),
+    )
+
+
+register_fixture(FamilyFixture("qwen2_audio", build=_build, tiny_config=tiny_config, plugin="qwen2_audio", modalities=("audio",)))
