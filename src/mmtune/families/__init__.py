@@ -19,6 +19,8 @@ FAMILY_MODULES: tuple[str, ...] = (
     "gemma3",
     "paligemma",
     "qwen2_audio",
+    "qwen3_vl",
+    "glm4v",
 )
 
 _LOADED = False

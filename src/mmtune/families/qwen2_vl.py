@@ -115,9 +115,24 @@ class Qwen2VLPlugin(BasePlugin):
             messages = self.replace_placeholders(messages, IMAGE_PLACEHOLDER, lambda i: self._wrap(self.image_token, counts[i]))
         if videos:
             clips = self._regularize_videos(videos)
-            counts = self.video_token_counts(clips, processor)
-            messages = self.replace_placeholders(messages, VIDEO_PLACEHOLDER, lambda i: self._wrap(self.video_token, counts[i]))
+            grids = self.video_grids(clips, processor)
+            texts = [self.video_text(processor, clip, grid) for clip, grid in zip(clips, grids)]
+            messages = self.replace_placeholders(messages, VIDEO_PLACEHOLDER, lambda i: texts[i])
         return messages
+
+    def video_text(self, processor: Any, clip: VideoClip, grid: tuple[int, int]) -> str:
+        """The tokens one video becomes (families with per-frame timestamps override this)."""
+        merge = processor.video_processor.merge_size**2
+        return self._wrap(self.video_token, grid[0] * grid[1] // merge)
+
+    def processor_video_text(self, processor: Any, clip: VideoClip, grid: tuple[int, int]) -> str:
+        """The processor's own ``replace_video_token`` fed the grid and timing computed here:
+        per-frame timestamp text stays exactly the processor's, with no pixel processing."""
+        from transformers.video_utils import VideoMetadata
+
+        meta = VideoMetadata(**{k: v for k, v in clip.metadata().items() if k != "video_backend"})
+        inputs = {"video_grid_thw": torch.tensor([[grid[0], grid[1], 1]]), "video_metadata": [meta]}
+        return processor.replace_video_token(inputs, 0)
 
     # ---- tensors
     def _get_mm_inputs(
@@ -134,9 +149,13 @@ class Qwen2VLPlugin(BasePlugin):
             clips = self._regularize_videos(videos)
             out.update(
                 processor.video_processor(
-                    videos=[c.frames for c in clips], return_tensors="pt", **self.video_kwargs(processor)
+                    videos=[c.frames for c in clips],
+                    video_metadata=[c.metadata() for c in clips],
+                    return_tensors="pt",
+                    **self.video_kwargs(processor),
                 )
             )
+            out.pop("video_metadata", None)
             if "second_per_grid_ts" in processor.model_input_names:  # Qwen2.5-VL: seconds per temporal patch
                 temporal = processor.video_processor.temporal_patch_size
                 out["second_per_grid_ts"] = torch.tensor([temporal / c.sample_fps for c in clips])

@@ -1,0 +1,82 @@
+"""GLM-4.1V / GLM-4.5V: Qwen2-VL-style grids; images as ``<|begin_of_image|>`` +
+n x ``<|image|>`` + ``<|end_of_image|>``; each video frame group as such an image block
+followed by its integer timestamp (the processor's own ``replace_video_token``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mmtune.media import VideoClip
+from mmtune.model.composite import CompositeModel, register_composite_model
+from mmtune.plugins import register_mm_plugin
+from mmtune.testing import FamilyFixture, build_bpe_tokenizer, register_fixture
+
+from .qwen2_vl import Qwen2VLPlugin
+
+GLM_SPECIAL_TOKENS = ("<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>",
+                      "<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>", "<|end_of_video|>",
+                      "<|image|>", "<|video|>")
+
+
+class Glm4vPlugin(Qwen2VLPlugin):
+    default_image_token = "<|image|>"
+    default_video_token = "<|video|>"
+    vision_start = "<|begin_of_image|>"
+    vision_end = "<|end_of_image|>"
+
+    def video_text(self, processor: Any, clip: VideoClip, grid: tuple[int, int]) -> str:
+        body = self.processor_video_text(processor, clip, grid) if self.expand_mm_tokens else self.video_token
+        return f"<|begin_of_video|>{body}<|end_of_video|>"
+
+
+register_mm_plugin("glm4v", Glm4vPlugin)
+register_mm_plugin("glm4v_moe", Glm4vPlugin)
+for _model_type in ("glm4v", "glm4v_moe"):
+    register_composite_model(
+        CompositeModel(
+            model_type=_model_type,
+            projector_key="model.visual.merger",
+            vision_model_keys=["model.visual.patch_embed", "model.visual.embeddings", "model.visual.blocks",
+                               "model.visual.post_conv_layernorm", "model.visual.post_layernorm",
+                               "model.visual.downsample", "model.visual.rotary_pos_emb"],
+            language_model_keys=["model.language_model", "lm_head"],
+            lora_conflict_keys=["patch_embed"],
+        )
+    )
+
+
+def build_glm_tokenizer() -> Any:
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=build_bpe_tokenizer(GLM_SPECIAL_TOKENS, vocab_size=400),
+                                   eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=list(GLM_SPECIAL_TOKENS[1:]))
+
+
+def _build(path: str) -> None:
+    from transformers import Glm4vImageProcessor, Glm4vProcessor, Glm4vVideoProcessor
+
+    Glm4vProcessor(image_processor=Glm4vImageProcessor(), video_processor=Glm4vVideoProcessor(),
+                   tokenizer=build_glm_tokenizer()).save_pretrained(path)
+
+
+def tiny_config() -> Any:
+    from transformers import Glm4vConfig
+
+    tok = build_glm_tokenizer()
+    ids = {t: tok.convert_tokens_to_ids(t) for t in GLM_SPECIAL_TOKENS}
+    return Glm4vConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2],
+                                          "partial_rotary_factor": 0.5}),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                           patch_size=14, image_size=336),
+        image_token_id=ids["<|image|>"], video_token_id=ids["<|video|>"],
+        image_start_token_id=ids["<|begin_of_image|>"], image_end_token_id=ids["<|end_of_image|>"],
+        video_start_token_id=ids["<|begin_of_video|>"], video_end_token_id=ids["<|end_of_video|>"],
+    )
+
+
+register_fixture(FamilyFixture("glm4v", build=_build, tiny_config=tiny_config, plugin="glm4v",
+                               modalities=("image", "video")))
