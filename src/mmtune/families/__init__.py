@@ -21,6 +21,7 @@ FAMILY_MODULES: tuple[str, ...] = (
     "qwen2_audio",
     "qwen3_vl",
     "glm4v",
+    "pixtral",
 )
 
 _LOADED = False

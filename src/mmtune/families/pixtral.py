@@ -1,0 +1,104 @@
+"""Pixtral (``llava`` checkpoints with PixtralProcessor) and Mistral 3: each image is rows
+of ``[IMG]`` separated by ``[IMG_BREAK]`` and closed by ``[IMG_END]``; the rows follow from
+the resized size, computed here from the header with the processor module's own resize rule."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmtune.model.composite import CompositeModel, register_composite_model
+from mmtune.plugins import IMAGE_PLACEHOLDER, BasePlugin, Message, register_mm_plugin
+from mmtune.testing import FamilyFixture, build_bpe_tokenizer, register_fixture
+
+MISTRAL_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]", "<pad>")
+
+
+class PixtralPlugin(BasePlugin):
+    default_image_token = "[IMG]"
+
+    def resized_size(self, processor: Any, height: int, width: int) -> tuple[int, int]:
+        resize = sys.modules[type(processor).__module__].get_resize_output_image_size
+        size = processor.image_processor.size
+        patch = processor.patch_size * processor.spatial_merge_size
+        return resize(np.zeros((height, width, 3)), size=(size["longest_edge"], size["longest_edge"]),
+                      patch_size=(patch, patch))
+
+    def image_texts(self, images: Sequence[Any], processor: Any) -> list[str]:
+        if not self.expand_mm_tokens:
+            return [processor.image_token] * len(images)
+        sizes = [self.resized_size(processor, h, w) for (w, h) in self.image_sizes(images)]
+        return [processor.replace_image_token({"image_sizes": sizes}, i) for i in range(len(images))]
+
+    def process_messages(
+        self, messages: Sequence[Message], images: Sequence[Any], videos: Sequence[Any], audios: Sequence[Any], processor: Any
+    ) -> list[Message]:
+        self._validate_input(processor, images, videos, audios)
+        self._validate_messages(messages, images, videos, audios)
+        texts = self.image_texts(images, processor)
+        return self.replace_placeholders(messages, IMAGE_PLACEHOLDER, lambda i: texts[i])
+
+    def _get_mm_inputs(
+        self, images: Sequence[Any], videos: Sequence[Any], audios: Sequence[Any], processor: Any
+    ) -> dict[str, torch.Tensor]:
+        if not images:
+            return {}
+        kwargs = {"patch_size": processor.patch_size * processor.spatial_merge_size}
+        return dict(processor.image_processor(self._regularize_images(images), return_tensors="pt", **kwargs))
+
+
+register_mm_plugin("pixtral", PixtralPlugin)
+register_mm_plugin("mistral3", PixtralPlugin)
+register_composite_model(
+    CompositeModel(
+        model_type="mistral3",
+        projector_key="model.multi_modal_projector",
+        vision_model_keys=["model.vision_tower"],
+        language_model_keys=["model.language_model", "lm_head"],
+        lora_conflict_keys=[],
+    )
+)
+
+
+def build_mistral_tokenizer() -> Any:
+    from transformers import LlamaTokenizerFast
+
+    return LlamaTokenizerFast(tokenizer_object=build_bpe_tokenizer(MISTRAL_SPECIAL_TOKENS, vocab_size=400),
+                              unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                              add_bos_token=False, add_eos_token=False,
+                              additional_special_tokens=list(MISTRAL_SPECIAL_TOKENS[3:8]))
+
+
+def _build(path: str, patch: int, merge: int, longest: int) -> None:
+    from transformers import PixtralImageProcessor, PixtralProcessor
+
+    ip = PixtralImageProcessor(size={"longest_edge": longest}, patch_size=patch * merge)
+    PixtralProcessor(image_processor=ip, tokenizer=build_mistral_tokenizer(), patch_size=patch,
+                     spatial_merge_size=merge).save_pretrained(path)
+
+
+def _tiny(kind: str) -> Any:
+    from transformers import LlavaConfig, Mistral3Config
+
+    tok = build_mistral_tokenizer()
+    vision = dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, head_dim=16, image_size=512, patch_size=16 if kind == "pixtral" else 14)
+    text = dict(model_type="mistral", vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, pad_token_id=tok.pad_token_id)
+    img = tok.convert_tokens_to_ids("[IMG]")
+    if kind == "pixtral":
+        return LlavaConfig(vision_config=vision, text_config=text, image_token_id=img,
+                           vision_feature_select_strategy="full", vision_feature_layer=-1,
+                           projector_hidden_act="gelu", multimodal_projector_bias=True)
+    return Mistral3Config(vision_config=vision, text_config=text, image_token_id=img, spatial_merge_size=2,
+                          vision_feature_layer=-1)
+
+
+register_fixture(FamilyFixture("pixtral", build=lambda p: _build(p, 16, 1, 512), tiny_config=lambda: _tiny("pixtral"),
+                               plugin="pixtral"))
+register_fixture(FamilyFixture("mistral3", build=lambda p: _build(p, 14, 2, 512), tiny_config=lambda: _tiny("mistral3"),
+                               plugin="mistral3"))
