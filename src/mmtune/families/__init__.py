@@ -22,6 +22,7 @@ FAMILY_MODULES: tuple[str, ...] = (
     "qwen3_vl",
     "glm4v",
     "pixtral",
+    "internvl",
 )
 
 _LOADED = False

@@ -178,16 +178,21 @@ for _model_type in ("qwen2_vl", "qwen2_5_vl"):
 
 
 # ---------------------------------------------------------------- tiny offline fixture
-def build_qwen_tokenizer(path: str | None = None, extra_special: Sequence[str] = ()) -> Any:
-    """A tiny byte-level BPE with Qwen's special tokens in Qwen2's tokenizer class."""
+def build_qwen_tokenizer(
+    path: str | None = None, extra_special: Sequence[str] = (), extra_named: dict[str, str] | None = None
+) -> Any:
+    """A tiny byte-level BPE with Qwen's special tokens in Qwen2's tokenizer class;
+    ``extra_named`` become named special-token attributes (e.g. ``start_image_token``)."""
     from transformers import Qwen2TokenizerFast
 
-    specials = list(QWEN_SPECIAL_TOKENS) + list(extra_special)
+    specials = list(QWEN_SPECIAL_TOKENS) + list(extra_special) + [t for t in (extra_named or {}).values() if t not in extra_special]
+    kwargs: dict[str, Any] = {"extra_special_tokens": dict(extra_named)} if extra_named else {}
     tok = Qwen2TokenizerFast(
         tokenizer_object=build_bpe_tokenizer(specials, vocab_size=400),
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         additional_special_tokens=specials[1:],
+        **kwargs,
     )
     if path:
         tok.save_pretrained(path)

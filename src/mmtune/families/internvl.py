@@ -1,0 +1,143 @@
+"""InternVL (transformers ``internvl``): dynamic tiling; each image becomes ``<img>`` +
+``<IMG_CONTEXT>`` x (seq x tiles) + ``</img>``, each video frame a ``Frame{i}:`` block. The
+tile count comes from the header size through the processor's size-only counter. The model
+takes one ``pixel_values`` tensor with every visual's tiles in order of appearance."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmtune.model.composite import CompositeModel, register_composite_model
+from mmtune.plugins import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, BasePlugin, Message, register_mm_plugin
+from mmtune.testing import FamilyFixture, register_fixture
+
+
+
+class InternVLPlugin(BasePlugin):
+    default_image_token = "<IMG_CONTEXT>"
+    default_video_token = "<video>"
+
+    def image_texts(self, images: Sequence[Any], processor: Any) -> list[str]:
+        if not self.expand_mm_tokens:
+            return [processor.image_token] * len(images)
+        sizes = [[h, w] for (w, h) in self.image_sizes(images)]
+        patches = processor._get_num_multimodal_tokens(image_sizes=sizes)["num_image_patches"]
+        return [processor.replace_image_token({"num_patches": patches}, i) for i in range(len(images))]
+
+    def process_messages(
+        self, messages: Sequence[Message], images: Sequence[Any], videos: Sequence[Any], audios: Sequence[Any], processor: Any
+    ) -> list[Message]:
+        self._validate_input(processor, images, videos, audios)
+        self._validate_messages(messages, images, videos, audios)
+        texts = self.image_texts(images, processor)
+        messages = self.replace_placeholders(messages, IMAGE_PLACEHOLDER, lambda i: texts[i])
+        if videos:
+            frames = [len(c.frames) for c in self._regularize_videos(videos)]
+            stand_in = {"pixel_values_videos": [np.empty((n, 0)) for n in frames]}
+            vtexts = [processor.replace_video_token(stand_in, i) if self.expand_mm_tokens else processor.video_token
+                      for i in range(len(videos))]
+            messages = self.replace_placeholders(messages, VIDEO_PLACEHOLDER, lambda i: vtexts[i])
+        return messages
+
+    @staticmethod
+    def _order(ids: Sequence[int], processor: Any) -> list[str]:
+        """'image' / 'frame' for each ``<img>`` segment of one sample, in order: video frames
+        are the segments preceded by their ``Frame{i}:`` label."""
+        tok = processor.tokenizer
+        start = processor.start_image_token_id
+        kinds = []
+        for pos, token in enumerate(ids):
+            if token == start:
+                before = tok.decode(list(ids[max(0, pos - 8):pos]))
+                kinds.append("frame" if re.search(r"Frame\d+: ?$", before) else "image")
+        return kinds
+
+    def get_mm_inputs(
+        self,
+        images: Sequence[Any],
+        videos: Sequence[Any],
+        audios: Sequence[Any],
+        imglens: Sequence[int],
+        vidlens: Sequence[int],
+        audlens: Sequence[int],
+        batch_ids: Sequence[list[int]],
+        processor: Any,
+    ) -> dict[str, Any]:
+        self._validate_input(processor, images, videos, audios)
+        image_tiles: list[torch.Tensor] = []
+        frame_tiles: list[torch.Tensor] = []
+        if images:
+            defaults = self.processor_defaults(processor)
+            out = processor.image_processor(self._regularize_images(images), return_tensors="pt", **defaults)
+            bounds = np.cumsum([0] + [int(n) for n in out["num_patches"]])
+            image_tiles = [out["pixel_values"][bounds[i]:bounds[i + 1]] for i in range(len(images))]
+        if videos:
+            clips = self._regularize_videos(videos)
+            out = processor.video_processor(videos=[c.frames for c in clips], return_tensors="pt")
+            frame_tiles = [frame[None] for video in out["pixel_values_videos"] for frame in video]
+        if not images and not videos:
+            return {}
+        ordered, next_image, next_frame = [], 0, 0
+        for ids in batch_ids:
+            for kind in self._order(ids, processor):
+                if kind == "image":
+                    ordered.append(image_tiles[next_image])
+                    next_image += 1
+                else:
+                    ordered.append(frame_tiles[next_frame])
+                    next_frame += 1
+        return {"pixel_values": torch.cat(ordered)}
+
+
+register_mm_plugin("internvl", InternVLPlugin)
+register_composite_model(
+    CompositeModel(
+        model_type="internvl",
+        projector_key="model.multi_modal_projector",
+        vision_model_keys=["model.vision_tower"],
+        language_model_keys=["model.language_model", "lm_head"],
+        lora_conflict_keys=[],
+    )
+)
+
+
+INTERNVL_NAMED = {"start_image_token": "<img>", "end_image_token": "</img>",
+                  "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}
+
+
+def _tokenizer() -> Any:
+    from .qwen2_vl import build_qwen_tokenizer
+
+    return build_qwen_tokenizer(extra_named=INTERNVL_NAMED)
+
+
+def _build(path: str) -> None:
+    from transformers import GotOcr2ImageProcessor, InternVLProcessor, InternVLVideoProcessor
+
+    ip = GotOcr2ImageProcessor(size={"height": 448, "width": 448}, crop_to_patches=True, min_patches=1, max_patches=6)
+    vp = InternVLVideoProcessor(size={"height": 448, "width": 448})
+    InternVLProcessor(image_processor=ip, video_processor=vp, tokenizer=_tokenizer(), image_seq_length=256).save_pretrained(path)
+
+
+def tiny_config() -> Any:
+    from transformers import InternVLConfig
+
+    tok = _tokenizer()
+    return InternVLConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=[448, 448], patch_size=[14, 14]),
+        text_config=dict(model_type="qwen2", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+        image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"),
+        downsample_ratio=0.5,
+        vision_feature_layer=-1,
+    )
+
+
+register_fixture(FamilyFixture("internvl", build=_build, tiny_config=tiny_config, plugin="internvl",
+                               modalities=("image", "video")))
