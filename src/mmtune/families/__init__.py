@@ -23,6 +23,7 @@ FAMILY_MODULES: tuple[str, ...] = (
     "glm4v",
     "pixtral",
     "internvl",
+    "idefics3",
 )
 
 _LOADED = False

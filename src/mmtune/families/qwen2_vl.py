@@ -1,12 +1,20 @@
 """Qwen2-VL and Qwen2.5-VL: dynamic-resolution images and videos with M-RoPE.
 
-Token counts come from the image header and the installed image processor's own
-``get_number_of_image_patches`` (its smart-resize rule), so tokenising never decodes
-pixels. User pixel caps are handed to the processor (applied once, by it).
+Token counts come from the image header and the installed processor's own size-only
+counters (``get_number_of_image_patches`` / ``get_num_of_video_patches``, the smart-resize
+rule vLLM relies on), so tokenising never decodes an image's pixels. Videos are decoded
+(their frame count is needed) but never run through the video processor to be counted.
+User pixel caps are handed to the processor as its ``size`` (applied once, by it).
+
+Qwen3-VL, GLM-4V and Qwen2.5-Omni subclass :class:`Qwen2VLPlugin`; everything a subclass may
+change (the wrapper tokens, the text of one image / one video, the counting kwargs) is a
+method or class attribute.
 """
 
 from __future__ import annotations
 
+import inspect
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,16 +38,19 @@ QWEN_SPECIAL_TOKENS = (
 
 
 class Qwen2VLPlugin(BasePlugin):
-    """``<image>`` -> ``<|vision_start|>`` + n x ``<|image_pad|>`` + ``<|vision_end|>``."""
+    """``<image>`` -> ``<|vision_start|>`` + n x ``<|image_pad|>`` + ``<|vision_end|>``,
+    n = grid_t * grid_h * grid_w / merge_size**2; ``<video>`` likewise with ``<|video_pad|>``."""
 
     default_image_token = "<|image_pad|>"
     default_video_token = "<|video_pad|>"
     vision_start = "<|vision_start|>"
     vision_end = "<|vision_end|>"
+    #: the processor's temporal_patch_size; refreshed from the processor before videos are sampled
     video_frame_factor = 2
     token_type_key = "mm_token_type_ids"
 
-    # ---- caps: handed to the processor, never applied twice
+    # ------------------------------------------------------------------ caps
+    # User caps are handed to the processor (its ``size``), never applied by resizing first.
     def _user_image_caps(self) -> tuple[int | None, int | None]:
         return None, None
 
@@ -48,6 +59,7 @@ class Qwen2VLPlugin(BasePlugin):
 
     @staticmethod
     def _size_kwargs(sub: Any, max_pixels: int | None, min_pixels: int | None) -> dict[str, Any]:
+        """``{"size": ...}`` overriding the sub-processor's min/max pixels, or ``{}`` (its own)."""
         if max_pixels is None and min_pixels is None:
             return {}
         size = dict(sub.size)
@@ -58,47 +70,104 @@ class Qwen2VLPlugin(BasePlugin):
         return {"size": size}
 
     def image_kwargs(self, processor: Any) -> dict[str, Any]:
+        """Kwargs for the image processor (the user's caps, if any)."""
         return self._size_kwargs(processor.image_processor, self.media.image_max_pixels, self.media.image_min_pixels)
 
     def video_kwargs(self, processor: Any) -> dict[str, Any]:
+        """Kwargs for the video processor: the user's caps; frames are sampled once, by mmtune.media."""
         kwargs = self._size_kwargs(processor.video_processor, self.media.video_max_pixels, self.media.video_min_pixels)
-        kwargs["do_sample_frames"] = False  # frames are sampled once, by mmtune.media
+        kwargs["do_sample_frames"] = False
         return kwargs
 
     @staticmethod
-    def _patch_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    def _count_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The kwargs for the size-only counters. They read the caps under different names
+        across families and transformers versions (``size`` in GLM-4V and 5.2x videos,
+        ``min_pixels``/``max_pixels`` in Qwen2-VL images and 5.17 videos): give both."""
+        out = {k: v for k, v in kwargs.items() if k != "do_sample_frames"}
         size = kwargs.get("size")
-        return {"min_pixels": size["shortest_edge"], "max_pixels": size["longest_edge"]} if size else {}
+        if size:
+            out.update(min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"])
+        return out
 
-    # ---- counts
-    def image_token_counts(self, images: Sequence[Any], processor: Any) -> list[int]:
-        """Tokens per image from header sizes and the processor's own resize rule."""
+    # ------------------------------------------------------------------ counts
+    def image_grids(self, images: Sequence[Any], processor: Any) -> list[int]:
+        """Patches (grid_h * grid_w) per image, from header sizes through the image processor's
+        own ``get_number_of_image_patches`` (its smart-resize rule); no pixel is decoded."""
         ip = processor.image_processor
-        kwargs = self._patch_kwargs(self.image_kwargs(processor))
-        merge = ip.merge_size**2
-        return [ip.get_number_of_image_patches(h, w, kwargs) // merge for (w, h) in self.image_sizes(images)]
+        kwargs = self._count_kwargs(self.image_kwargs(processor))
+        return [int(ip.get_number_of_image_patches(h, w, kwargs)) for (w, h) in self.image_sizes(images)]
+
+    def image_token_counts(self, images: Sequence[Any], processor: Any) -> list[int]:
+        """Tokens per image: patches / merge_size**2."""
+        merge = processor.image_processor.merge_size ** 2
+        return [n // merge for n in self.image_grids(images, processor)]
+
+    @staticmethod
+    def video_patch_count(vp: Any, num_frames: int, height: int, width: int, kwargs: dict[str, Any]) -> int:
+        """grid_t * grid_h * grid_w for one video, by the video processor's own counter; where
+        an installed version lacks it (GLM-4V in transformers 5.17), by the ``smart_resize``
+        of the video processor's own module, as its ``resize`` calls it."""
+        if hasattr(vp, "get_num_of_video_patches"):
+            return int(vp.get_num_of_video_patches(num_frames, height, width, dict(kwargs)))
+        size = kwargs.get("size") or vp.size
+        patch, merge, temporal = vp.patch_size, vp.merge_size, vp.temporal_patch_size
+        smart_resize = sys.modules[type(vp).__module__].smart_resize
+        bounds = dict(factor=patch * merge, min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"])
+        if "num_frames" in inspect.signature(smart_resize).parameters:
+            h, w = smart_resize(num_frames=num_frames, height=height, width=width, temporal_factor=temporal, **bounds)
+        else:
+            h, w = smart_resize(height, width, **bounds)
+        return -(-num_frames // temporal) * (h // patch) * (w // patch)
 
     def video_grids(self, clips: Sequence[VideoClip], processor: Any) -> list[tuple[int, int]]:
         """(temporal groups, patches per group) per video, from frame count and size alone."""
         vp = processor.video_processor
-        kwargs = self._patch_kwargs(self.video_kwargs(processor))
+        kwargs = self._count_kwargs(self.video_kwargs(processor))
         grids = []
         for clip in clips:
             w, h = clip.frames[0].size
-            patches = vp.get_num_of_video_patches(len(clip.frames), h, w, kwargs)
+            patches = self.video_patch_count(vp, len(clip.frames), h, w, kwargs)
             grid_t = -(-len(clip.frames) // vp.temporal_patch_size)
             grids.append((grid_t, patches // grid_t))
         return grids
 
     def video_token_counts(self, clips: Sequence[VideoClip], processor: Any) -> list[int]:
-        merge = processor.video_processor.merge_size**2
+        merge = processor.video_processor.merge_size ** 2
         return [t * hw // merge for t, hw in self.video_grids(clips, processor)]
 
-    # ---- expansion
+    # ------------------------------------------------------------------ text of one medium
     def _wrap(self, token: str | None, count: int) -> str:
         body = token * (count if self.expand_mm_tokens else 1)
         return f"{self.vision_start}{body}{self.vision_end}"
 
+    def image_text(self, processor: Any, count: int) -> str:
+        """The tokens one image becomes."""
+        return self._wrap(self.image_token, count)
+
+    def video_text(self, processor: Any, clip: VideoClip, grid: tuple[int, int]) -> str:
+        """The tokens one video becomes (families with per-frame timestamps override this)."""
+        merge = processor.video_processor.merge_size ** 2
+        return self._wrap(self.video_token, grid[0] * grid[1] // merge)
+
+    def processor_video_text(self, processor: Any, clip: VideoClip, grid: tuple[int, int]) -> str:
+        """The processor's own ``replace_video_token`` fed the grid and timing computed here:
+        per-frame timestamp text stays exactly the processor's, with no pixel processing."""
+        from transformers.video_utils import VideoMetadata
+
+        meta = VideoMetadata(**{k: v for k, v in clip.metadata().items() if k != "video_backend"})
+        inputs = {"video_grid_thw": torch.tensor([[grid[0], grid[1], 1]]), "video_metadata": [meta]}
+        return processor.replace_video_token(inputs, 0)
+
+    # ------------------------------------------------------------------ videos
+    def _clips(self, videos: Sequence[Any], processor: Any) -> list[VideoClip]:
+        """Decode and sample videos, frame counts rounded to the processor's temporal patch."""
+        vp = getattr(processor, "video_processor", None)
+        if vp is not None and getattr(vp, "temporal_patch_size", None):
+            self.video_frame_factor = int(vp.temporal_patch_size)
+        return self._regularize_videos(videos)
+
+    # ------------------------------------------------------------------ public hooks
     def process_messages(
         self,
         messages: Sequence[Message],
@@ -112,54 +181,83 @@ class Qwen2VLPlugin(BasePlugin):
         messages = list(messages)
         if images:
             counts = self.image_token_counts(images, processor)
-            messages = self.replace_placeholders(messages, IMAGE_PLACEHOLDER, lambda i: self._wrap(self.image_token, counts[i]))
+            texts = [self.image_text(processor, n) for n in counts]
+            messages = self.replace_placeholders(messages, IMAGE_PLACEHOLDER, lambda i: texts[i])
         if videos:
-            clips = self._regularize_videos(videos)
+            clips = self._clips(videos, processor)
             grids = self.video_grids(clips, processor)
             texts = [self.video_text(processor, clip, grid) for clip, grid in zip(clips, grids)]
             messages = self.replace_placeholders(messages, VIDEO_PLACEHOLDER, lambda i: texts[i])
         return messages
 
-    def video_text(self, processor: Any, clip: VideoClip, grid: tuple[int, int]) -> str:
-        """The tokens one video becomes (families with per-frame timestamps override this)."""
-        merge = processor.video_processor.merge_size**2
-        return self._wrap(self.video_token, grid[0] * grid[1] // merge)
+    def image_inputs(self, images: Sequence[Any], processor: Any) -> dict[str, torch.Tensor]:
+        """pixel_values + image_grid_thw from the image processor (the user's caps as its size)."""
+        return dict(
+            processor.image_processor(self._regularize_images(images), return_tensors="pt", **self.image_kwargs(processor))
+        )
 
-    def processor_video_text(self, processor: Any, clip: VideoClip, grid: tuple[int, int]) -> str:
-        """The processor's own ``replace_video_token`` fed the grid and timing computed here:
-        per-frame timestamp text stays exactly the processor's, with no pixel processing."""
+    def video_inputs(self, videos: Sequence[Any], processor: Any) -> dict[str, torch.Tensor]:
+        """pixel_values_videos + video_grid_thw (+ Qwen2.5-VL's second_per_grid_ts)."""
         from transformers.video_utils import VideoMetadata
 
-        meta = VideoMetadata(**{k: v for k, v in clip.metadata().items() if k != "video_backend"})
-        inputs = {"video_grid_thw": torch.tensor([[grid[0], grid[1], 1]]), "video_metadata": [meta]}
-        return processor.replace_video_token(inputs, 0)
+        clips = self._clips(videos, processor)
+        out = dict(
+            processor.video_processor(
+                videos=[c.frames for c in clips],
+                video_metadata=[c.metadata() for c in clips],
+                return_tensors="pt",
+                **self.video_kwargs(processor),
+            )
+        )
+        out.pop("video_metadata", None)
+        if "second_per_grid_ts" in processor.model_input_names:  # seconds per temporal patch
+            temporal = processor.video_processor.temporal_patch_size
+            fps = [VideoMetadata(**{k: v for k, v in c.metadata().items() if k != "video_backend"}).sampled_fps
+                   for c in clips]
+            out["second_per_grid_ts"] = torch.tensor([temporal / f for f in fps])
+        return out
 
-    # ---- tensors
     def _get_mm_inputs(
         self, images: Sequence[Any], videos: Sequence[Any], audios: Sequence[Any], processor: Any
     ) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         if images:
-            out.update(
-                processor.image_processor(
-                    self._regularize_images(images), return_tensors="pt", **self.image_kwargs(processor)
-                )
-            )
+            out.update(self.image_inputs(images, processor))
         if videos:
-            clips = self._regularize_videos(videos)
-            out.update(
-                processor.video_processor(
-                    videos=[c.frames for c in clips],
-                    video_metadata=[c.metadata() for c in clips],
-                    return_tensors="pt",
-                    **self.video_kwargs(processor),
-                )
-            )
-            out.pop("video_metadata", None)
-            if "second_per_grid_ts" in processor.model_input_names:  # Qwen2.5-VL: seconds per temporal patch
-                temporal = processor.video_processor.temporal_patch_size
-                out["second_per_grid_ts"] = torch.tensor([temporal / c.sample_fps for c in clips])
-        return dict(out)
+            out.update(self.video_inputs(videos, processor))
+        return out
+
+    def batch_token_type_ids(self, batch_ids: Sequence[list[int]], processor: Any) -> torch.Tensor | None:
+        """``mm_token_type_ids`` for the batch padded as the processor pads it (to the longest,
+        on the tokenizer's padding side, with text type 0), where the processor returns them.
+        A collator that pads further pads these with 0 alongside."""
+        if self.token_type_key not in getattr(processor, "model_input_names", ()) or not batch_ids:
+            return None
+        longest = max(len(ids) for ids in batch_ids)
+        pad_id = processor.tokenizer.pad_token_id or 0
+        left = getattr(processor.tokenizer, "padding_side", "right") == "left"
+        padded = [
+            ([pad_id] * (longest - len(ids)) + list(ids)) if left else (list(ids) + [pad_id] * (longest - len(ids)))
+            for ids in batch_ids
+        ]
+        return self.mm_token_type_ids(torch.tensor(padded, dtype=torch.long), processor)
+
+    def get_mm_inputs(
+        self,
+        images: Sequence[Any],
+        videos: Sequence[Any],
+        audios: Sequence[Any],
+        imglens: Sequence[int],
+        vidlens: Sequence[int],
+        audlens: Sequence[int],
+        batch_ids: Sequence[list[int]],
+        processor: Any,
+    ) -> dict[str, Any]:
+        out = super().get_mm_inputs(images, videos, audios, imglens, vidlens, audlens, batch_ids, processor)
+        types = self.batch_token_type_ids(batch_ids, processor)
+        if types is not None:
+            out[self.token_type_key] = types
+        return out
 
 
 register_mm_plugin("qwen2_vl", Qwen2VLPlugin)
@@ -178,43 +276,49 @@ for _model_type in ("qwen2_vl", "qwen2_5_vl"):
 
 
 # ---------------------------------------------------------------- tiny offline fixture
-def build_qwen_tokenizer(
-    path: str | None = None, extra_special: Sequence[str] = (), extra_named: dict[str, str] | None = None
-) -> Any:
-    """A tiny byte-level BPE with Qwen's special tokens in Qwen2's tokenizer class;
-    ``extra_named`` become named special-token attributes (e.g. ``start_image_token``)."""
+def build_qwen_tokenizer(path: str | None = None, extra_special: Sequence[str] = ()) -> Any:
+    """A tiny byte-level BPE with Qwen's special tokens in Qwen2's tokenizer class."""
     from transformers import Qwen2TokenizerFast
 
-    specials = list(QWEN_SPECIAL_TOKENS) + list(extra_special) + [t for t in (extra_named or {}).values() if t not in extra_special]
-    kwargs: dict[str, Any] = {"extra_special_tokens": dict(extra_named)} if extra_named else {}
+    specials = list(QWEN_SPECIAL_TOKENS) + list(extra_special)
     tok = Qwen2TokenizerFast(
         tokenizer_object=build_bpe_tokenizer(specials, vocab_size=400),
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         additional_special_tokens=specials[1:],
-        **kwargs,
     )
     if path:
         tok.save_pretrained(path)
     return tok
 
 
+def qwen_token_ids(tok: Any) -> dict[str, int]:
+    """The config fields that name special tokens, for a tiny model matching ``tok``."""
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+    return dict(
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+
+
 def _build_processor(path: str, cls_name: str) -> None:
     import transformers
     from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
-    tok = build_qwen_tokenizer()
     cls = getattr(transformers, cls_name)
-    proc = cls(image_processor=Qwen2VLImageProcessor(), video_processor=Qwen2VLVideoProcessor(), tokenizer=tok)
+    proc = cls(image_processor=Qwen2VLImageProcessor(), video_processor=Qwen2VLVideoProcessor(),
+               tokenizer=build_qwen_tokenizer())
     proc.save_pretrained(path)
 
 
 def tiny_qwen2_vl_config(model_type: str = "qwen2_vl", vocab_size: int | None = None) -> Any:
-    """A ~1M-parameter Qwen2-VL with the real layout (token ids match the tiny tokenizer)."""
+    """A ~0.2M-parameter Qwen2-VL / Qwen2.5-VL with the real layout (ids match the tiny tokenizer)."""
     from transformers import AutoConfig
 
     tok = build_qwen_tokenizer()
-    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+    special = dict(bos_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     text = dict(
         vocab_size=vocab_size or len(tok),
         hidden_size=64,
@@ -225,24 +329,14 @@ def tiny_qwen2_vl_config(model_type: str = "qwen2_vl", vocab_size: int | None = 
         max_position_embeddings=4096,
         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
         tie_word_embeddings=False,
+        **special,
     )
     vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, in_channels=3, patch_size=14,
                   spatial_merge_size=2, temporal_patch_size=2)
     if model_type == "qwen2_5_vl":
         vision = dict(depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=2, patch_size=14,
                       spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1])
-    return AutoConfig.for_model(
-        model_type,
-        text_config=text,
-        vision_config=vision,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"],
-    )
+    return AutoConfig.for_model(model_type, text_config=text, vision_config=vision, **qwen_token_ids(tok), **special)
 
 
 register_fixture(

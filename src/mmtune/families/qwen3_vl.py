@@ -1,6 +1,8 @@
-"""Qwen3-VL (and Qwen3-VL-MoE): Qwen2-VL's image rule with 16-px patches; each video
-frame group gets a ``<t seconds>`` timestamp, built by the processor's own
-``replace_video_token`` from the grid and timing computed here (no pixel work)."""
+"""Qwen3-VL (and Qwen3-VL-MoE): Qwen2-VL's image rule with 16-px patches; each video's
+temporal group gets a ``<t seconds>`` timestamp and its own ``<|vision_start|>`` ...
+``<|vision_end|>`` block, built by the processor's own ``replace_video_token`` from the grid
+and timing computed here (no pixel work). Several videos in one sample each use their own
+frame count and timing."""
 
 from __future__ import annotations
 
@@ -11,10 +13,15 @@ from mmtune.model.composite import CompositeModel, register_composite_model
 from mmtune.plugins import register_mm_plugin
 from mmtune.testing import FamilyFixture, register_fixture
 
-from .qwen2_vl import QWEN_SPECIAL_TOKENS, Qwen2VLPlugin, build_qwen_tokenizer
+from .qwen2_vl import Qwen2VLPlugin, build_qwen_tokenizer, qwen_token_ids
 
 
 class Qwen3VLPlugin(Qwen2VLPlugin):
+    """``<video>`` -> ``<|vision_start|>`` + per temporal group ``<t seconds>`` +
+    ``<|vision_start|>`` n x ``<|video_pad|>`` ``<|vision_end|>`` + ``<|vision_end|>``: the
+    processor replaces only the pad token of the template's ``<|vision_start|><|video_pad|>
+    <|vision_end|>``, so the outer pair stays."""
+
     def video_text(self, processor: Any, clip: VideoClip, grid: tuple[int, int]) -> str:
         if not self.expand_mm_tokens:
             return self._wrap(self.video_token, 1)
@@ -29,7 +36,7 @@ for _model_type in ("qwen3_vl", "qwen3_vl_moe"):
             model_type=_model_type,
             projector_key="model.visual.merger",
             vision_model_keys=["model.visual.patch_embed", "model.visual.pos_embed", "model.visual.blocks",
-                               "model.visual.deepstack_merger_list", "model.visual.rotary_pos_emb"],
+                               "model.visual.deepstack_merger_list"],
             language_model_keys=["model.language_model", "lm_head"],
             lora_conflict_keys=["patch_embed"],
         )
@@ -37,6 +44,8 @@ for _model_type in ("qwen3_vl", "qwen3_vl_moe"):
 
 
 def _build(path: str) -> None:
+    """Qwen3-VL checkpoints ship Qwen2-VL's image processor with 16-px patches and a
+    64k..16M pixel range, and Qwen3-VL's own video processor (defaults)."""
     from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
 
     ip = Qwen2VLImageProcessor(patch_size=16, size={"shortest_edge": 65536, "longest_edge": 16777216})
@@ -44,23 +53,27 @@ def _build(path: str) -> None:
                      tokenizer=build_qwen_tokenizer()).save_pretrained(path)
 
 
-def tiny_config() -> Any:
-    from transformers import Qwen3VLConfig
+def tiny_config(model_type: str = "qwen3_vl") -> Any:
+    """A tiny Qwen3-VL (or, with ``model_type="qwen3_vl_moe"``, Qwen3-VL-MoE)."""
+    from transformers import AutoConfig
 
     tok = build_qwen_tokenizer()
-    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
-    return Qwen3VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
-                                          "mrope_interleaved": True}),
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+                                 "mrope_interleaved": True},
+                bos_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    if model_type == "qwen3_vl_moe":
+        text.update(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1)
+    return AutoConfig.for_model(
+        model_type,
+        text_config=text,
         vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                            patch_size=16, num_position_embeddings=2304, deepstack_visual_indexes=[1]),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=False,
+        **qwen_token_ids(tok),
     )
 
 
 register_fixture(FamilyFixture("qwen3_vl", build=_build, tiny_config=tiny_config, plugin="qwen3_vl",
-                               modalities=("image", "video")))
+                               modalities=("image", "video"), extra={"moe_config": lambda: tiny_config("qwen3_vl_moe")}))

@@ -1,0 +1,118 @@
+"""Idefics3 and SmolVLM: images split into a rows x cols grid of sub-images, each
+``<fake_token_around_image><row_i_col_j>`` + ``<image>`` x seq, then a global image.
+Rows and cols come from the header size through the image processor's own size-only
+``get_number_of_image_patches``; the text from the processor's ``replace_image_token``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from mmtune.model.composite import CompositeModel, register_composite_model
+from mmtune.plugins import IMAGE_PLACEHOLDER, BasePlugin, Message, register_mm_plugin
+from mmtune.testing import FamilyFixture, build_bpe_tokenizer, register_fixture
+
+IDEFICS_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>",
+                    "<global-img>", "<pad>") + tuple(f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7))
+
+
+class Idefics3Plugin(BasePlugin):
+    default_image_token = "<image>"
+
+    def image_texts(self, images: Sequence[Any], processor: Any) -> list[str]:
+        if not self.expand_mm_tokens:
+            return [processor.image_token] * len(images)
+        ip = processor.image_processor
+        kwargs = self.processor_defaults(processor)
+        grids = [ip.get_number_of_image_patches(h, w, kwargs)[1:] for (w, h) in self.image_sizes(images)]
+        inputs = {"rows": [[r for r, _ in grids]], "cols": [[c for _, c in grids]]}
+        return [processor.replace_image_token(inputs, i) for i in range(len(images))]
+
+    def process_messages(
+        self, messages: Sequence[Message], images: Sequence[Any], videos: Sequence[Any], audios: Sequence[Any], processor: Any
+    ) -> list[Message]:
+        self._validate_input(processor, images, videos, audios)
+        self._validate_messages(messages, images, videos, audios)
+        texts = self.image_texts(images, processor)
+        return self.replace_placeholders(messages, IMAGE_PLACEHOLDER, lambda i: texts[i])
+
+    def get_mm_inputs(
+        self,
+        images: Sequence[Any],
+        videos: Sequence[Any],
+        audios: Sequence[Any],
+        imglens: Sequence[int],
+        vidlens: Sequence[int],
+        audlens: Sequence[int],
+        batch_ids: Sequence[list[int]],
+        processor: Any,
+    ) -> dict[str, Any]:
+        """Images grouped per sample (the processor pads samples to the same sub-image count)."""
+        self._validate_input(processor, images, videos, audios)
+        if not images:
+            return {}
+        decoded = self._regularize_images(images)
+        nested, start = [], 0
+        for n in imglens:
+            nested.append(decoded[start:start + n])
+            start += n
+        out = processor.image_processor(nested, return_tensors="pt", **self.processor_defaults(processor))
+        return {k: v for k, v in out.items() if k in ("pixel_values", "pixel_attention_mask")}
+
+
+register_mm_plugin("idefics3", Idefics3Plugin)
+register_mm_plugin("smolvlm", Idefics3Plugin)
+for _model_type in ("idefics3", "smolvlm"):
+    register_composite_model(
+        CompositeModel(
+            model_type=_model_type,
+            projector_key="model.connector",
+            vision_model_keys=["model.vision_model"],
+            language_model_keys=["model.text_model", "lm_head"],
+            lora_conflict_keys=[],
+        )
+    )
+
+
+def _tokenizer() -> Any:
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=build_bpe_tokenizer(IDEFICS_SPECIALS, vocab_size=500),
+                                   eos_token="<end_of_utterance>", pad_token="<pad>", bos_token="<|im_start|>",
+                                   additional_special_tokens=list(IDEFICS_SPECIALS[2:]))
+
+
+def _build(path: str, kind: str) -> None:
+    import transformers
+
+    prefix = "Idefics3" if kind == "idefics3" else "SmolVLM"
+    ip = getattr(transformers, f"{prefix}ImageProcessor")(size={"longest_edge": 728}, max_image_size={"longest_edge": 364})
+    kwargs: dict[str, Any] = {"image_seq_len": 169}
+    if kind == "smolvlm":
+        kwargs["video_processor"] = transformers.SmolVLMVideoProcessor()
+    getattr(transformers, f"{prefix}Processor")(image_processor=ip, tokenizer=_tokenizer(), **kwargs).save_pretrained(path)
+
+
+def _tiny(kind: str) -> Any:
+    import transformers
+
+    tok = _tokenizer()
+    cfg_cls = transformers.Idefics3Config if kind == "idefics3" else transformers.SmolVLMConfig
+    return cfg_cls(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=364, patch_size=14),
+        text_config=dict(model_type="llama", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         pad_token_id=tok.pad_token_id),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        scale_factor=2,  # 26x26 patches of 14 px -> 13x13 = 169 tokens per sub-image (image_seq_len)
+        pad_token_id=tok.pad_token_id,
+    )
+
+
+register_fixture(FamilyFixture("idefics3", build=lambda p: _build(p, "idefics3"), tiny_config=lambda: _tiny("idefics3"),
+                               plugin="idefics3"))
+register_fixture(FamilyFixture("smolvlm", build=lambda p: _build(p, "smolvlm"), tiny_config=lambda: _tiny("smolvlm"),
+                               plugin="smolvlm"))
