@@ -24,6 +24,7 @@ FAMILY_MODULES: tuple[str, ...] = (
     "pixtral",
     "internvl",
     "idefics3",
+    "mllama",
 )
 
 _LOADED = False

@@ -90,3 +90,39 @@ def check_batch_parity(
     )
     assert_tensors_equal(mm, ref, tensor_keys)
     return {"ours": mm, "ref": ref, "batch_ids": batch_ids}
+
+
+class PixelsDecoded(AssertionError):
+    """Raised by :func:`no_pixel_decoding` when an image's pixels are decoded."""
+
+
+def no_pixel_decoding() -> Any:
+    """A context manager under which decoding any image's pixels (``Image.load``, which
+    every pixel access and ``convert`` go through) raises: wrap a plugin's token counting in
+    it to prove the count comes from headers alone."""
+    import contextlib
+    from unittest import mock
+
+    from PIL import Image, ImageFile
+
+    def refuse(self: Any, *args: Any, **kwargs: Any) -> Any:
+        raise PixelsDecoded(f"pixels of {getattr(self, 'filename', '') or self!r} were decoded")
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(mock.patch.object(Image.Image, "load", refuse))
+    stack.enter_context(mock.patch.object(ImageFile.ImageFile, "load", refuse))
+    return stack
+
+
+def check_composite_keys(model: Any, entry: Any) -> None:
+    """``entry`` (a CompositeModel) names real modules of ``model``, and its vision, projector
+    and language keys split the model's parameters with nothing left over and nothing twice."""
+    names = {n for n, _ in model.named_modules()}
+    keys = [entry.projector_key, *entry.vision_model_keys, *entry.language_model_keys]
+    missing = [k for k in keys if k not in names]
+    assert not missing, f"{entry.model_type}: no module named {missing} in {type(model).__name__}"
+    conflicts = [k for k in entry.lora_conflict_keys if not any(n.split(".")[-1] == k or n.endswith("." + k) for n in names)]
+    assert not conflicts, f"{entry.model_type}: lora_conflict_keys {conflicts} match no module"
+    for pname, _ in model.named_parameters():
+        owners = [k for k in keys if pname == k or pname.startswith(k + ".")]
+        assert len(owners) == 1, f"{entry.model_type}: parameter {pname} is covered by {owners or 'no key'}"
