@@ -1,25 +1,35 @@
-"""Qwen2-VL / Qwen2.5-VL plugin parity with the installed processors."""
+"""Qwen2-VL / Qwen2.5-VL plugin parity with the installed processors and models."""
 
 import pytest
 import torch
 from PIL import Image
 
 from mmtune.media import MediaConfig
+from mmtune.model.composite import get_composite_model
 from mmtune.plugins import get_mm_plugin
 from mmtune.testing import get_fixture, load_processor, make_image_file, make_video_file
-from mmtune.testing.parity import MMSample, check_batch_parity, plugin_ids, render
+from mmtune.testing.parity import (
+    MMSample,
+    assert_tensors_equal,
+    check_batch_parity,
+    check_composite_keys,
+    no_pixel_decoding,
+    plugin_ids,
+    render,
+)
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
+MM_KEYS = {"pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "mm_token_type_ids"}
 
 
 @pytest.fixture(scope="module")
 def media(tmp_path_factory):
     d = tmp_path_factory.mktemp("qwen_media")
-    big = make_image_file(str(d / "big.jpg"), 301, 173, seed=1)  # non-square, odd sizes
-    small = make_image_file(str(d / "small.png"), 40, 30, seed=2)  # below min_pixels (56*56)
-    vid_a = make_video_file(str(d / "a.mp4"), frames=8, width=64, height=48, fps=4)
-    vid_b = make_video_file(str(d / "b.mp4"), frames=12, width=80, height=44, fps=4, seed=5)
-    return {"big": big, "small": small, "vid_a": vid_a, "vid_b": vid_b}
+    return {
+        "big": make_image_file(str(d / "big.jpg"), 301, 173, seed=1),  # non-square, odd sizes
+        "small": make_image_file(str(d / "small.png"), 40, 30, seed=2),  # 1200 px < min_pixels 56*56
+        "vid": make_video_file(str(d / "a.mp4"), frames=8, width=64, height=48, fps=4),
+    }
 
 
 def _to_processor_text(text: str) -> str:
@@ -36,7 +46,7 @@ def _samples(media):
         {"role": "assistant", "content": "It moves."},
     ]
     return [
-        MMSample(conv, images=[media["big"], media["small"]], videos=[media["vid_a"]]),
+        MMSample(conv, images=[media["big"], media["small"]], videos=[media["vid"]]),
         MMSample([{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "Hi!"}]),
     ]
 
@@ -57,92 +67,85 @@ def _processor_media(plugin):
 def test_ids_and_tensors_match_processor(name, media):
     processor = load_processor(name)
     plugin = get_mm_plugin(name)
+    samples = _samples(media)
     result = check_batch_parity(
-        plugin,
-        processor,
-        _samples(media),
-        _to_processor_text,
-        _processor_media(plugin),
+        plugin, processor, samples, _to_processor_text, _processor_media(plugin),
         processor_kwargs={"do_sample_frames": False},
     )
     ours, ref = result["ours"], result["ref"]
-    expected = {"pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"}
-    assert expected <= set(ours)
-    if name == "qwen2_5_vl":
-        assert torch.allclose(ours["second_per_grid_ts"].float(), torch.as_tensor(ref["second_per_grid_ts"]).float())
-    # mm_token_type_ids as the processor builds them (transformers >= 5.17 needs them for M-RoPE)
-    assert "mm_token_type_ids" in ref
-    mask = ref["attention_mask"].bool()
-    ours_types = plugin.mm_token_type_ids(ref["input_ids"], processor)
-    assert torch.equal(ours_types[mask], torch.as_tensor(ref["mm_token_type_ids"])[mask])
+    expected = MM_KEYS | ({"second_per_grid_ts"} if name == "qwen2_5_vl" else set())
+    assert expected <= set(ours) and expected <= set(ref)
+    assert set(ours) == expected  # nothing more than the processor's tensors
+    # the small image was brought up to min_pixels by the processor's rule, not ours
+    assert ours["image_grid_thw"][1].prod() * 14 * 14 >= 56 * 56
+    # the sample without media has no media tokens at all
+    assert ours["mm_token_type_ids"][1].sum() == 0
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_no_expansion_lets_processor_expand(name, media):
+def test_no_expansion_leaves_one_pad_and_processor_expands_it(name, media):
     processor = load_processor(name)
     plugin = get_mm_plugin(name, expand_mm_tokens=False)
-    expanded = get_mm_plugin(name)
     sample = _samples(media)[0]
-    short = plugin.process_messages(sample.messages, sample.images, sample.videos, [], processor)
-    assert render(short).count("<|image_pad|>") == 2 and render(short).count("<|video_pad|>") == 1
-    clips = plugin._regularize_videos(sample.videos)
-    ref = processor(
-        text=[render(short)],
-        images=[Image.open(p).convert("RGB") for p in sample.images],
-        videos=[c.frames for c in clips],
-        do_sample_frames=False,
-        return_tensors="pt",
-    )
-    assert ref["input_ids"][0].tolist() == plugin_ids(expanded, processor, sample)
+    short = render(plugin.process_messages(sample.messages, sample.images, sample.videos, [], processor))
+    assert short == _to_processor_text(render(sample.messages))  # exactly one pad per medium
+    ref = processor(text=[short], **_processor_media(plugin)(sample), do_sample_frames=False, return_tensors="pt")
+    assert ref["input_ids"][0].tolist() == plugin_ids(get_mm_plugin(name), processor, sample)
+    mm = plugin.get_mm_inputs(sample.images, sample.videos, [], [2], [1], [0], [plugin_ids(plugin, processor, sample)],
+                              processor)
+    assert_tensors_equal(mm, ref, ["pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"])
 
 
 def test_user_caps_are_applied_once_by_the_processor(media):
     processor = load_processor("qwen2_vl")
-    caps = MediaConfig(image_max_pixels=64 * 64, image_min_pixels=32 * 32)
+    caps = MediaConfig(image_max_pixels=64 * 64, image_min_pixels=48 * 48, video_max_pixels=40 * 40,
+                       video_min_pixels=28 * 28)
     plugin = get_mm_plugin("qwen2_vl", media=caps)
-    sample = MMSample([{"role": "user", "content": "<image><image>"}], images=[media["big"], media["small"]])
+    sample = MMSample([{"role": "user", "content": "<image><image><video>"}], images=[media["big"], media["small"]],
+                      videos=[media["vid"]])
     ids = plugin_ids(plugin, processor, sample)
     ref = processor(
         text=[_to_processor_text(render(sample.messages))],
-        images=[Image.open(p).convert("RGB") for p in sample.images],
-        size={"shortest_edge": 32 * 32, "longest_edge": 64 * 64},
+        **_processor_media(plugin)(sample),
+        images_kwargs={"size": {"shortest_edge": 48 * 48, "longest_edge": 64 * 64}},
+        videos_kwargs={"size": {"shortest_edge": 28 * 28, "longest_edge": 40 * 40}, "do_sample_frames": False},
         return_tensors="pt",
     )
     assert ids == ref["input_ids"][0].tolist()
-    mm = plugin.get_mm_inputs(sample.images, [], [], [2], [0], [0], [ids], processor)
-    assert torch.equal(mm["image_grid_thw"], ref["image_grid_thw"])
-    # the cap really bounds the big image: at most 64*64 pixels -> (64*64)/(14*14) patches
-    t, h, w = mm["image_grid_thw"][0].tolist()
-    assert h * w * 14 * 14 <= 64 * 64
+    mm = plugin.get_mm_inputs(sample.images, sample.videos, [], [2], [1], [0], [ids], processor)
+    assert_tensors_equal(mm, ref, sorted(MM_KEYS))
+    # applied once: the images reach the processor at their own size (no hidden pre-resize) ...
+    assert [im.size for im in plugin._regularize_images(sample.images)] == [(301, 173), (40, 30)]
+    # ... and the processor's cap really bounds them
+    for t, h, w in mm["image_grid_thw"].tolist():
+        assert 48 * 48 <= h * w * 14 * 14 <= 64 * 64
 
 
-def test_counting_tokens_never_decodes_pixels(media, monkeypatch):
+def test_counting_tokens_never_decodes_pixels(media):
     processor = load_processor("qwen2_vl")
     plugin = get_mm_plugin("qwen2_vl")
-    expected = plugin_ids(plugin, processor, MMSample([{"role": "user", "content": "<image><image>"}], [media["big"], media["small"]]))
-
-    def no_decode(self, *a, **k):
-        raise AssertionError("pixels were decoded while counting tokens")
-
-    monkeypatch.setattr(Image.Image, "load", no_decode)
-    monkeypatch.setattr("PIL.ImageFile.ImageFile.load", no_decode)
-    again = plugin_ids(plugin, processor, MMSample([{"role": "user", "content": "<image><image>"}], [media["big"], media["small"]]))
+    sample = MMSample([{"role": "user", "content": "<image> and <image>"}], [media["big"], media["small"]])
+    expected = plugin_ids(plugin, processor, sample)
+    with no_pixel_decoding():
+        again = plugin_ids(plugin, processor, sample)
+        with pytest.raises(AssertionError, match="decoded"):  # the guard does bite on a decode
+            Image.open(media["big"]).convert("RGB")
     assert again == expected
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_tiny_model_accepts_processor_output(name, media):
+def test_tiny_model_runs_on_plugin_output_and_composite_keys_match(name, media):
     from transformers import AutoModelForImageTextToText
 
     processor = load_processor(name)
     plugin = get_mm_plugin(name)
-    sample = _samples(media)[0]
-    ids = plugin_ids(plugin, processor, sample)
-    mm = plugin.get_mm_inputs(sample.images, sample.videos, [], [2], [1], [0], [ids], processor)
-    input_ids = torch.tensor([ids])
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_config(get_fixture(name).tiny_config()).eval()
+    check_composite_keys(model, get_composite_model(name))
+    sample = MMSample([{"role": "user", "content": "<image> vs <image>: which <video>?"}],
+                      images=[media["big"], media["small"]], videos=[media["vid"]])
+    ids = plugin_ids(plugin, processor, sample)
+    mm = plugin.get_mm_inputs(sample.images, sample.videos, [], [2], [1], [0], [ids], processor)
     with torch.no_grad():
-        out = model(input_ids=input_ids, mm_token_type_ids=plugin.mm_token_type_ids(input_ids, processor), **mm)
-    assert out.logits.shape[:2] == (1, len(ids))
-    assert torch.isfinite(out.logits).all()
+        out = model(input_ids=torch.tensor([ids]), **mm)  # the model checks features == tokens
+    assert out.logits.shape[:2] == (1, len(ids)) and torch.isfinite(out.logits).all()

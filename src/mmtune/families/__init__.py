@@ -25,6 +25,7 @@ FAMILY_MODULES: tuple[str, ...] = (
     "internvl",
     "idefics3",
     "mllama",
+    "llama4",
 )
 
 _LOADED = False

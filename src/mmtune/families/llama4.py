@@ -1,0 +1,102 @@
+"""Llama 4: each image is ``<|image_start|>`` + (for multi-tile images) rows of tiles of
+``<|patch|>`` separated by x/y separators + ``<|image|>`` + a global tile + ``<|image_end|>``.
+The tile grid follows from the header size through the image processor module's own
+best-fit rule; the text from the processor's ``_prompt_split_image``."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from mmtune.model.composite import CompositeModel, register_composite_model
+from mmtune.plugins import IMAGE_PLACEHOLDER, BasePlugin, Message, register_mm_plugin
+from mmtune.testing import FamilyFixture, build_bpe_tokenizer, register_fixture
+
+LLAMA4_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|header_start|>", "<|header_end|>", "<|eot|>",
+                   "<|image_start|>", "<|image_end|>", "<|image|>", "<|patch|>", "<|tile_x_separator|>",
+                   "<|tile_y_separator|>", "<|finetune_right_pad|>")
+
+
+class Llama4Plugin(BasePlugin):
+    default_image_token = "<|image|>"
+
+    def tile_grid(self, processor: Any, height: int, width: int) -> tuple[int, int]:
+        ip = processor.image_processor
+        helpers = sys.modules[type(ip).__module__]
+        size = ip.size
+        resolutions = torch.as_tensor(helpers.find_supported_resolutions(max_num_chunks=ip.max_patches, patch_size=size))
+        target = helpers.get_best_fit((height, width), resolutions, resize_to_max_canvas=ip.resize_to_max_canvas)
+        return int(target[0]) // size["height"], int(target[1]) // size["width"]
+
+    def image_texts(self, images: Sequence[Any], processor: Any) -> list[str]:
+        if not self.expand_mm_tokens:
+            return [processor.fake_image_token] * len(images)
+        size = processor.image_processor.size
+        per_chunk = int((size["height"] // processor.patch_size) * (size["width"] // processor.patch_size)
+                        // processor.downsample_ratio)
+        return [processor._prompt_split_image(self.tile_grid(processor, h, w), per_chunk) for (w, h) in self.image_sizes(images)]
+
+    def process_messages(
+        self, messages: Sequence[Message], images: Sequence[Any], videos: Sequence[Any], audios: Sequence[Any], processor: Any
+    ) -> list[Message]:
+        self._validate_input(processor, images, videos, audios)
+        self._validate_messages(messages, images, videos, audios)
+        texts = self.image_texts(images, processor)
+        return self.replace_placeholders(messages, IMAGE_PLACEHOLDER, lambda i: texts[i])
+
+    def _get_mm_inputs(
+        self, images: Sequence[Any], videos: Sequence[Any], audios: Sequence[Any], processor: Any
+    ) -> dict[str, torch.Tensor]:
+        if not images:
+            return {}
+        out = processor.image_processor(self._regularize_images(images), return_tensors="pt")
+        return {"pixel_values": out["pixel_values"]}
+
+
+register_mm_plugin("llama4", Llama4Plugin)
+register_composite_model(
+    CompositeModel(
+        model_type="llama4",
+        projector_key="model.multi_modal_projector",
+        vision_model_keys=["model.vision_model"],
+        language_model_keys=["model.language_model", "lm_head"],
+        lora_conflict_keys=[],
+    )
+)
+
+
+def _tokenizer() -> Any:
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=build_bpe_tokenizer(LLAMA4_SPECIALS, vocab_size=400),
+                                   bos_token="<|begin_of_text|>", eos_token="<|eot|>", pad_token="<|finetune_right_pad|>",
+                                   additional_special_tokens=list(LLAMA4_SPECIALS[2:]))
+
+
+def _build(path: str) -> None:
+    from transformers import Llama4ImageProcessor, Llama4Processor
+
+    ip = Llama4ImageProcessor(size={"height": 112, "width": 112}, max_patches=6)
+    Llama4Processor(image_processor=ip, tokenizer=_tokenizer(), patch_size=14, pixel_shuffle_ratio=0.5).save_pretrained(path)
+
+
+def tiny_config() -> Any:
+    from transformers import Llama4Config
+
+    tok = _tokenizer()
+    return Llama4Config(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=112, patch_size=14, vision_output_dim=32, projector_input_dim=64,
+                           projector_output_dim=64, pixel_shuffle_ratio=0.5),
+        text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, intermediate_size_mlp=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         num_local_experts=2, num_experts_per_tok=1, interleave_moe_layer_step=1,
+                         pad_token_id=tok.pad_token_id),
+        image_token_index=tok.convert_tokens_to_ids("<|patch|>"),
+    )
+
+
+register_fixture(FamilyFixture("llama4", build=_build, tiny_config=tiny_config, plugin="llama4"))
