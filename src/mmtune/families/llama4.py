@@ -88,8 +88,8 @@ def tiny_config() -> Any:
 
     tok = _tokenizer()
     return Llama4Config(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=112, patch_size=14, vision_output_dim=32, projector_input_dim=64,
+        vision_config=dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=112, patch_size=14, vision_output_dim=64, projector_input_dim=64,
                            projector_output_dim=64, pixel_shuffle_ratio=0.5),
         text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, intermediate_size_mlp=128,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
