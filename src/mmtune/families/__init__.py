@@ -26,6 +26,7 @@ FAMILY_MODULES: tuple[str, ...] = (
     "idefics3",
     "mllama",
     "llama4",
+    "gemma3n",
 )
 
 _LOADED = False
