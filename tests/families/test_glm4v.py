@@ -137,3 +137,14 @@ def test_tiny_model_runs_on_plugin_output_and_composite_keys_match(model_type, m
         with torch.no_grad():
             out = model(input_ids=torch.tensor([ids]), **mm)  # the model checks features == tokens
         assert out.logits.shape[:2] == (1, len(ids)) and torch.isfinite(out.logits).all()
+
+
+def test_video_count_without_the_processor_counter(media, processor, monkeypatch):
+    """transformers 5.17's GLM-4V video processor has no ``get_num_of_video_patches``: the
+    fallback (its own module's smart_resize) must give the same ids, default and capped."""
+    sample = _samples(media)[0]
+    caps = MediaConfig(video_max_pixels=8 * 56 * 56, video_min_pixels=4 * 28 * 28)
+    expected = [plugin_ids(get_mm_plugin(NAME, media=m), processor, sample) for m in (None, caps)]
+    monkeypatch.delattr(type(processor.video_processor), "get_num_of_video_patches")
+    assert not hasattr(processor.video_processor, "get_num_of_video_patches")
+    assert [plugin_ids(get_mm_plugin(NAME, media=m), processor, sample) for m in (None, caps)] == expected

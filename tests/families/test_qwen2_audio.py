@@ -15,7 +15,7 @@ def audios(tmp_path_factory):
     d = tmp_path_factory.mktemp("audio")
     t = np.arange(8000 * 2) / 8000
     return [
-        make_audio_file(str(d / "one.wav"), seconds=1.0),
+        make_audio_file(str(d / "one.wav"), seconds=1.2345),  # not a whole number of 160-sample hops
         make_audio_file(str(d / "long.wav"), seconds=3.5, sampling_rate=22050, freq=300),  # resampled to 16 kHz
         {"array": (0.2 * np.sin(2 * np.pi * 200 * t)).astype(np.float32), "sampling_rate": 8000},
     ]

@@ -27,6 +27,7 @@ FAMILY_MODULES: tuple[str, ...] = (
     "mllama",
     "llama4",
     "gemma3n",
+    "qwen2_omni",
 )
 
 _LOADED = False

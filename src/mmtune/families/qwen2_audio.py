@@ -37,9 +37,10 @@ class WhisperAudioMixin:
 
     @staticmethod
     def mel_frames(wave: np.ndarray, processor: Any) -> int:
-        """Real (unpadded) mel frames the extractor marks for ``wave``: one per hop, capped."""
+        """Real (unpadded) mel frames the extractor marks for ``wave``: one per started hop
+        (its mask is the sample mask taken every ``hop_length``), capped at 30 s."""
         fe = processor.feature_extractor
-        return min(len(wave) // fe.hop_length, fe.nb_max_frames)
+        return min(-(-len(wave) // fe.hop_length), fe.nb_max_frames)
 
 
 class Qwen2AudioPlugin(WhisperAudioMixin, BasePlugin):

@@ -178,6 +178,12 @@ class Qwen2VLPlugin(BasePlugin):
     ) -> list[Message]:
         self._validate_input(processor, images, videos, audios)
         self._validate_messages(messages, images, videos, audios)
+        return self.expand_visual(messages, images, videos, processor)
+
+    def expand_visual(
+        self, messages: Sequence[Message], images: Sequence[Any], videos: Sequence[Any], processor: Any
+    ) -> list[Message]:
+        """Expand image and video placeholders (inputs already validated)."""
         messages = list(messages)
         if images:
             counts = self.image_token_counts(images, processor)
@@ -276,16 +282,23 @@ for _model_type in ("qwen2_vl", "qwen2_5_vl"):
 
 
 # ---------------------------------------------------------------- tiny offline fixture
-def build_qwen_tokenizer(path: str | None = None, extra_special: Sequence[str] = ()) -> Any:
-    """A tiny byte-level BPE with Qwen's special tokens in Qwen2's tokenizer class."""
+def build_qwen_tokenizer(
+    path: str | None = None, extra_special: Sequence[str] = (), extra_named: dict[str, str] | None = None
+) -> Any:
+    """A tiny byte-level BPE with Qwen's special tokens in Qwen2's tokenizer class;
+    ``extra_named`` become named special-token attributes (e.g. ``start_image_token``),
+    which InternVL's and Qwen2.5-Omni's processors read from their tokenizer."""
     from transformers import Qwen2TokenizerFast
 
-    specials = list(QWEN_SPECIAL_TOKENS) + list(extra_special)
+    named = dict(extra_named or {})
+    specials = list(dict.fromkeys(list(QWEN_SPECIAL_TOKENS) + list(extra_special) + list(named.values())))
+    kwargs: dict[str, Any] = {"extra_special_tokens": named} if named else {}
     tok = Qwen2TokenizerFast(
         tokenizer_object=build_bpe_tokenizer(specials, vocab_size=400),
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         additional_special_tokens=specials[1:],
+        **kwargs,
     )
     if path:
         tok.save_pretrained(path)

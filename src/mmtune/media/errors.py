@@ -21,7 +21,7 @@ def sample_context(index: int | str | None = None, source: str | None = None) ->
     if index is not None:
         parts.append(f"sample {index}")
     if source:
-        parts.append(f"of {source}")
+        parts.append(f"of {source}" if parts else source)
     token = _SAMPLE.set(" ".join(parts) or None)
     try:
         yield

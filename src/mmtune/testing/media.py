@@ -26,19 +26,35 @@ def make_image_file(path: str, width: int, height: int, seed: int = 0) -> str:
     return path
 
 
-def make_video_file(path: str, frames: int = 8, width: int = 64, height: int = 48, fps: int = 4, seed: int = 0) -> str:
-    """An MP4 (mpeg4 codec) of moving content, via PyAV."""
+def make_video_file(
+    path: str, frames: int = 8, width: int = 64, height: int = 48, fps: int = 4, seed: int = 0, with_audio: bool = False
+) -> str:
+    """An MP4 (mpeg4 codec) of moving content, via PyAV; ``with_audio`` adds an AAC tone track
+    as long as the video."""
     import av
 
     with av.open(path, "w") as container:
         stream = container.add_stream("mpeg4", rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        audio = container.add_stream("aac", rate=16000, layout="mono") if with_audio else None
         for i in range(frames):
             frame = av.VideoFrame.from_image(make_image(width, height, seed + i))
             for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+        if audio is not None:
+            total = int(16000 * frames / fps)
+            wave = (0.3 * np.sin(2 * math.pi * 440 * np.arange(total) / 16000)).astype(np.float32)
+            for start in range(0, total, 1024):
+                chunk = wave[start:start + 1024]
+                aframe = av.AudioFrame.from_ndarray(chunk[None, :], format="fltp", layout="mono")
+                aframe.sample_rate = 16000
+                aframe.pts = start
+                for packet in audio.encode(aframe):
+                    container.mux(packet)
+            for packet in audio.encode():
+                container.mux(packet)
     return path
 
 
