@@ -7,7 +7,8 @@ import torch
 from mmtune.media import load_audio
 from mmtune.plugins import get_mm_plugin
 from mmtune.testing import get_fixture, load_processor, make_audio_file
-from mmtune.testing.parity import MMSample, check_batch_parity, plugin_ids, render
+from mmtune.model.composite import get_composite_model
+from mmtune.testing.parity import MMSample, check_batch_parity, check_composite_keys, plugin_ids, render
 
 
 @pytest.fixture(scope="module")
@@ -15,9 +16,10 @@ def audios(tmp_path_factory):
     d = tmp_path_factory.mktemp("audio")
     t = np.arange(8000 * 2) / 8000
     return [
-        make_audio_file(str(d / "one.wav"), seconds=1.2345),  # not a whole number of 160-sample hops
+        make_audio_file(str(d / "one.wav"), seconds=1.225),  # 122.5 hops: a started hop adds a token here
         make_audio_file(str(d / "long.wav"), seconds=3.5, sampling_rate=22050, freq=300),  # resampled to 16 kHz
         {"array": (0.2 * np.sin(2 * np.pi * 200 * t)).astype(np.float32), "sampling_rate": 8000},
+        np.zeros(16000 * 31, dtype=np.float32) + 0.01,  # longer than Whisper's 30 s window: truncated
     ]
 
 
@@ -31,7 +33,7 @@ def test_ids_and_tensors_match_processor(audios):
     conv = [
         {"role": "user", "content": "<audio>What is this? And <audio>?"},
         {"role": "assistant", "content": "Tones."},
-        {"role": "user", "content": "And <audio>?"},
+        {"role": "user", "content": "And <audio>? <audio>"},
         {"role": "assistant", "content": "A lower one."},
     ]
     samples = [MMSample(conv, audios=audios), MMSample([{"role": "user", "content": "Hi"}])]
@@ -60,6 +62,7 @@ def test_tiny_model_accepts_plugin_output(audios):
     mm = plugin.get_mm_inputs([], [], sample.audios, [0], [0], [2], [ids], processor)
     torch.manual_seed(0)
     model = Qwen2AudioForConditionalGeneration(get_fixture("qwen2_audio").tiny_config()).eval()
+    check_composite_keys(model, get_composite_model("qwen2_audio"))
     with torch.no_grad():
         out = model(input_ids=torch.tensor([ids]), **mm)
     assert out.logits.shape[1] == len(ids) and torch.isfinite(out.logits).all()

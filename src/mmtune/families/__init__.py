@@ -28,6 +28,8 @@ FAMILY_MODULES: tuple[str, ...] = (
     "llama4",
     "gemma3n",
     "qwen2_omni",
+    "aya_vision",
+    "idefics2",
 )
 
 _LOADED = False

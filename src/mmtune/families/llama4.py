@@ -60,9 +60,9 @@ register_mm_plugin("llama4", Llama4Plugin)
 register_composite_model(
     CompositeModel(
         model_type="llama4",
-        projector_key="model.multi_modal_projector",
-        vision_model_keys=["model.vision_model"],
-        language_model_keys=["model.language_model", "lm_head"],
+        projector_key="multi_modal_projector",  # Llama 4 keeps no inner ``model`` (5.17 and 5.23)
+        vision_model_keys=["vision_model"],
+        language_model_keys=["language_model"],
         lora_conflict_keys=[],
     )
 )

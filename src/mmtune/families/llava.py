@@ -158,4 +158,13 @@ def _tiny_llava() -> Any:
                        vision_feature_select_strategy="default", vision_feature_layer=-2)
 
 
-register_fixture(FamilyFixture("llava", build=_build_llava, tiny_config=_tiny_llava, plugin="llava"))
+def _tiny_vipllava() -> Any:
+    from transformers import VipLlavaConfig
+
+    tok = build_llama_tokenizer()
+    return VipLlavaConfig(**tiny_vision_text(tok), image_token_id=tok.convert_tokens_to_ids("<image>"),
+                          vision_feature_layers=[-2, -1])
+
+
+register_fixture(FamilyFixture("llava", build=_build_llava, tiny_config=_tiny_llava, plugin="llava",
+                               extra={"vipllava_config": _tiny_vipllava}))

@@ -24,6 +24,10 @@ class WhisperAudioMixin:
     ``feature_attention_mask`` marking the real frames)."""
 
     media: Any
+    audio_token: str
+    expand_mm_tokens: bool
+    audio_bos = "<|audio_bos|>"
+    audio_eos = "<|audio_eos|>"
 
     def audio_features(self, waves: Sequence[np.ndarray], processor: Any) -> dict[str, torch.Tensor]:
         out = processor.feature_extractor(
@@ -42,24 +46,39 @@ class WhisperAudioMixin:
         fe = processor.feature_extractor
         return min(-(-len(wave) // fe.hop_length), fe.nb_max_frames)
 
+    @staticmethod
+    def audio_tokens_for_frames(frames: int) -> int:
+        """Encoder outputs for ``frames`` mel frames: the conv of stride 2, then the pooling of
+        stride 2 (the processors' own ``(((l - 1) // 2 + 1) - 2) // 2 + 1``)."""
+        return (((frames - 1) // 2 + 1) - 2) // 2 + 1
+
+    def audio_token_count(self, wave: np.ndarray, processor: Any) -> int:
+        """Audio tokens for one regularised clip, from its length alone (no mel is computed)."""
+        return self.audio_tokens_for_frames(self.mel_frames(wave, processor))
+
+    def expand_audio(self, messages: Sequence[Message], audios: Sequence[Any], processor: Any) -> list[Message]:
+        """``<audio>`` -> ``<|audio_bos|>`` + n x ``<|AUDIO|>`` + ``<|audio_eos|>`` (one token with
+        ``expand_mm_tokens=False``, which the processor then expands itself)."""
+        if not audios:
+            return list(messages)
+        counts = [self.audio_token_count(w, processor) for w in self._regularize_audios(audios)]
+        return self.replace_placeholders(
+            messages, AUDIO_PLACEHOLDER, lambda i: self.audio_bos + self.audio_token * self._shown(counts[i]) + self.audio_eos
+        )
+
+    def _shown(self, count: int) -> int:
+        return count if self.expand_mm_tokens else 1
+
 
 class Qwen2AudioPlugin(WhisperAudioMixin, BasePlugin):
     default_audio_token = "<|AUDIO|>"
-    audio_bos = "<|audio_bos|>"
-    audio_eos = "<|audio_eos|>"
-
-    @staticmethod
-    def audio_tokens_for_frames(frames: int) -> int:
-        return (((frames - 1) // 2 + 1) - 2) // 2 + 1
 
     def process_messages(
         self, messages: Sequence[Message], images: Sequence[Any], videos: Sequence[Any], audios: Sequence[Any], processor: Any
     ) -> list[Message]:
         self._validate_input(processor, images, videos, audios)
         self._validate_messages(messages, images, videos, audios)
-        counts = [self.audio_tokens_for_frames(self.mel_frames(w, processor)) for w in self._regularize_audios(audios)]
-        body = lambda i: self.audio_token * (counts[i] if self.expand_mm_tokens else 1)  # noqa: E731
-        return self.replace_placeholders(messages, AUDIO_PLACEHOLDER, lambda i: f"{self.audio_bos}{body(i)}{self.audio_eos}")
+        return self.expand_audio(messages, audios, processor)
 
     def _get_mm_inputs(
         self, images: Sequence[Any], videos: Sequence[Any], audios: Sequence[Any], processor: Any
@@ -71,10 +90,10 @@ register_mm_plugin("qwen2_audio", Qwen2AudioPlugin)
 register_composite_model(
     CompositeModel(
         model_type="qwen2_audio",
-        projector_key="multi_modal_projector",
-        vision_model_keys=["audio_tower"],
-        language_model_keys=["language_model", "lm_head"],
-        lora_conflict_keys=["audio_tower"],
+        projector_key="model.multi_modal_projector",
+        vision_model_keys=["model.audio_tower"],
+        language_model_keys=["model.language_model", "lm_head"],
+        lora_conflict_keys=[],
     )
 )
 

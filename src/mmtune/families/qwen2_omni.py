@@ -1,99 +1,162 @@
 """Qwen2.5-Omni (thinker): Qwen2-VL images and videos, Whisper audio, and with
-``use_audio_in_video`` a video's own audio track interleaved with its frames in chunks of
-``seconds_per_chunk`` (positions at ``position_id_per_seconds`` per second)."""
+``MediaConfig.use_audio_in_video`` a video's own audio track interleaved with its frames in
+chunks of ``seconds_per_chunk`` (positions at ``position_id_per_seconds`` per second), as the
+processor does. Image and video counts are :class:`Qwen2VLPlugin`'s (header sizes, no pixel
+decoding); audio counts are :class:`WhisperAudioMixin`'s (clip lengths, no mel)."""
 
 from __future__ import annotations
 
+import importlib.util
+import logging
+import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from mmtune.media import VideoClip, load_audio
+from mmtune.media import MediaError, VideoClip, load_audio
 from mmtune.model.composite import CompositeModel, register_composite_model
-from mmtune.plugins import AUDIO_PLACEHOLDER, Message, register_mm_plugin
+from mmtune.plugins import Message, register_mm_plugin
 from mmtune.testing import FamilyFixture, register_fixture
 
-from .qwen2_audio import Qwen2AudioPlugin, WhisperAudioMixin
+from .qwen2_audio import WhisperAudioMixin
 from .qwen2_vl import Qwen2VLPlugin, build_qwen_tokenizer
 
+logger = logging.getLogger(__name__)
+
+#: the tokenizer attributes Qwen2_5OmniProcessor reads, with the real checkpoint's tokens
 OMNI_NAMED = {"image_token": "<|IMAGE|>", "audio_token": "<|AUDIO|>", "video_token": "<|VIDEO|>",
               "vision_bos_token": "<|vision_bos|>", "vision_eos_token": "<|vision_eos|>",
               "audio_bos_token": "<|audio_bos|>", "audio_eos_token": "<|audio_eos|>"}
 
 
-def chunk_bounds(positions: np.ndarray, per_chunk: int) -> list[tuple[int, int]]:
-    """(start, end) slices of monotone ``positions`` falling in successive windows of ``per_chunk``."""
-    bounds, start, chunk = [], 0, 1
-    for i, value in enumerate(positions):
-        if value >= chunk * per_chunk:
-            bounds.append((start, i))
-            start, chunk = i, chunk + 1
-    bounds.append((start, len(positions)))
-    return bounds
-
-
 class Qwen2OmniPlugin(WhisperAudioMixin, Qwen2VLPlugin):
+    """``<image>``/``<video>`` as Qwen2-VL (``<|vision_bos|>`` n x ``<|IMAGE|>``/``<|VIDEO|>``
+    ``<|vision_eos|>``), ``<audio>`` as Qwen2-Audio. With ``use_audio_in_video`` a video with an
+    audio track becomes ``<|vision_bos|><|audio_bos|>`` + per time chunk its video tokens then
+    its audio tokens + ``<|audio_eos|><|vision_eos|>``, and the track's features join
+    ``input_features`` in order of appearance in the text (the order the model consumes them)."""
+
     default_image_token = "<|IMAGE|>"
     default_video_token = "<|VIDEO|>"
     default_audio_token = "<|AUDIO|>"
     vision_start = "<|vision_bos|>"
     vision_end = "<|vision_eos|>"
-    audio_bos = "<|audio_bos|>"
-    audio_eos = "<|audio_eos|>"
-    position_id_per_seconds: float = 25
-    seconds_per_chunk: float = 2.0
 
+    # ------------------------------------------------------------------ settings
     def video_kwargs(self, processor: Any) -> dict[str, Any]:
+        """Qwen2-VL's, plus the Omni processor's own call-time video pixel range, which its
+        video processor does not know when called directly."""
         kwargs = super().video_kwargs(processor)
-        if "size" not in kwargs and self.processor_defaults(processor, "videos").get("size"):
-            kwargs["size"] = dict(self.processor_defaults(processor, "videos")["size"])  # Omni's own video pixel range
+        size = self.processor_defaults(processor, "videos").get("size")
+        if "size" not in kwargs and size:
+            kwargs["size"] = dict(size)
         return kwargs
 
-    def audio_count(self, wave: np.ndarray, processor: Any) -> int:
-        return Qwen2AudioPlugin.audio_tokens_for_frames(self.mel_frames(wave, processor))
+    def chunking(self, processor: Any) -> tuple[float, float]:
+        """(position_id_per_seconds, seconds_per_chunk): class attributes of the processor in
+        transformers >= 5.2x, its ``videos_kwargs`` defaults in 5.17."""
+        defaults = self.processor_defaults(processor, "videos")
+        per_second = getattr(processor, "position_id_per_seconds", None) or defaults.get("position_id_per_seconds", 25)
+        per_chunk = getattr(processor, "seconds_per_chunk", None) or defaults.get("seconds_per_chunk", 2.0)
+        return per_second, per_chunk
+
+    def seconds_per_grid(self, clip: VideoClip, processor: Any) -> float:
+        """Seconds one temporal patch spans: ``temporal_patch_size / fps`` with the fps the
+        frames were really sampled at (the processor's ``video_second_per_grid``)."""
+        return processor.video_processor.temporal_patch_size / clip.sample_fps
+
+    # ------------------------------------------------------------------ videos' own audio
+    def _clips(self, videos: Sequence[Any], processor: Any) -> list[VideoClip]:
+        """Already-decoded clips pass through, so one batch decodes each video once."""
+        if videos and all(isinstance(v, VideoClip) for v in videos):
+            return list(videos)
+        return super()._clips(videos, processor)
+
+    def video_audio(self, clip: VideoClip) -> np.ndarray | None:
+        """The audio track of ``clip``'s file at the audio sampling rate, or ``None`` for a file
+        without one (the processor then treats the video as silent: plain video tokens)."""
+        if not os.path.isfile(clip.source):
+            raise MediaError(f"use_audio_in_video needs a video file to read the audio track from, got {clip.source}")
+        import av
+
+        with av.open(clip.source) as container:
+            if not container.streams.audio:
+                logger.debug("%s has no audio track; taken as a silent video", clip.source)
+                return None
+        return load_audio(clip.source, self.media.audio_sampling_rate)
 
     def video_text(self, processor: Any, clip: VideoClip, grid: tuple[int, int]) -> str:
-        merge = processor.video_processor.merge_size
-        if not self.media.use_audio_in_video:
-            return self._wrap(self.video_token, grid[0] * grid[1] // merge**2)
-        wave = load_audio(clip.source, self.media.audio_sampling_rate)
-        n_audio = self.audio_count(wave, processor)
-        if not self.expand_mm_tokens:
-            return f"{self.vision_start}{self.audio_bos}{self.video_token}{self.audio_eos}{self.vision_end}"
-        per_frame = grid[1] // merge**2
-        seconds_per_grid = processor.video_processor.temporal_patch_size / clip.sample_fps
-        video_pos = np.repeat(np.arange(grid[0]), per_frame) * seconds_per_grid * self.position_id_per_seconds
-        per_chunk = int(self.position_id_per_seconds * self.seconds_per_chunk)
-        vchunks, achunks = chunk_bounds(video_pos, per_chunk), chunk_bounds(np.arange(n_audio), per_chunk)
-        body = ""
+        merge = processor.video_processor.merge_size**2
+        n_video = grid[0] * grid[1] // merge
+        wave = self.video_audio(clip) if self.media.use_audio_in_video and self.expand_mm_tokens else None
+        if wave is None:  # also the unexpanded form with audio: the processor interleaves it itself
+            return self._wrap(self.video_token, n_video)
+        n_audio = self.audio_token_count(wave, processor)
+        per_second, seconds_per_chunk = self.chunking(processor)
+        video_pos = np.repeat(np.arange(grid[0]), grid[1] // merge) * self.seconds_per_grid(clip, processor) * per_second
+        per_chunk = int(per_second * seconds_per_chunk)
+        vchunks = processor.get_chunked_index(video_pos, per_chunk)
+        achunks = processor.get_chunked_index(np.arange(n_audio), per_chunk)
+        body = []
         for j in range(max(len(vchunks), len(achunks))):
             if j < len(vchunks):
-                body += self.video_token * (vchunks[j][1] - vchunks[j][0])
+                body.append(self.video_token * (vchunks[j][1] - vchunks[j][0]))
             if j < len(achunks):
-                body += self.audio_token * (achunks[j][1] - achunks[j][0])
-        return f"{self.vision_start}{self.audio_bos}{body}{self.audio_eos}{self.vision_end}"
+                body.append(self.audio_token * (achunks[j][1] - achunks[j][0]))
+        return f"{self.vision_start}{self.audio_bos}{''.join(body)}{self.audio_eos}{self.vision_end}"
+
+    # ------------------------------------------------------------------ public hooks
+    def _validate_input(self, processor: Any, images: Sequence[Any], videos: Sequence[Any], audios: Sequence[Any]) -> None:
+        super()._validate_input(processor, images, videos, audios)
+        if videos and self.media.use_audio_in_video and getattr(processor, "feature_extractor", None) is None:
+            raise MediaError("use_audio_in_video is on but the processor has no feature extractor for the audio track")
 
     def process_messages(
         self, messages: Sequence[Message], images: Sequence[Any], videos: Sequence[Any], audios: Sequence[Any], processor: Any
     ) -> list[Message]:
         self._validate_input(processor, images, videos, audios)
         self._validate_messages(messages, images, videos, audios)
-        if audios:
-            counts = [self.audio_count(w, processor) for w in self._regularize_audios(audios)]
-            body = lambda i: self.audio_token * (counts[i] if self.expand_mm_tokens else 1)  # noqa: E731
-            messages = self.replace_placeholders(
-                messages, AUDIO_PLACEHOLDER, lambda i: f"{self.audio_bos}{body(i)}{self.audio_eos}"
-            )
-        return self.expand_visual(messages, images, videos, processor)
+        return self.expand_visual(self.expand_audio(messages, audios, processor), images, videos, processor)
 
-    def _audio_order(self, ids: Sequence[int], processor: Any) -> list[str]:
-        """'audio' / 'video' for each audio segment of a sample in order of appearance
-        (a video's own audio opens right after its ``<|vision_bos|>``)."""
+    def _get_mm_inputs(
+        self, images: Sequence[Any], videos: Sequence[Any], audios: Sequence[Any], processor: Any
+    ) -> dict[str, torch.Tensor]:
+        """Images and videos as Qwen2-VL, plus ``video_second_per_grid`` (audio: see get_mm_inputs)."""
+        clips = self._clips(videos, processor) if videos else []
+        out = super()._get_mm_inputs(images, clips, [], processor)
+        out.pop("second_per_grid_ts", None)
+        if clips:
+            out["video_second_per_grid"] = torch.tensor([self.seconds_per_grid(c, processor) for c in clips])
+        return out
+
+    def _audio_in_text_order(
+        self, waves: list[np.ndarray], tracks: list[np.ndarray | None], batch_ids: Sequence[list[int]], processor: Any
+    ) -> list[np.ndarray]:
+        """Standalone clips and videos' tracks in the order their tokens appear, sample by
+        sample. A standalone clip opens with ``<|audio_bos|>`` not after ``<|vision_bos|>``; a
+        video opens with ``<|vision_bos|>`` then ``<|audio_bos|>`` (expanded) or ``<|VIDEO|>``."""
         tok = processor.tokenizer
-        bos, vbos = tok.convert_tokens_to_ids(self.audio_bos), tok.convert_tokens_to_ids(self.vision_start)
-        return ["video" if i > 0 and ids[i - 1] == vbos else "audio" for i, t in enumerate(ids) if t == bos]
+        a_bos, v_bos, video = (tok.convert_tokens_to_ids(t) for t in (self.audio_bos, self.vision_start, self.video_token))
+        ordered: list[np.ndarray] = []
+        a = v = 0
+        for ids in batch_ids:
+            for i, t in enumerate(ids):
+                if t == a_bos and not (i and ids[i - 1] == v_bos):
+                    if a < len(waves):
+                        ordered.append(waves[a])
+                    a += 1
+                elif t == v_bos and i + 1 < len(ids) and ids[i + 1] in (a_bos, video):
+                    if v < len(tracks) and tracks[v] is not None:
+                        ordered.append(tracks[v])
+                    v += 1
+        if a != len(waves) or v != len(tracks):
+            raise MediaError(
+                f"the batch's ids hold {a} audio clip(s) and {v} video(s) but {len(waves)} clip(s) and "
+                f"{len(tracks)} video(s) were given"
+            )
+        return ordered
 
     def get_mm_inputs(
         self,
@@ -106,26 +169,18 @@ class Qwen2OmniPlugin(WhisperAudioMixin, Qwen2VLPlugin):
         batch_ids: Sequence[list[int]],
         processor: Any,
     ) -> dict[str, Any]:
+        """The processor's tensors. With ``use_audio_in_video`` the videos' tracks join
+        ``input_features`` in text order and ``use_audio_in_video=True`` is added: the thinker's
+        forward needs it to lay out the interleaved positions."""
         self._validate_input(processor, images, videos, audios)
-        out: dict[str, Any] = dict(Qwen2VLPlugin._get_mm_inputs(self, images, videos, [], processor))
-        if videos:
-            clips = self._regularize_videos(videos)
-            temporal = processor.video_processor.temporal_patch_size
-            out.pop("second_per_grid_ts", None)
-            out["video_second_per_grid"] = torch.tensor([temporal / c.sample_fps for c in clips])
+        clips = self._clips(videos, processor) if videos else []
+        out = super().get_mm_inputs(images, clips, [], imglens, vidlens, [0] * len(audlens), batch_ids, processor)
         waves = self._regularize_audios(audios)
-        if self.media.use_audio_in_video and videos:
-            video_waves = [load_audio(c.source, self.media.audio_sampling_rate) for c in self._regularize_videos(videos)]
-            ordered, a, v = [], 0, 0
-            for ids in batch_ids:
-                for kind in self._audio_order(ids, processor):
-                    if kind == "audio":
-                        ordered.append(waves[a])
-                        a += 1
-                    else:
-                        ordered.append(video_waves[v])
-                        v += 1
-            waves = ordered
+        if self.media.use_audio_in_video and clips:
+            tracks = [self.video_audio(c) for c in clips]
+            if any(t is not None for t in tracks):
+                waves = self._audio_in_text_order(waves, tracks, batch_ids, processor)
+                out["use_audio_in_video"] = True
         if waves:
             out.update(self.audio_features(waves, processor))
         return out
@@ -133,12 +188,30 @@ class Qwen2OmniPlugin(WhisperAudioMixin, Qwen2VLPlugin):
 
 register_mm_plugin("qwen2_omni", Qwen2OmniPlugin)
 register_mm_plugin("qwen2_5_omni", Qwen2OmniPlugin)
+
+
+def _thinker_prefix() -> str:
+    """Where the thinker keeps its towers: transformers >= 5.2x wraps them and the text model in
+    ``model`` (a ``Qwen2_5OmniThinkerModel``), 5.17 keeps them at the top with the text model as
+    ``model``. Read from the installed source so that importing mmtune imports no transformers."""
+    spec = importlib.util.find_spec("transformers")
+    root = os.path.dirname(spec.origin) if spec and spec.origin else ""
+    path = os.path.join(root, "models", "qwen2_5_omni", "modeling_qwen2_5_omni.py")
+    try:
+        with open(path, encoding="utf-8") as f:
+            wrapped = "class Qwen2_5OmniThinkerModel(" in f.read()
+    except OSError:
+        wrapped = True
+    return "model." if wrapped else ""
+
+
+_P = _thinker_prefix()
 register_composite_model(
     CompositeModel(
         model_type="qwen2_5_omni_thinker",
-        projector_key="visual.merger",
-        vision_model_keys=["visual.patch_embed", "visual.blocks", "audio_tower"],
-        language_model_keys=["model", "lm_head"],
+        projector_key=f"{_P}visual.merger",
+        vision_model_keys=[f"{_P}visual.patch_embed", f"{_P}visual.blocks", f"{_P}audio_tower"],
+        language_model_keys=[f"{_P}language_model" if _P else "model", "lm_head"],
         lora_conflict_keys=["patch_embed"],
     )
 )

@@ -74,7 +74,10 @@ class Qwen2VLPlugin(BasePlugin):
         return self._size_kwargs(processor.image_processor, self.media.image_max_pixels, self.media.image_min_pixels)
 
     def video_kwargs(self, processor: Any) -> dict[str, Any]:
-        """Kwargs for the video processor: the user's caps; frames are sampled once, by mmtune.media."""
+        """Kwargs for the video processor: the user's caps; frames are sampled once, by mmtune.media.
+
+        The caps mean what the processor's ``size`` means: pixels per frame for Qwen2-VL,
+        the whole clip's budget (frames x pixels) for Qwen3-VL and GLM-4V."""
         kwargs = self._size_kwargs(processor.video_processor, self.media.video_max_pixels, self.media.video_min_pixels)
         kwargs["do_sample_frames"] = False
         return kwargs

@@ -5,7 +5,10 @@ Each family file registers a :class:`CompositeModel` per transformers ``model_ty
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch.nn as nn
 
@@ -49,3 +52,144 @@ def get_composite_model(model_type: str) -> CompositeModel | None:
 
         load_families()
     return COMPOSITE_MODELS.get(model_type)
+
+
+# ---------------------------------------------------------------- what trains
+PEFT_PREFIX = "base_model.model."
+
+
+def _strip_peft(name: str) -> str:
+    return name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+
+
+def has_prefix(name: str, prefixes: Iterable[str]) -> bool:
+    """``name`` is one of ``prefixes`` or lies under one (module-path semantics, not substring)."""
+    name = _strip_peft(name)
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def get_forbidden_modules(config: Any, finetuning_args: Any) -> set[str]:
+    """Module prefixes that must not train (nor carry LoRA) under the flags.
+
+    ``train_mm_proj_only`` trains the projector alone; otherwise each ``freeze_*`` flag
+    forbids its component. Unknown model types forbid nothing (plain LMs).
+    """
+    entry = get_composite_model(getattr(config, "model_type", ""))
+    if entry is None:
+        return set()
+    forbidden: set[str] = set()
+    if finetuning_args.train_mm_proj_only:
+        return set(entry.vision_model_keys) | set(entry.language_model_keys)
+    if finetuning_args.freeze_vision_tower:
+        forbidden.update(entry.vision_model_keys)
+    if finetuning_args.freeze_multi_modal_projector:
+        forbidden.add(entry.projector_key)
+    if finetuning_args.freeze_language_model:
+        forbidden.update(entry.language_model_keys)
+    return forbidden
+
+
+def _is_linear(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    return type(module).__name__ in ("Conv1D", "Linear4bit", "Linear8bitLt")
+
+
+def patch_target_modules(model: nn.Module, finetuning_args: Any, target_modules: Sequence[str] | str) -> list[str]:
+    """Fully qualified names of the linear modules LoRA may wrap.
+
+    ``target_modules`` is ``"all"`` (every linear of the trainable parts except the output
+    head) or short names like ``q_proj``; forbidden components and the family's
+    LoRA-conflict modules (e.g. a conv patch embedding) are never returned.
+    """
+    if isinstance(target_modules, str):
+        target_modules = [t.strip() for t in target_modules.split(",") if t.strip()]
+    config = getattr(model, "config", None)
+    entry = get_composite_model(getattr(config, "model_type", "")) if config is not None else None
+    forbidden = get_forbidden_modules(config, finetuning_args) if config is not None else set()
+    conflicts = list(entry.lora_conflict_keys) if entry else []
+    output_names = set()
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    use_all = any(t == "all" for t in target_modules)
+    names = []
+    for name, module in model.named_modules():
+        if not name or not _is_linear(module):
+            continue
+        if head is not None and module is head:
+            output_names.add(name)
+            continue
+        if has_prefix(name, forbidden) or any(c in name.split(".") or name.endswith(c) or f".{c}." in f".{name}." for c in conflicts):
+            continue
+        if use_all or name.split(".")[-1] in target_modules:
+            names.append(name)
+    return names
+
+
+def autocast_projector_dtype(model: nn.Module, model_args: Any) -> Any:
+    """Cast the projector's output to the compute dtype (quantised towers emit fp32/fp16 that
+    would otherwise meet bf16 embeddings). Returns the hook handle, or None when not needed."""
+    if getattr(model_args, "quantization_bit", None) is None:
+        return None
+    entry = get_composite_model(getattr(model.config, "model_type", ""))
+    if entry is None:
+        return None
+    dtype = model_args.compute_dtype(getattr(model.config, "torch_dtype", None))
+
+    def _cast(module: nn.Module, args: tuple, output: Any) -> Any:
+        return output.to(dtype) if hasattr(output, "to") else output
+
+    return entry.get_projector(model).register_forward_hook(_cast)
+
+
+class LlavaMultiModalProjectorForYiVL(nn.Module):
+    """Yi-VL's projector: Linear -> LayerNorm -> GELU -> Linear -> LayerNorm (module names as
+    in Yi-VL checkpoints converted to transformers' llava layout)."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        vision, text = config.vision_config.hidden_size, config.text_config.hidden_size
+        self.linear_1 = nn.Linear(vision, text, bias=True)
+        self.linear_2 = nn.LayerNorm(text, bias=True)
+        self.linear_3 = nn.Linear(text, text, bias=True)
+        self.linear_4 = nn.LayerNorm(text, bias=True)
+        self.act = nn.GELU()
+
+    def forward(self, image_features: Any) -> Any:
+        hidden = self.linear_2(self.linear_1(image_features))
+        return self.linear_4(self.linear_3(self.act(hidden)))
+
+
+def configure_visual_model(config: Any) -> Any:
+    """Config patches needed before a VLM is instantiated.
+
+    * composite configs expose ``hidden_size`` of their text model (DeepSpeed and our
+      trainer read ``config.hidden_size``);
+    * a Yi-VL checkpoint (``is_yi_vl_derived_model``) marks its llava config so the loader
+      swaps in :class:`LlavaMultiModalProjectorForYiVL` while building the model.
+    """
+    text = getattr(config, "text_config", None)
+    if text is not None and getattr(config, "hidden_size", None) is None and getattr(text, "hidden_size", None):
+        try:
+            config.hidden_size = text.hidden_size
+        except AttributeError:  # some configs expose hidden_size as a read-only property
+            pass
+    if getattr(config, "is_yi_vl_derived_model", False):
+        config.mmtune_projector = "yi_vl"
+    return config
+
+
+@contextlib.contextmanager
+def projector_override(config: Any) -> Iterator[None]:
+    """While a Yi-VL model is built, transformers' llava projector class is Yi-VL's."""
+    if getattr(config, "mmtune_projector", None) != "yi_vl":
+        yield
+        return
+    from transformers.models.llava import modeling_llava
+
+    original = modeling_llava.LlavaMultiModalProjector
+    modeling_llava.LlavaMultiModalProjector = LlavaMultiModalProjectorForYiVL  # type: ignore[misc]
+    try:
+        yield
+    finally:
+        modeling_llava.LlavaMultiModalProjector = original  # type: ignore[misc]
+

@@ -1,0 +1,35 @@
+"""Aya Vision: composite layout (vision tower, pixel-shuffle SwiGLU projector, Cohere2 LM).
+
+Freezing and LoRA targeting work for it; its placeholder plugin is not written yet."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mmtune.model.composite import CompositeModel, register_composite_model
+from mmtune.testing import FamilyFixture, register_fixture
+
+register_composite_model(
+    CompositeModel(
+        model_type="aya_vision",
+        projector_key="model.multi_modal_projector",
+        vision_model_keys=["model.vision_tower"],
+        language_model_keys=["model.language_model", "lm_head"],
+        lora_conflict_keys=[],
+    )
+)
+
+
+def tiny_config() -> Any:
+    from transformers import AyaVisionConfig
+
+    return AyaVisionConfig(
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, image_size=64, patch_size=16),
+        text_config=dict(model_type="cohere2", vocab_size=256, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+        downsample_factor=2, adapter_layer_norm_eps=1e-6, alignment_intermediate_size=64, image_token_index=255,
+    )
+
+
+register_fixture(FamilyFixture("aya_vision", build=lambda path: None, tiny_config=tiny_config, plugin=None))

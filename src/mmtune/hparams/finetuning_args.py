@@ -1,0 +1,39 @@
+"""Arguments that say what trains: LoRA / freeze / full, and which composite parts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class FinetuningArguments:
+    finetuning_type: Literal["lora", "freeze", "full"] = "lora"
+    freeze_vision_tower: bool = field(default=True, metadata={"help": "Keep the vision/audio tower frozen."})
+    freeze_multi_modal_projector: bool = field(default=True, metadata={"help": "Keep the projector frozen."})
+    freeze_language_model: bool = field(default=False, metadata={"help": "Keep the language model frozen."})
+    train_mm_proj_only: bool = field(default=False, metadata={"help": "Train the projector alone (LLaVA stage 1)."})
+    lora_rank: int = 8
+    lora_alpha: int | None = field(default=None, metadata={"help": "Defaults to 2 x rank."})
+    lora_dropout: float = 0.0
+    lora_target: str = field(default="all", metadata={"help": "'all' or comma-separated names (q_proj,v_proj)."})
+    use_dora: bool = False
+    adapter_fp32: bool = field(
+        default=False,
+        metadata={"help": "Keep LoRA weights in fp32 (peft's default; ~1.5x slower steps on GPU). Off: compute dtype."},
+    )
+    freeze_trainable_layers: int = field(default=2, metadata={"help": "freeze: train the last N LM layers."})
+
+    def __post_init__(self) -> None:
+        if self.finetuning_type not in ("lora", "freeze", "full"):
+            raise ValueError(f"finetuning_type must be lora, freeze or full, not {self.finetuning_type!r}")
+        if self.train_mm_proj_only:
+            self.freeze_vision_tower = True
+            self.freeze_language_model = True
+            self.freeze_multi_modal_projector = False
+        if self.lora_alpha is None:
+            self.lora_alpha = 2 * self.lora_rank
+
+    @property
+    def lora_targets(self) -> list[str]:
+        return [t.strip() for t in self.lora_target.split(",") if t.strip()]

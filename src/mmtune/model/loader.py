@@ -1,0 +1,116 @@
+"""Load tokenizer, processor and model with the right Auto class per family."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from typing import Any
+
+import torch
+
+from .adapters import init_adapter, prepare_quantization
+from .composite import autocast_projector_dtype, configure_visual_model, projector_override
+
+logger = logging.getLogger(__name__)
+
+#: model types whose class is not behind AutoModelForImageTextToText
+AUDIO_CLASSES = {
+    "qwen2_audio": "Qwen2AudioForConditionalGeneration",
+    "qwen2_5_omni_thinker": "Qwen2_5OmniThinkerForConditionalGeneration",
+}
+
+
+def _hub_kwargs(model_args: Any) -> dict[str, Any]:
+    return {"trust_remote_code": model_args.trust_remote_code, "cache_dir": model_args.cache_dir,
+            "revision": model_args.revision}
+
+
+def load_tokenizer_and_processor(model_args: Any) -> tuple[Any, Any | None]:
+    """The tokenizer, and the multimodal processor when the checkpoint has one (else None)."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, **_hub_kwargs(model_args))
+    try:
+        processor = AutoProcessor.from_pretrained(model_args.model_name_or_path, **_hub_kwargs(model_args))
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        logger.info("no multimodal processor in %s (%s): text-only", model_args.model_name_or_path, exc)
+        processor = None
+    if processor is not None and not hasattr(processor, "tokenizer"):
+        processor = None  # a bare tokenizer came back
+    return tokenizer, processor
+
+
+def model_class_for(config: Any) -> Any:
+    """The transformers class that builds ``config`` (image-text-to-text, audio, or causal LM)."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    model_type = getattr(config, "model_type", "")
+    if model_type in AUDIO_CLASSES:
+        return getattr(transformers, AUDIO_CLASSES[model_type])
+    if model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        return AutoModelForImageTextToText
+    if model_type == "llava_llama":
+        import mmtune.llava  # noqa: F401  (registers llava_llama with the Auto classes)
+    return AutoModelForCausalLM
+
+
+def resolve_attn_implementation(requested: str) -> str:
+    if requested == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        logger.warning("flash_attention_2 requested but flash-attn is not installed: using sdpa")
+        return "sdpa"
+    return requested
+
+
+def load_config(model_args: Any) -> Any:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_args.model_name_or_path, **_hub_kwargs(model_args))
+    return configure_visual_model(config)
+
+
+def load_model(
+    model_args: Any,
+    finetuning_args: Any,
+    is_trainable: bool = True,
+    gradient_checkpointing: bool = False,
+    config: Any = None,
+) -> Any:
+    """Build or load the model, then apply the fine-tuning method.
+
+    ``config`` given without weights on disk (``model_name_or_path`` empty) builds a randomly
+    initialised model: that is how tests and benchmarks make real-sized models offline.
+    """
+    config = configure_visual_model(config) if config is not None else load_config(model_args)
+    dtype = model_args.compute_dtype(getattr(config, "torch_dtype", None) or getattr(config, "dtype", None))
+    cls = model_class_for(config)
+    attn = resolve_attn_implementation(model_args.attn_implementation)
+    with projector_override(config):
+        if model_args.model_name_or_path:
+            model = cls.from_pretrained(model_args.model_name_or_path, config=config, dtype=dtype,
+                                        attn_implementation=attn, **prepare_quantization(model_args),
+                                        **_hub_kwargs(model_args))
+        else:
+            config._attn_implementation = attn
+            model = cls.from_config(config, dtype=dtype) if hasattr(cls, "from_config") else cls(config).to(dtype)
+    if is_trainable and hasattr(model.config, "use_cache"):
+        model.config.use_cache = False  # no KV cache while training
+    if getattr(model.config, "text_config", None) is not None and hasattr(model.config.text_config, "use_cache"):
+        model.config.text_config.use_cache = not is_trainable
+    autocast_projector_dtype(model, model_args)
+    if is_trainable and gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    model = init_adapter(model, model_args, finetuning_args, is_trainable)
+    if not is_trainable:
+        model.eval()
+    return model
+
+
+def enable_gradient_checkpointing(model: Any) -> None:
+    """Checkpointing that still back-propagates when the first modules are frozen: the input
+    embeddings' output is made to require grad, so recomputed blocks have a graph to join."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    logger.info("gradient checkpointing on (non-reentrant)")
