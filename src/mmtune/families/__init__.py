@@ -30,6 +30,7 @@ FAMILY_MODULES: tuple[str, ...] = (
     "qwen2_omni",
     "aya_vision",
     "idefics2",
+    "minicpmv",
 )
 
 _LOADED = False
