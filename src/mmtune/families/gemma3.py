@@ -11,6 +11,7 @@ import torch
 
 from mmtune.model.composite import CompositeModel, register_composite_model
 from mmtune.plugins import IMAGE_PLACEHOLDER, BasePlugin, Message, register_mm_plugin
+from mmtune.templates import TEMPLATES, register_template
 from mmtune.testing import FamilyFixture, build_bpe_tokenizer, register_fixture
 
 GEMMA_SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>",
@@ -116,3 +117,5 @@ def tiny_config() -> Any:
 
 
 register_fixture(FamilyFixture("gemma3", build=_build, tiny_config=tiny_config, plugin="gemma3"))
+
+register_template(TEMPLATES["gemma"].bind("gemma3", plugin="gemma3"))

@@ -16,6 +16,7 @@ import torch
 from mmtune.media import VideoClip
 from mmtune.model.composite import CompositeModel, register_composite_model
 from mmtune.plugins import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, BasePlugin, Message, register_mm_plugin
+from mmtune.templates import TEMPLATES, register_template
 from mmtune.testing import FamilyFixture, build_bpe_tokenizer, register_fixture
 
 
@@ -168,3 +169,5 @@ def _tiny_vipllava() -> Any:
 
 register_fixture(FamilyFixture("llava", build=_build_llava, tiny_config=_tiny_llava, plugin="llava",
                                extra={"vipllava_config": _tiny_vipllava}))
+
+register_template(TEMPLATES["vicuna_v1"].bind("llava", plugin="llava"))

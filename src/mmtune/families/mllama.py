@@ -12,6 +12,7 @@ import torch
 
 from mmtune.model.composite import CompositeModel, register_composite_model
 from mmtune.plugins import IMAGE_PLACEHOLDER, BasePlugin, Message, register_mm_plugin
+from mmtune.templates import TEMPLATES, register_template
 from mmtune.testing import FamilyFixture, build_bpe_tokenizer, register_fixture
 
 LLAMA3_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
@@ -106,3 +107,5 @@ def tiny_config() -> Any:
 
 
 register_fixture(FamilyFixture("mllama", build=_build, tiny_config=tiny_config, plugin="mllama"))
+
+register_template(TEMPLATES["llama3"].bind("mllama", plugin="mllama"))

@@ -12,6 +12,7 @@ import torch
 
 from mmtune.model.composite import CompositeModel, register_composite_model
 from mmtune.plugins import AUDIO_PLACEHOLDER, BasePlugin, Message, register_mm_plugin
+from mmtune.templates import TEMPLATES, register_template
 from mmtune.testing import FamilyFixture, register_fixture
 
 from .qwen2_vl import build_qwen_tokenizer
@@ -122,3 +123,5 @@ def tiny_config() -> Any:
 
 
 register_fixture(FamilyFixture("qwen2_audio", build=_build, tiny_config=tiny_config, plugin="qwen2_audio", modalities=("audio",)))
+
+register_template(TEMPLATES["chatml"].bind("qwen2_audio", plugin="qwen2_audio", default_system="You are a helpful assistant."))

@@ -23,6 +23,7 @@ import torch
 from mmtune.media import VideoClip
 from mmtune.model.composite import CompositeModel, register_composite_model
 from mmtune.plugins import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, BasePlugin, Message, register_mm_plugin
+from mmtune.templates import TEMPLATES, register_template
 from mmtune.testing import FamilyFixture, build_bpe_tokenizer, register_fixture
 
 QWEN_SPECIAL_TOKENS = (
@@ -373,3 +374,6 @@ register_fixture(
         modalities=("image", "video"),
     )
 )
+
+register_template(TEMPLATES["chatml"].bind("qwen2_vl", plugin="qwen2_vl", default_system="You are a helpful assistant."))
+register_template(TEMPLATES["chatml"].bind("qwen2_5_vl", plugin="qwen2_5_vl", default_system="You are a helpful assistant."))

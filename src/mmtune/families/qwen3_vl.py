@@ -11,6 +11,7 @@ from typing import Any
 from mmtune.media import VideoClip
 from mmtune.model.composite import CompositeModel, register_composite_model
 from mmtune.plugins import register_mm_plugin
+from mmtune.templates import TEMPLATES, register_template
 from mmtune.testing import FamilyFixture, register_fixture
 
 from .qwen2_vl import Qwen2VLPlugin, build_qwen_tokenizer, qwen_token_ids
@@ -77,3 +78,5 @@ def tiny_config(model_type: str = "qwen3_vl") -> Any:
 
 register_fixture(FamilyFixture("qwen3_vl", build=_build, tiny_config=tiny_config, plugin="qwen3_vl",
                                modalities=("image", "video"), extra={"moe_config": lambda: tiny_config("qwen3_vl_moe")}))
+
+register_template(TEMPLATES["chatml"].bind("qwen3_vl", plugin="qwen3_vl"))

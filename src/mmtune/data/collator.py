@@ -1,0 +1,96 @@
+"""Pad a list of tokenised samples and attach the family's multimodal tensors.
+
+M-RoPE position ids (Qwen family, GLM-4V, Omni) are built here, on the CPU in the dataloader
+worker, through the model's own ``get_rope_index``: building them inside forward costs host
+syncs on the GPU every step.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def _find_rope_index(model: Any) -> Any:
+    """The model's ``get_rope_index`` (looked up through peft and composite wrappers)."""
+    seen = set()
+    stack = [model]
+    while stack:
+        m = stack.pop()
+        if m is None or id(m) in seen:
+            continue
+        seen.add(id(m))
+        fn = getattr(type(m), "get_rope_index", None)
+        if fn is not None:
+            return getattr(m, "get_rope_index")
+        for attr in ("base_model", "model"):
+            child = m.__dict__.get("_modules", {}).get(attr) if hasattr(m, "__dict__") else None
+            stack.append(child)
+    return None
+
+
+@dataclass
+class MultiModalCollator:
+    plugin: Any
+    processor: Any
+    tokenizer: Any
+    padding_side: str = "right"
+    model: Any = None
+    pad_to_multiple_of: int | None = None
+    build_position_ids: bool = True
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        ids = [list(f["input_ids"]) for f in features]
+        labels = [list(f.get("labels", f["input_ids"])) for f in features]
+        length = max(len(x) for x in ids)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        input_ids = torch.full((len(ids), length), pad_id, dtype=torch.long)
+        label_t = torch.full((len(ids), length), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(ids), length), dtype=torch.long)
+        for i, (x, y) in enumerate(zip(ids, labels)):
+            sl = slice(length - len(x), length) if self.padding_side == "left" else slice(0, len(x))
+            input_ids[i, sl] = torch.tensor(x)
+            label_t[i, sl] = torch.tensor(y)
+            mask[i, sl] = 1
+        batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask, "labels": label_t}
+        images = [m for f in features for m in f.get("images") or []]
+        videos = [m for f in features for m in f.get("videos") or []]
+        audios = [m for f in features for m in f.get("audios") or []]
+        if images or videos or audios:
+            mm = self.plugin.get_mm_inputs(
+                images, videos, audios,
+                [len(f.get("images") or []) for f in features],
+                [len(f.get("videos") or []) for f in features],
+                [len(f.get("audios") or []) for f in features],
+                ids, self.processor,
+            )
+            batch.update(mm)
+        key = getattr(self.plugin, "token_type_key", None)
+        if key == "token_type_ids" and hasattr(self.plugin, "token_type_ids_from_labels"):
+            batch[key] = self.plugin.token_type_ids_from_labels(label_t)
+        elif key:
+            types = self.plugin.mm_token_type_ids(input_ids, self.processor)
+            if types is not None:
+                batch[key] = types * mask
+        if self.build_position_ids and self.model is not None and ("image_grid_thw" in batch or "video_grid_thw" in batch
+                                                                   or key == "mm_token_type_ids"):
+            self._add_rope_positions(batch)
+        return batch
+
+    def _add_rope_positions(self, batch: dict[str, Any]) -> None:
+        rope = _find_rope_index(self.model)
+        if rope is None:
+            return
+        params = inspect.signature(rope).parameters
+        kwargs = {k: batch[k] for k in ("input_ids", "mm_token_type_ids", "image_grid_thw", "video_grid_thw",
+                                        "attention_mask", "second_per_grid_ts", "video_second_per_grid") if k in params and k in batch}
+        with torch.no_grad():
+            position_ids, _ = rope(**kwargs)
+        batch["position_ids"] = position_ids

@@ -1,0 +1,94 @@
+"""Load dataset files, normalise rows, tokenise once with ``datasets.map`` (cached on disk)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from mmtune.media import MediaConfig, sample_context
+
+from .formats import normalize_row
+from .tokenize import encode_sample
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DataArguments:
+    dataset: str = field(default="", metadata={"help": "Comma-separated json/jsonl/parquet files or saved HF datasets."})
+    media_dir: str | None = field(default=None, metadata={"help": "Base of relative media paths (default: file's folder)."})
+    template: str = "qwen2_vl"
+    cutoff_len: int = 2048
+    max_samples: int | None = None
+    val_size: float = 0.0
+    preprocessing_num_workers: int | None = None
+    overwrite_cache: bool = False
+    train_on_prompt: bool = False
+    mask_history: bool = False
+    drop_overlong: bool = True
+    image_max_pixels: int | None = None
+    image_min_pixels: int | None = None
+    video_max_pixels: int | None = None
+    video_min_pixels: int | None = None
+    video_fps: float = 2.0
+    video_maxlen: int = 128
+    audio_sampling_rate: int = 16000
+    use_audio_in_video: bool = False
+
+    def media_config(self) -> MediaConfig:
+        names = {f.name for f in fields(MediaConfig)}
+        return MediaConfig(**{k: getattr(self, k) for k in names})
+
+
+def _load_raw(path: str) -> Any:
+    import datasets
+
+    if os.path.isdir(path):
+        return datasets.load_from_disk(path)
+    ext = path.rsplit(".", 1)[-1].lower()
+    builder = {"json": "json", "jsonl": "json", "parquet": "parquet"}.get(ext)
+    if builder is None:
+        raise ValueError(f"unsupported dataset file {path!r} (json, jsonl, parquet or a saved dataset folder)")
+    return datasets.load_dataset(builder, data_files=path, split="train")
+
+
+def load_samples(path: str, max_samples: int | None = None) -> Any:
+    ds = _load_raw(path)
+    if max_samples is not None:
+        ds = ds.select(range(min(max_samples, len(ds))))
+    return ds
+
+
+def build_dataset(data_args: DataArguments, template: Any, plugin: Any, tokenizer: Any, processor: Any) -> dict[str, Any]:
+    """Tokenised ``train`` (and ``eval`` when ``val_size`` > 0) datasets; dropped samples are
+    counted and logged, never silently lost."""
+    import datasets
+
+    parts = []
+    for path in [p.strip() for p in data_args.dataset.split(",") if p.strip()]:
+        raw = load_samples(path, data_args.max_samples)
+        media_dir = data_args.media_dir or os.path.dirname(os.path.abspath(path))
+
+        def encode(row: dict[str, Any], index: int, _path: str = path, _dir: str = media_dir) -> dict[str, Any]:
+            with sample_context(index, _path):
+                sample = normalize_row(row, _dir)
+                result = encode_sample(sample, template, plugin, tokenizer, processor, data_args.cutoff_len,
+                                       data_args.train_on_prompt, data_args.mask_history, data_args.drop_overlong)
+            return {"input_ids": result.input_ids, "labels": result.labels, "images": [str(x) for x in sample.images],
+                    "videos": [str(x) for x in sample.videos], "audios": [str(x) for x in sample.audios],
+                    "dropped": result.dropped or ""}
+
+        encoded = raw.map(encode, with_indices=True, remove_columns=raw.column_names,
+                          num_proc=data_args.preprocessing_num_workers,
+                          load_from_cache_file=not data_args.overwrite_cache, desc=f"tokenising {os.path.basename(path)}")
+        dropped = [r for r in encoded["dropped"] if r]
+        if dropped:
+            logger.warning("%s: dropped %d of %d samples (first reason: %s)", path, len(dropped), len(encoded), dropped[0])
+        parts.append(encoded.filter(lambda r: not r["dropped"]).remove_columns("dropped"))
+    dataset = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    if data_args.val_size:
+        split = dataset.train_test_split(test_size=data_args.val_size, seed=0)
+        return {"train": split["train"], "eval": split["test"]}
+    return {"train": dataset}

@@ -1,0 +1,5 @@
+"""Chat templates: the rendered text of a conversation, and which tokens carry loss."""
+
+from .template import IGNORE_INDEX, TEMPLATES, Template, get_template, register_template
+
+__all__ = ["IGNORE_INDEX", "TEMPLATES", "Template", "get_template", "register_template"]

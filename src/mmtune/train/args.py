@@ -1,0 +1,65 @@
+"""Arguments from one YAML file plus ``key=value`` overrides.
+
+The YAML is flat (LLaMA-Factory style): each key belongs to exactly one of ModelArguments,
+DataArguments, FinetuningArguments, MMTrainingArguments or transformers' TrainingArguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from mmtune.data.loader import DataArguments
+from mmtune.hparams import FinetuningArguments, ModelArguments
+
+
+@dataclass
+class MMTrainingArguments:
+    """mmtune's own training options (beside transformers' TrainingArguments)."""
+
+    plugin: str | None = field(default=None, metadata={"help": "Multimodal plugin; default: the template's."})
+    projector_lr: float | None = field(default=None, metadata={"help": "Learning rate of the projector."})
+    plot_loss: bool = True
+    build_rope_in_collator: bool = True
+    config_dict: dict[str, Any] | None = None  # for a model built from a config (tests, benchmarks, demo)
+
+
+def _coerce(value: str) -> Any:
+    return yaml.safe_load(value)
+
+
+def parse_config(path: str | None, overrides: list[str] | None = None, extra: dict[str, Any] | None = None) -> tuple:
+    """(model_args, data_args, finetuning_args, mm_args, training_args) from YAML + overrides."""
+    from transformers import TrainingArguments
+
+    raw: dict[str, Any] = {}
+    if path:
+        with open(path) as fh:
+            raw = yaml.safe_load(fh) or {}
+    raw.update(extra or {})
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value")
+        key, value = item.split("=", 1)
+        raw[key.strip()] = _coerce(value)
+    groups = [ModelArguments, DataArguments, FinetuningArguments, MMTrainingArguments]
+    values: list[dict[str, Any]] = [{} for _ in groups]
+    training: dict[str, Any] = {}
+    training_fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    for key, value in raw.items():
+        for i, cls in enumerate(groups):
+            if key in {f.name for f in dataclasses.fields(cls)}:
+                values[i][key] = value
+                break
+        else:
+            if key not in training_fields:
+                raise ValueError(f"unknown option {key!r} in {path or 'overrides'}")
+            training[key] = value
+    training.setdefault("output_dir", "outputs/run")
+    training.setdefault("remove_unused_columns", False)
+    training.setdefault("report_to", "none")
+    parsed = [cls(**v) for cls, v in zip(groups, values)]
+    return (*parsed, TrainingArguments(**training))

@@ -1,0 +1,87 @@
+"""Supervised fine-tuning on HF Trainer: one recipe for every family."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from mmtune.data import MultiModalCollator, build_dataset
+from mmtune.model.composite import get_composite_model, has_prefix
+from mmtune.model.loader import load_model, load_tokenizer_and_processor
+from mmtune.plugins import get_mm_plugin
+from mmtune.templates import get_template
+
+from .callbacks import JsonlLogCallback, plot_loss
+
+logger = logging.getLogger(__name__)
+
+
+class MMTrainer(Trainer):
+    """HF Trainer with a separate projector learning rate."""
+
+    def __init__(self, *args: Any, projector_lr: float | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.projector_lr = projector_lr
+
+    def create_optimizer(self) -> Any:
+        if self.optimizer is not None or self.projector_lr is None:
+            return super().create_optimizer()
+        entry = get_composite_model(getattr(self.model.config, "model_type", ""))
+        if entry is None:
+            return super().create_optimizer()
+        decay = set(self.get_decay_parameter_names(self.model))
+        groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:
+                groups.setdefault((has_prefix(name, [entry.projector_key]), name in decay), []).append(param)
+        cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+        param_groups = [
+            {"params": params, "weight_decay": self.args.weight_decay if wd else 0.0,
+             **({"lr": self.projector_lr} if is_proj else {})}
+            for (is_proj, wd), params in groups.items()
+        ]
+        self.optimizer = cls(param_groups, **kwargs)
+        return self.optimizer
+
+
+def run_sft(model_args: Any, data_args: Any, finetuning_args: Any, mm_args: Any, training_args: Any,
+            callbacks: list[Any] | None = None) -> dict[str, Any]:
+    """Train, save (adapter or model + processor), log and plot; returns the metrics."""
+    tokenizer, processor = load_tokenizer_and_processor(model_args)
+    template = get_template(data_args.template)
+    plugin = get_mm_plugin(mm_args.plugin or template.plugin, media=data_args.media_config())
+    with training_args.main_process_first(desc="tokenising"):
+        datasets = build_dataset(data_args, template, plugin, tokenizer, processor)
+    gc = training_args.gradient_checkpointing
+    model = load_model(model_args, finetuning_args, is_trainable=True, gradient_checkpointing=gc)
+    training_args = dataclasses.replace(training_args, gradient_checkpointing=False)  # enabled above, once
+    collator = MultiModalCollator(plugin, processor, tokenizer, model=model if mm_args.build_rope_in_collator else None)
+    trainer = MMTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=datasets["train"],
+        eval_dataset=datasets.get("eval"),
+        data_collator=collator,
+        callbacks=[JsonlLogCallback(), *(callbacks or [])],
+        projector_lr=mm_args.projector_lr,
+    )
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    if trainer.is_world_process_zero():
+        (processor or tokenizer).save_pretrained(training_args.output_dir)
+    metrics = dict(result.metrics)
+    if datasets.get("eval") is not None:
+        metrics.update(trainer.evaluate())
+    trainer.save_metrics("all", metrics)
+    if mm_args.plot_loss and trainer.is_world_process_zero():
+        plot_loss(training_args.output_dir)
+    with open(os.path.join(training_args.output_dir, "mmtune_config.json"), "w") as fh:
+        json.dump({"template": data_args.template, "plugin": mm_args.plugin or template.plugin,
+                   "finetuning_type": finetuning_args.finetuning_type}, fh)
+    return metrics
