@@ -117,7 +117,7 @@ VICUNA_V1 = Template(
         "The assistant gives helpful, detailed, and polite answers to the user's questions."
     ),
 )
-PLAIN = Template(name="plain", user="{content}", assistant="{content}\n")
+PLAIN = Template(name="plain", system="", user="{content}", assistant="{content}\n")  # LLaVA stage 1: media + caption
 LLAMA3 = Template(
     name="llama3",
     prefix="<|begin_of_text|>",

@@ -1,0 +1,84 @@
+"""Dataset formats, truncation that never cuts media, and the collator."""
+
+import json
+
+import pytest
+import torch
+
+from mmtune.data import MultiModalCollator, encode_sample, normalize_row
+from mmtune.data.loader import DataArguments, build_dataset
+from mmtune.media import MediaError
+from mmtune.plugins import get_mm_plugin
+from mmtune.templates import get_template
+from mmtune.testing import get_fixture, load_processor, make_image_file
+
+
+def test_sharegpt_openai_and_alpaca_rows(tmp_path):
+    s = normalize_row({"conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "<image>hi"},
+                                         {"from": "gpt", "value": "yo"}], "images": ["a.png"]}, str(tmp_path))
+    assert s.system == "S" and s.messages[0] == {"role": "user", "content": "<image>hi"}
+    assert s.images == [str(tmp_path / "a.png")]
+    s = normalize_row({"messages": [{"role": "user", "content": [{"type": "image", "image": "b.png"},
+                                                                   {"type": "text", "text": "what?"}]},
+                                    {"role": "assistant", "content": "a dog"}]}, "/data")
+    assert s.messages[0]["content"] == "<image>what?" and s.images == ["/data/b.png"]
+    s = normalize_row({"instruction": "Describe", "input": "<image>", "output": "x", "images": ["/abs.png"]})
+    assert s.messages == [{"role": "user", "content": "Describe\n<image>"}, {"role": "assistant", "content": "x"}]
+    assert s.images == ["/abs.png"]
+    with pytest.raises(MediaError, match="unknown role"):
+        normalize_row({"conversations": [{"from": "alien", "value": "x"}]})
+
+
+def test_truncation_keeps_media_whole_or_drops(tmp_path):
+    processor = load_processor("qwen2_vl")
+    plugin, template = get_mm_plugin("qwen2_vl"), get_template("qwen2_vl")
+    img = make_image_file(str(tmp_path / "i.png"), 112, 112)
+    long_answer = "word " * 200
+    s = normalize_row({"messages": [{"role": "user", "content": "<image>hi"}, {"role": "assistant", "content": long_answer}],
+                       "images": [img]})
+    full = encode_sample(s, template, plugin, processor.tokenizer, processor, cutoff_len=10_000)
+    cut = encode_sample(s, template, plugin, processor.tokenizer, processor, cutoff_len=60)
+    assert cut.dropped is None and cut.input_ids == full.input_ids[:60]
+    tiny = encode_sample(s, template, plugin, processor.tokenizer, processor, cutoff_len=20)
+    assert tiny.dropped and "media tokens" in tiny.dropped
+    with pytest.raises(MediaError, match="cutoff_len"):
+        encode_sample(s, template, plugin, processor.tokenizer, processor, cutoff_len=20, drop_overlong=False)
+
+
+def test_build_dataset_names_the_bad_sample(tmp_path):
+    good = make_image_file(str(tmp_path / "ok.png"), 64, 64)
+    rows = [{"messages": [{"role": "user", "content": "<image>a"}, {"role": "assistant", "content": "b"}], "images": ["ok.png"]},
+            {"messages": [{"role": "user", "content": "<image>a"}, {"role": "assistant", "content": "b"}], "images": ["missing.png"]}]
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(rows))
+    processor = load_processor("qwen2_vl")
+    args = DataArguments(dataset=str(path), overwrite_cache=True)
+    with pytest.raises(Exception) as info:
+        build_dataset(args, get_template("qwen2_vl"), get_mm_plugin("qwen2_vl"), processor.tokenizer, processor)
+    assert "sample 1" in str(info.value) and "missing.png" in str(info.value)
+    assert good
+
+
+def test_collator_pads_and_builds_mrope_positions_like_the_model(tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    processor = load_processor("qwen2_vl")
+    plugin, template = get_mm_plugin("qwen2_vl"), get_template("qwen2_vl")
+    img = make_image_file(str(tmp_path / "i.png"), 100, 60)
+    feats = []
+    for row in ({"messages": [{"role": "user", "content": "<image>what"}, {"role": "assistant", "content": "red"}], "images": [img]},
+                {"messages": [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "hi"}]}):
+        s = normalize_row(row)
+        enc = encode_sample(s, template, plugin, processor.tokenizer, processor)
+        feats.append({"input_ids": enc.input_ids, "labels": enc.labels, "images": s.images})
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(get_fixture("qwen2_vl").tiny_config()).eval()
+    batch = MultiModalCollator(plugin, processor, processor.tokenizer, model=model)(feats)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    assert batch["position_ids"].shape[:2] == (3, 2) or batch["position_ids"].shape[0] in (3, 4)
+    assert batch["attention_mask"][1].sum() == len(feats[1]["input_ids"])
+    with torch.no_grad():
+        with_pos = model(**batch).loss
+        batch.pop("position_ids")
+        inside = model(**batch).loss
+    assert torch.allclose(with_pos, inside, atol=1e-6)  # collator positions == the model's own
