@@ -66,7 +66,7 @@ def make_dataset(root: str, n_train: int, n_test: int, size: int = 56, seed: int
     return path, test
 
 
-def build_model_dir(root: str, hidden: int = 128, seed: int = 0) -> str:
+def build_model_dir(root: str, hidden: int = 128, vision_dim: int = 96, seed: int = 0) -> str:
     """A randomly initialised tiny Qwen2-VL with the offline processor, saved like a checkpoint."""
     from transformers import AutoModelForImageTextToText
 
@@ -78,6 +78,8 @@ def build_model_dir(root: str, hidden: int = 128, seed: int = 0) -> str:
     config.text_config.hidden_size = hidden
     config.text_config.intermediate_size = hidden * 2
     config.vision_config.hidden_size = hidden
+    config.vision_config.embed_dim = vision_dim
+    config.vision_config.num_heads = 4
     half = hidden // config.text_config.num_attention_heads // 2  # M-RoPE sections cover half a head
     section = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]
     for attr in ("rope_parameters", "rope_scaling"):
@@ -141,8 +143,9 @@ def text_only_baseline(train_path: str, items: list[dict]) -> float:
     return sum(best[it["kind"]] == it["messages"][1]["content"] for it in items) / len(items)
 
 
-def run_demo(output_dir: str = "demo_output", n_train: int = 1200, n_test: int = 200, max_steps: int = 700,
-             batch_size: int = 16, learning_rate: float = 2e-3, seed: int = 0, chat_examples: int = 4) -> DemoResult:
+def run_demo(output_dir: str = "demo_output", n_train: int = 2000, n_test: int = 200, max_steps: int = 1500,
+             batch_size: int = 16, learning_rate: float = 2e-3, seed: int = 0, chat_examples: int = 4,
+             image_size: int = 84) -> DemoResult:
     from mmtune.model.loader import load_model
     from mmtune.plugins import get_mm_plugin
     from mmtune.templates import get_template
@@ -151,7 +154,7 @@ def run_demo(output_dir: str = "demo_output", n_train: int = 1200, n_test: int =
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     data_dir = os.path.join(output_dir, "data")
-    train_path, test_items = make_dataset(data_dir, n_train, n_test, seed=seed)
+    train_path, test_items = make_dataset(data_dir, n_train, n_test, size=image_size, seed=seed)
     model_dir = build_model_dir(output_dir, seed=seed)
     run_dir = os.path.join(output_dir, "run")
     config = dict(model_name_or_path=model_dir, dataset=train_path, template="qwen2_vl", finetuning_type="full",

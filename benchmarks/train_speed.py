@@ -1,0 +1,121 @@
+"""Training speed of the real ``mmtune train`` path (dataset file on disk, JPEGs, dataloader,
+trainer) for a model folder, printing one row and writing it as JSON.
+
+    python benchmarks/train_speed.py --model /tmp/lfbench/model --data /tmp/lfbench/data/bench.json \\
+        --method lora --batch 8 --steps 50 --json benchmarks/results/x.json
+
+Steady state = steps after the first ``--warmup`` (default 5). Tokens/s counts every non-pad
+token of every sample. MFU uses 6*N*T for trained weights and 4*N*T for frozen-but-backpropagated
+ones (LoRA: forward + activation gradients), 2*N*T for the frozen tower's forward (N parameters,
+T tokens or patches), against the bf16 dense peak (H100 SXM: 989 TFLOP/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+from transformers import TrainerCallback
+
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
+
+
+class StepTimer(TrainerCallback):
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.wait: list[float] = []
+        self._end = None
+
+    def on_step_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        now = time.perf_counter()
+        if self._end is not None:
+            self.wait.append(now - self._end)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self._end = time.perf_counter()
+        self.times.append(self._end - self._start)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--method", default="lora", choices=["lora", "full", "freeze"])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--output-dir", default="/tmp/mmtune_bench_out")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--cpu", action="store_true", help="smoke test on the CPU")
+    args = ap.parse_args(argv)
+
+    from mmtune.train import parse_config, run_sft
+
+    cuda = torch.cuda.is_available() and not args.cpu
+    cfg = dict(model_name_or_path=args.model, dataset=args.data, template="qwen2_vl", finetuning_type=args.method,
+               lora_rank=8, lora_target="all", cutoff_len=1024, output_dir=args.output_dir,
+               per_device_train_batch_size=args.batch, max_steps=args.steps, learning_rate=1e-4, warmup_steps=0,
+               logging_steps=10, save_strategy="no", bf16=cuda, torch_dtype="bf16" if cuda else "fp32",
+               gradient_checkpointing=args.gradient_checkpointing, dataloader_num_workers=4 if cuda else 0,
+               dataloader_pin_memory=cuda, use_cpu=not cuda, disable_tqdm=True, plot_loss=False,
+               preprocessing_num_workers=8 if cuda else None, overwrite_cache=True)
+    parsed = parse_config(None, extra=cfg)
+    timer = StepTimer()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    run_sft(*parsed, callbacks=[timer])
+    wall = time.perf_counter() - start
+    steady = timer.times[args.warmup:] or timer.times
+    step = statistics.mean(steady)
+    data = json.load(open(args.data))
+    tokens_per_sample = _tokens_per_sample(parsed, args)
+    row = {
+        "method": args.method, "batch": args.batch, "steps": len(timer.times), "device":
+            torch.cuda.get_device_name() if cuda else "cpu",
+        "steady_step_s": round(step, 4), "samples_per_s": round(args.batch / step, 2),
+        "tokens_per_s": round(args.batch * tokens_per_sample / step, 1), "tokens_per_sample": tokens_per_sample,
+        "dataloader_wait_pct": round(100 * statistics.mean(timer.wait[args.warmup:] or [0.0]) / step, 2),
+        "wall_s": round(wall, 1), "gradient_checkpointing": args.gradient_checkpointing, "samples": len(data),
+    }
+    if cuda:
+        row["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        row["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+    print(" | ".join(f"{k}={v}" for k, v in row.items()))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({**row, "command": " ".join(sys.argv)}, fh, indent=1)
+    return row
+
+
+def _tokens_per_sample(parsed: tuple, args: argparse.Namespace) -> float:
+    """Mean tokenised length of the first 32 samples, as the trainer sees them."""
+    from mmtune.data.formats import normalize_row
+    from mmtune.data.tokenize import encode_sample
+    from mmtune.model.loader import load_tokenizer_and_processor
+    from mmtune.plugins import get_mm_plugin
+    from mmtune.templates import get_template
+    import os
+
+    model_args, data_args = parsed[0], parsed[1]
+    tok, proc = load_tokenizer_and_processor(model_args)
+    template = get_template(data_args.template)
+    plugin = get_mm_plugin(template.plugin, media=data_args.media_config())
+    rows = json.load(open(args.data))[:32]
+    lens = [len(encode_sample(normalize_row(r, os.path.dirname(os.path.abspath(args.data))), template, plugin, tok, proc,
+                              data_args.cutoff_len).input_ids) for r in rows]
+    return round(sum(lens) / len(lens), 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""`mmtune train` end to end on a tiny Qwen2-VL: outputs, resume equality, CLI, benchmark smoke."""
+
+import json
+import os
+
+import pytest
+
+from mmtune.demo import build_model_dir, make_dataset
+from mmtune.train import parse_config, run_sft
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    data, _ = make_dataset(str(root / "data"), n_train=24, n_test=0, size=56)
+    model = build_model_dir(str(root), hidden=64)
+    return {"root": root, "data": data, "model": model}
+
+
+def _config(ws, out, **extra):
+    cfg = dict(model_name_or_path=ws["model"], dataset=ws["data"], template="qwen2_vl", finetuning_type="lora",
+               lora_rank=4, freeze_multi_modal_projector=False, torch_dtype="fp32", output_dir=str(out),
+               per_device_train_batch_size=4, max_steps=6, learning_rate=5e-3, logging_steps=1, save_steps=3,
+               save_strategy="steps", seed=0, use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
+               cutoff_len=256, data_seed=0)
+    cfg.update(extra)
+    return parse_config(None, extra=cfg)
+
+
+def _losses(out):
+    rows = [json.loads(line) for line in open(os.path.join(out, "trainer_log.jsonl"))]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_train_saves_everything_and_resume_is_exact(workspace):
+    full = workspace["root"] / "full"
+    metrics = run_sft(*_config(workspace, full))
+    assert metrics["train_loss"] > 0
+    for name in ("adapter_model.safetensors", "adapter_config.json", "trainer_log.jsonl", "training_loss.png",
+                 "all_results.json", "processor_config.json", "checkpoint-3"):
+        assert os.path.exists(full / name), name
+    uninterrupted = _losses(full)
+    assert uninterrupted[6] < uninterrupted[1]  # it learns
+    resumed_dir = workspace["root"] / "resumed"
+    run_sft(*_config(workspace, resumed_dir, resume_from_checkpoint=str(full / "checkpoint-3")))
+    resumed = _losses(resumed_dir)
+    for step in (4, 5, 6):
+        assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-5, abs=1e-6), step
+
+
+def test_cli_train_with_yaml_and_overrides(workspace, tmp_path):
+    from mmtune.cli import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model_name_or_path: {workspace['model']}\ndataset: {workspace['data']}\ntemplate: qwen2_vl\n"
+                   f"finetuning_type: lora\ntorch_dtype: fp32\nuse_cpu: true\nper_device_train_batch_size: 4\n"
+                   f"save_strategy: 'no'\nlogging_steps: 1\n")
+    assert main(["train", str(cfg), f"output_dir={tmp_path / 'out'}", "max_steps=2"]) == 0
+    assert os.path.exists(tmp_path / "out" / "all_results.json")
+    with pytest.raises(ValueError, match="unknown option"):
+        parse_config(str(cfg), ["not_an_option=1"])
+
+
+def test_train_speed_benchmark_smoke(workspace, tmp_path):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[2] / "benchmarks" / "train_speed.py"
+    spec = importlib.util.spec_from_file_location("train_speed", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    row = module.main(["--model", workspace["model"], "--data", workspace["data"], "--cpu", "--steps", "3",
+                       "--warmup", "1", "--batch", "2", "--output-dir", str(tmp_path / "o"), "--json", str(tmp_path / "r.json")])
+    assert row["samples_per_s"] > 0 and row["tokens_per_sample"] > 0
+    assert json.load(open(tmp_path / "r.json"))["steps"] == 3
