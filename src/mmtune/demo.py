@@ -66,7 +66,7 @@ def make_dataset(root: str, n_train: int, n_test: int, size: int = 56, seed: int
     return path, test
 
 
-def build_model_dir(root: str, hidden: int = 128, vision_dim: int = 96, seed: int = 0) -> str:
+def build_model_dir(root: str, hidden: int = 128, vision_dim: int = 128, vision_depth: int = 3, seed: int = 0) -> str:
     """A randomly initialised tiny Qwen2-VL with the offline processor, saved like a checkpoint."""
     from transformers import AutoModelForImageTextToText
 
@@ -80,6 +80,7 @@ def build_model_dir(root: str, hidden: int = 128, vision_dim: int = 96, seed: in
     config.vision_config.hidden_size = hidden
     config.vision_config.embed_dim = vision_dim
     config.vision_config.num_heads = 4
+    config.vision_config.depth = vision_depth
     half = hidden // config.text_config.num_attention_heads // 2  # M-RoPE sections cover half a head
     section = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]
     for attr in ("rope_parameters", "rope_scaling"):
@@ -145,7 +146,7 @@ def text_only_baseline(train_path: str, items: list[dict]) -> float:
 
 def run_demo(output_dir: str = "demo_output", n_train: int = 2000, n_test: int = 200, max_steps: int = 1500,
              batch_size: int = 16, learning_rate: float = 2e-3, seed: int = 0, chat_examples: int = 4,
-             image_size: int = 84) -> DemoResult:
+             image_size: int = 56) -> DemoResult:
     from mmtune.model.loader import load_model
     from mmtune.plugins import get_mm_plugin
     from mmtune.templates import get_template

@@ -216,3 +216,18 @@ def test_qlora_without_bitsandbytes_fails_clearly():
             prepare_quantization(ModelArguments(quantization_bit=4))
     else:
         assert prepare_quantization(ModelArguments()) == {}
+
+
+def test_dora_adapters_and_checkpointing_with_a_frozen_tower_still_train():
+    from mmtune.model.loader import enable_gradient_checkpointing
+
+    model = _fresh("qwen2_vl")
+    enable_gradient_checkpointing(model)
+    model = init_adapter(model, ModelArguments(), FinetuningArguments(use_dora=True, lora_rank=4))
+    assert any("lora_magnitude_vector" in n for n, _ in model.named_parameters())  # DoRA's magnitudes
+    model.train()
+    loss = model(**_batch("qwen2_vl", model)).loss
+    loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]  # lora_A gets 0 while B starts at 0
+    assert grads and all(g is not None for g in grads)  # the frozen tower/embeddings did not cut the graph
+    assert any(g.abs().sum() > 0 for g in grads)

@@ -9,11 +9,12 @@ from mmtune.model.composite import CompositeModel, register_composite_model
 from mmtune.plugins import register_mm_plugin
 from mmtune.testing import FamilyFixture, register_fixture
 
-from .llava import LlavaPlugin, build_llama_tokenizer, tiny_vision_text
+from .llava import LlavaPlugin, build_llama_tokenizer, llama_token_ids, tiny_vision_text
 
 
 class LlavaNextPlugin(LlavaPlugin):
-    """Images only; ``image_sizes`` travels with ``pixel_values`` (from the image processor)."""
+    """Images only; ``image_sizes`` travels with ``pixel_values`` (from the image processor,
+    called with the processor's ``do_pad`` default so tiles batch as the processor's do)."""
 
 
 register_mm_plugin("llava_next", LlavaNextPlugin)
@@ -35,15 +36,15 @@ def _build(path: str) -> None:
 
     ip = LlavaNextImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
                                  image_grid_pinpoints=TINY_PINPOINTS)
-    LlavaNextProcessor(image_processor=ip, tokenizer=build_llama_tokenizer(), patch_size=14,
+    LlavaNextProcessor(image_processor=ip, tokenizer=build_llama_tokenizer(("<image>",)), patch_size=14,
                        vision_feature_select_strategy="default", num_additional_image_tokens=1).save_pretrained(path)
 
 
 def tiny_config() -> Any:
     from transformers import LlavaNextConfig
 
-    tok = build_llama_tokenizer()
-    return LlavaNextConfig(**tiny_vision_text(tok), image_token_id=tok.convert_tokens_to_ids("<image>"),
+    tok = build_llama_tokenizer(("<image>",))
+    return LlavaNextConfig(**tiny_vision_text(tok), **llama_token_ids(tok),
                            image_grid_pinpoints=TINY_PINPOINTS, vision_feature_select_strategy="default",
                            vision_feature_layer=-2)
 

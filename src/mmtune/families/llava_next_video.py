@@ -8,7 +8,7 @@ from mmtune.model.composite import CompositeModel, register_composite_model
 from mmtune.plugins import register_mm_plugin
 from mmtune.testing import FamilyFixture, register_fixture
 
-from .llava import build_llama_tokenizer, tiny_vision_text
+from .llava import build_llama_tokenizer, llama_token_ids, tiny_vision_text
 from .llava_next import TINY_PINPOINTS, LlavaNextPlugin
 
 
@@ -16,7 +16,8 @@ class LlavaNextVideoPlugin(LlavaNextPlugin):
     default_video_token = "<video>"
 
     def video_tokens_per_frame(self, processor: Any, height: int, width: int) -> int:
-        return (height // processor.patch_size) * (width // processor.patch_size) // 4
+        """2x2 average pooling of every frame's patches; no CLS (videos always use "default")."""
+        return self.patch_tokens(processor, height, width) // 4
 
 
 register_mm_plugin("llava_next_video", LlavaNextVideoPlugin)
@@ -45,8 +46,7 @@ def tiny_config() -> Any:
     from transformers import LlavaNextVideoConfig
 
     tok = build_llama_tokenizer()
-    return LlavaNextVideoConfig(**tiny_vision_text(tok), image_token_id=tok.convert_tokens_to_ids("<image>"),
-                                video_token_id=tok.convert_tokens_to_ids("<video>"), image_grid_pinpoints=TINY_PINPOINTS,
+    return LlavaNextVideoConfig(**tiny_vision_text(tok), **llama_token_ids(tok), image_grid_pinpoints=TINY_PINPOINTS,
                                 vision_feature_select_strategy="default", vision_feature_layer=-2)
 
 

@@ -1,11 +1,12 @@
-"""LLaVA-OneVision: anyres-max images and 2x2-pooled video frames plus one newline token."""
+"""LLaVA-OneVision: anyres-max tiles for a lone image, one base crop per image in a
+multi-image sample, and 2x2-pooled video frames plus one newline token."""
 
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
 from typing import Any
 
-from mmtune.media import VideoClip
+from mmtune.media import MediaError, VideoClip
 from mmtune.model.composite import CompositeModel, register_composite_model
 from mmtune.plugins import register_mm_plugin
 from mmtune.testing import FamilyFixture, register_fixture
@@ -15,11 +16,34 @@ from .qwen2_vl import build_qwen_tokenizer
 
 
 class LlavaOnevisionPlugin(LlavaPlugin):
+    """A sample with several images skips anyres tiling (the processor and the model both
+    key this on ``batch_num_images``), so counts depend on the sample's image count and the
+    image processor gets the batch's images nested per sample."""
+
     default_video_token = "<video>"
 
+    def image_token_counts(self, images: Sequence[Any], processor: Any) -> list[int]:
+        if len(images) == 1:
+            return super().image_token_counts(images, processor)
+        per_image = processor.num_image_tokens + 1  # base crop + image_newline
+        if processor.vision_feature_select_strategy == "default":
+            per_image -= 1
+        return [per_image] * len(images)
+
     def video_token_count(self, processor: Any, clip: VideoClip) -> int:
-        side = math.ceil(int(math.sqrt(processor.num_image_tokens)) / 2)  # bilinear 2x pooling
-        return len(clip.frames) * side * side + 1  # + image_newline
+        height, width = self.processed_frame_size(processor.video_processor)
+        data = processor._get_num_multimodal_tokens(video_sizes=[(len(clip.frames), height, width)])
+        return int(data["num_video_tokens"][0])
+
+    def image_batch(self, images: list[Any], imglens: Sequence[int]) -> list[Any]:
+        if sum(imglens) != len(images):
+            raise MediaError(f"imglens {list(imglens)} add up to {sum(imglens)} but {len(images)} images were given")
+        nested, start = [], 0
+        for n in imglens:
+            if n:
+                nested.append(images[start:start + n])
+            start += n
+        return nested
 
 
 register_mm_plugin("llava_onevision", LlavaOnevisionPlugin)
@@ -46,18 +70,18 @@ def _build(path: str) -> None:
     ip = LlavaOnevisionImageProcessor(image_grid_pinpoints=PINPOINTS)
     vp = LlavaOnevisionVideoProcessor()
     LlavaOnevisionProcessor(image_processor=ip, video_processor=vp, tokenizer=_tokenizer(), num_image_tokens=729,
-                            vision_feature_select_strategy="full").save_pretrained(path)
+                            vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9").save_pretrained(path)
 
 
 def tiny_config() -> Any:
     from transformers import LlavaOnevisionConfig
 
     tok = _tokenizer()
-    parts = tiny_vision_text(tok, vision="siglip_vision_model", image_size=384)
-    parts["text_config"]["model_type"] = "qwen2"
+    parts = tiny_vision_text(tok, vision="siglip_vision_model", image_size=384, text="qwen2")
     return LlavaOnevisionConfig(**parts, image_token_id=tok.convert_tokens_to_ids("<image>"),
                                 video_token_id=tok.convert_tokens_to_ids("<video>"), image_grid_pinpoints=PINPOINTS,
-                                vision_feature_select_strategy="full", vision_feature_layer=-1)
+                                vision_feature_select_strategy="full", vision_feature_layer=-1,
+                                vision_aspect_ratio="anyres_max_9")
 
 
 register_fixture(FamilyFixture("llava_onevision", build=_build, tiny_config=tiny_config, plugin="llava_onevision",

@@ -9,20 +9,25 @@ from mmtune.model.composite import CompositeModel, register_composite_model
 from mmtune.plugins import register_mm_plugin
 from mmtune.testing import FamilyFixture, register_fixture
 
-from .llava import LlavaPlugin, build_llama_tokenizer, tiny_vision_text
+from .llava import LlavaPlugin, build_llama_tokenizer, llama_token_ids, tiny_vision_text
 
 
 class VideoLlavaPlugin(LlavaPlugin):
+    """Videos get :attr:`fixed_video_frames` frames (8, what its tower was trained on)
+    unless the video processor's config names its own ``num_frames``."""
+
     default_video_token = "<video>"
     fixed_video_frames = 8
 
     def video_tokens_per_frame(self, processor: Any, height: int, width: int) -> int:
-        return (height // processor.patch_size) * (width // processor.patch_size) + processor.num_additional_image_tokens
+        """Every patch plus CLS: the video tower's features are kept whole, whatever the
+        strategy for images."""
+        return self.patch_tokens(processor, height, width) + processor.num_additional_image_tokens
 
     def image_token_counts(self, images: Sequence[Any], processor: Any) -> list[int]:
         """Fixed-size crops: every image gets the same count (its processor has no size-only counter)."""
         height, width = self.processed_frame_size(processor.image_processor)
-        per_image = self.video_tokens_per_frame(processor, height, width)
+        per_image = self.patch_tokens(processor, height, width) + processor.num_additional_image_tokens
         if processor.vision_feature_select_strategy == "default":
             per_image -= 1
         return [per_image] * len(images)
@@ -52,8 +57,8 @@ def tiny_config() -> Any:
     from transformers import VideoLlavaConfig
 
     tok = build_llama_tokenizer()
-    return VideoLlavaConfig(**tiny_vision_text(tok, image_size=224), image_token_id=tok.convert_tokens_to_ids("<image>"),
-                            video_token_id=tok.convert_tokens_to_ids("<video>"), vision_feature_select_strategy="default",
+    return VideoLlavaConfig(**tiny_vision_text(tok, image_size=224), **llama_token_ids(tok),
+                            vision_feature_select_strategy="default",
                             vision_feature_layer=-2)
 
 
