@@ -57,3 +57,22 @@ def test_tiny_model_accepts_plugin_output(name, media):
     with torch.no_grad():
         out = model(input_ids=ids, **mm)
     assert out.logits.shape[:2] == ids.shape and torch.isfinite(out.logits).all()
+
+
+def test_smolvlm_video_matches_processor(tmp_path):
+    from mmtune.testing import make_video_file
+
+    processor = load_processor("smolvlm")
+    plugin = get_mm_plugin("smolvlm")
+    video = make_video_file(str(tmp_path / "v.mp4"), frames=12, width=80, height=60, fps=4)
+    conv = [{"role": "user", "content": "<video>What happens?"}, {"role": "assistant", "content": "Motion."}]
+    s = MMSample(conv, videos=[video])
+    clips = plugin._regularize_videos([video])
+    result = check_batch_parity(plugin, processor, [s, MMSample([{"role": "user", "content": "Hi"}])], lambda t: t,
+                                lambda x: {"videos": [c.frames for c in plugin._regularize_videos(x.videos)],
+                                           "video_metadata": [c.metadata() for c in plugin._regularize_videos(x.videos)]},
+                                processor_kwargs={"do_sample_frames": False})
+    text = processor.tokenizer.decode(result["batch_ids"][0])
+    assert text.count("<global-img>") == len(clips[0].frames) > 1  # one global-image block per frame
+    with pytest.raises(ValueError, match="images or videos"):
+        plugin.get_mm_inputs([tmp_path / "x.png"], [video], [], [1], [1], [0], [[0]], processor)

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from mmtune.model.composite import CompositeModel, register_composite_model
+from mmtune.media import MediaError
 from mmtune.plugins import IMAGE_PLACEHOLDER, BasePlugin, Message, register_mm_plugin
 from mmtune.testing import FamilyFixture, build_bpe_tokenizer, register_fixture
 
@@ -62,8 +63,59 @@ class Idefics3Plugin(BasePlugin):
         return {k: v for k, v in out.items() if k in ("pixel_values", "pixel_attention_mask")}
 
 
+class SmolVLMPlugin(Idefics3Plugin):
+    """SmolVLM adds videos: an intro line, then per frame a timestamp and one global-image
+    block, from the processor's own ``replace_video_token`` fed the frame count and timing.
+    Like the processor, a batch holds images or videos, not both (both use ``pixel_values``)."""
+
+    default_video_token = "<video>"
+
+    def _regularize_videos(self, videos: Sequence[Any]) -> list[Any]:
+        vp = getattr(getattr(self, "_processor", None), "video_processor", None)
+        clips = super()._regularize_videos(videos)
+        if vp is not None and getattr(vp, "num_frames", None):
+            for clip in clips:  # the processor's frame budget
+                if len(clip.frames) > vp.num_frames:
+                    keep = torch.linspace(0, len(clip.frames) - 1, vp.num_frames).round().long().tolist()
+                    clip.frames = [clip.frames[i] for i in keep]
+                    clip.indices = [clip.indices[i] for i in keep]
+        return clips
+
+    def process_messages(
+        self, messages: Sequence[Message], images: Sequence[Any], videos: Sequence[Any], audios: Sequence[Any], processor: Any
+    ) -> list[Message]:
+        from transformers.video_utils import VideoMetadata
+
+        from mmtune.plugins import VIDEO_PLACEHOLDER
+
+        self._processor = processor
+        messages = super().process_messages(messages, images, videos, audios, processor)
+        if not videos:
+            return messages
+        texts = []
+        for clip in self._regularize_videos(videos):
+            if not self.expand_mm_tokens:
+                texts.append(self.video_token)
+                continue
+            meta = VideoMetadata(**{k: v for k, v in clip.metadata().items() if k != "video_backend"})
+            stand_in = {"pixel_values": torch.empty(1, len(clip.frames), 0), "video_metadata": [meta]}
+            texts.append(processor.replace_video_token(stand_in, 0))
+        return self.replace_placeholders(messages, VIDEO_PLACEHOLDER, lambda i: texts[i])
+
+    def get_mm_inputs(self, images, videos, audios, imglens, vidlens, audlens, batch_ids, processor):  # type: ignore[no-untyped-def]
+        if images and videos:
+            raise MediaError("SmolVLM takes images or videos in one batch, not both (its processor cannot either)")
+        if not videos:
+            return super().get_mm_inputs(images, videos, audios, imglens, vidlens, audlens, batch_ids, processor)
+        self._processor = processor
+        clips = self._regularize_videos(videos)
+        out = processor.video_processor(videos=[c.frames for c in clips], video_metadata=[c.metadata() for c in clips],
+                                        do_sample_frames=False, return_tensors="pt")
+        return {k: v for k, v in out.items() if k in ("pixel_values", "pixel_attention_mask")}
+
+
 register_mm_plugin("idefics3", Idefics3Plugin)
-register_mm_plugin("smolvlm", Idefics3Plugin)
+register_mm_plugin("smolvlm", SmolVLMPlugin)
 for _model_type in ("idefics3", "smolvlm"):
     register_composite_model(
         CompositeModel(

@@ -116,8 +116,9 @@ def no_pixel_decoding() -> Any:
 
 def check_composite_keys(model: Any, entry: Any) -> None:
     """``entry`` (a CompositeModel) names real modules of ``model``, and its vision, projector
-    and language keys split the model's parameters with nothing left over and nothing twice."""
-    names = {n for n, _ in model.named_modules()}
+    and language keys split the model's parameters with nothing left over and nothing twice.
+    A key may also name a bare parameter (LLaVA-NeXT's ``model.image_newline``)."""
+    names = {n for n, _ in model.named_modules()} | {n for n, _ in model.named_parameters()}
     keys = [entry.projector_key, *entry.vision_model_keys, *entry.language_model_keys]
     missing = [k for k in keys if k not in names]
     assert not missing, f"{entry.model_type}: no module named {missing} in {type(model).__name__}"
