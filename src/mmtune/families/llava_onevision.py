@@ -3,6 +3,7 @@ multi-image sample, and 2x2-pooled video frames plus one newline token."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,9 +32,11 @@ class LlavaOnevisionPlugin(LlavaPlugin):
         return [per_image] * len(images)
 
     def video_token_count(self, processor: Any, clip: VideoClip) -> int:
-        height, width = self.processed_frame_size(processor.video_processor)
-        data = processor._get_num_multimodal_tokens(video_sizes=[(len(clip.frames), height, width)])
-        return int(data["num_video_tokens"][0])
+        """Each frame's patch grid (side sqrt(num_image_tokens)) bilinearly halved, rounding
+        up, plus one image_newline per video. (transformers 5.17's size-only counter ignores
+        ``video_sizes``, so the processor's replacement rule is followed here.)"""
+        side = math.ceil(math.isqrt(processor.num_image_tokens) / 2)
+        return len(clip.frames) * side * side + 1
 
     def image_batch(self, images: list[Any], imglens: Sequence[int]) -> list[Any]:
         if sum(imglens) != len(images):
