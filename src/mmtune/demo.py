@@ -31,7 +31,7 @@ def draw_shape(colour: str, shape: str, size: int, rng: random.Random) -> Image.
     bg = tuple(rng.randint(200, 255) for _ in range(3))
     img = Image.new("RGB", (size, size), bg)
     d = ImageDraw.Draw(img)
-    s = rng.randint(size // 2, size - 8)
+    s = rng.randint(int(size * 0.7), size - 6)  # large shapes: the demo is about colour and shape, not search
     x0, y0 = rng.randint(2, size - s - 2), rng.randint(2, size - s - 2)
     box, fill = [x0, y0, x0 + s, y0 + s], COLOURS[colour]
     if shape == "circle":
@@ -66,7 +66,7 @@ def make_dataset(root: str, n_train: int, n_test: int, size: int = 56, seed: int
     return path, test
 
 
-def build_model_dir(root: str, hidden: int = 128, vision_dim: int = 128, vision_depth: int = 3, seed: int = 0) -> str:
+def build_model_dir(root: str, hidden: int = 128, vision_dim: int = 64, vision_depth: int = 2, seed: int = 0) -> str:
     """A randomly initialised tiny Qwen2-VL with the offline processor, saved like a checkpoint."""
     from transformers import AutoModelForImageTextToText
 
