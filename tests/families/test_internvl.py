@@ -6,7 +6,8 @@ from PIL import Image
 
 from mmtune.plugins import get_mm_plugin
 from mmtune.testing import get_fixture, load_processor, make_image_file, make_video_file
-from mmtune.testing.parity import MMSample, check_batch_parity, plugin_ids, render
+from mmtune.model.composite import get_composite_model
+from mmtune.testing.parity import MMSample, check_batch_parity, check_composite_keys, no_pixel_decoding, plugin_ids, render
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +40,9 @@ def test_ids_and_tensors_match_processor(media):
                                 _proc_media(plugin), tensor_keys=["pixel_values"])
     tiles = result["ours"]["pixel_values"].shape[0]
     assert tiles > 1 + 1 + 6  # the wide image really was tiled
+    with no_pixel_decoding():  # image tiles follow from the header size alone
+        plugin.process_messages([{"role": "user", "content": "<image><image>"}], [media["big"], media["small"]], [], [],
+                                processor)
 
 
 def test_no_expansion(media):
@@ -47,6 +51,10 @@ def test_no_expansion(media):
     short = get_mm_plugin("internvl", expand_mm_tokens=False).process_messages(s.messages, s.images, s.videos, [], processor)
     ref = processor(text=[render(short)], **_proc_media(get_mm_plugin("internvl"))(s), return_tensors="pt")
     assert ref["input_ids"][0].tolist() == plugin_ids(get_mm_plugin("internvl"), processor, s)
+    short_ids = processor.tokenizer(render(short), add_special_tokens=False)["input_ids"]
+    mm = get_mm_plugin("internvl", expand_mm_tokens=False).get_mm_inputs(s.images, s.videos, [], [2], [1], [0],
+                                                                          [short_ids], processor)
+    assert torch.equal(mm["pixel_values"], ref["pixel_values"])
 
 
 def test_tiny_model_accepts_plugin_output(media):
@@ -62,3 +70,4 @@ def test_tiny_model_accepts_plugin_output(media):
     with torch.no_grad():
         out = model(input_ids=ids, **mm)
     assert out.logits.shape[:2] == ids.shape and torch.isfinite(out.logits).all()
+    check_composite_keys(model, get_composite_model("internvl"))

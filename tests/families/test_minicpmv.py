@@ -70,23 +70,24 @@ def test_grid_rule_matches_transformers_minicpmv4_6():
 
 
 def test_pixels_match_transformers_minicpmv4_6():
-    """4.6 rounds sizes to patch x merge; with patch 7 and merge 2 ("4x") that is 14, 2.6's
-    rounding, so its PIL processor must cut the very same slices, pixel for pixel."""
+    """4.6 rounds sizes to patch x 4 (two 2x2 merges); with its patch 7 that is 28, so our rule at
+    patch 28 must cut the very same slices, pixel for pixel (2.6's own rounding to 14 is covered
+    by the hand-computed cases above)."""
     from transformers.models.minicpmv4_6.image_processing_pil_minicpmv4_6 import MiniCPMV4_6ImageProcessorPil
 
-    ip = MiniCPMV4_6ImageProcessorPil(patch_size=7, downsample_mode="4x")
+    ip = MiniCPMV4_6ImageProcessorPil(patch_size=7)
     plugin = MiniCPMVPlugin()
     for w, h in [(1000, 500), (60, 100), (500, 1400), (700, 700)]:
         image = make_image(w, h, seed=w)
         ref = ip(image, return_tensors="np")
-        pixels, sizes = plugin.slice_tensors(image, SliceSettings(), None)
-        assert sizes == [[th // 2, tw // 2] for th, tw in ref["target_sizes"].tolist()]
+        pixels, sizes = plugin.slice_tensors(image, SliceSettings(patch_size=28), None)
+        assert sizes == [[th // 4, tw // 4] for th, tw in ref["target_sizes"].tolist()]
         start = 0
         for ours, (th, tw) in zip(pixels, ref["target_sizes"].tolist()):
             chunk = ref["pixel_values"][0][:, :, start:start + th * tw * 7]
             start += th * tw * 7
             theirs = chunk.reshape(3, 7, th, tw, 7).transpose(0, 2, 1, 3, 4).reshape(3, th * 7, tw * 7)
-            expected = reshape_by_patch(torch.from_numpy(np.ascontiguousarray(theirs)).float(), 14)
+            expected = reshape_by_patch(torch.from_numpy(np.ascontiguousarray(theirs)).float(), 28)
             assert torch.allclose(ours, expected, atol=1e-6, rtol=0), (w, h)
 
 

@@ -6,7 +6,8 @@ from PIL import Image
 
 from mmtune.plugins import get_mm_plugin
 from mmtune.testing import get_fixture, load_processor, make_image_file
-from mmtune.testing.parity import MMSample, check_batch_parity, plugin_ids, render
+from mmtune.model.composite import get_composite_model
+from mmtune.testing.parity import MMSample, check_batch_parity, check_composite_keys, no_pixel_decoding, plugin_ids, render
 
 NAMES = ["pixtral", "mistral3"]
 
@@ -34,6 +35,9 @@ def test_ids_and_tensors_match_processor(name, media):
                                 _imgs, nested=("images",))
     assert {"pixel_values", "image_sizes"} <= set(result["ours"])
     assert "[IMG_BREAK]" in processor.tokenizer.decode(result["batch_ids"][0])
+    s = _samples(media)[0]
+    with no_pixel_decoding():  # rows and columns follow from the header size alone
+        get_mm_plugin(name).process_messages(s.messages, s.images, [], [], processor)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -59,3 +63,4 @@ def test_tiny_model_accepts_plugin_output(name, media):
     with torch.no_grad():
         out = model(input_ids=ids, **mm)
     assert out.logits.shape[:2] == ids.shape and torch.isfinite(out.logits).all()
+    check_composite_keys(model, get_composite_model("llava" if name == "pixtral" else name))

@@ -44,11 +44,14 @@ class InternVLPlugin(BasePlugin):
             messages = self.replace_placeholders(messages, VIDEO_PLACEHOLDER, lambda i: vtexts[i])
         return messages
 
-    @staticmethod
-    def _order(ids: Sequence[int], processor: Any) -> list[str]:
+    def _order(self, ids: Sequence[int], processor: Any) -> list[str]:
         """'image' / 'frame' for each ``<img>`` segment of one sample, in order: video frames
-        are the segments preceded by their ``Frame{i}:`` label."""
+        are the segments preceded by their ``Frame{i}:`` label. Unexpanded ids (the processor
+        expands later) hold one image token per image and one video token per video."""
         tok = processor.tokenizer
+        if not self.expand_mm_tokens:
+            kinds = {processor.image_token_id: "image", tok.convert_tokens_to_ids(processor.video_token): "video"}
+            return [kinds[t] for t in ids if t in kinds]
         start = processor.start_image_token_id
         kinds = []
         for pos, token in enumerate(ids):
@@ -71,6 +74,7 @@ class InternVLPlugin(BasePlugin):
         self._validate_input(processor, images, videos, audios)
         image_tiles: list[torch.Tensor] = []
         frame_tiles: list[torch.Tensor] = []
+        video_tiles: list[torch.Tensor] = []
         if images:
             defaults = self.processor_defaults(processor)
             out = processor.image_processor(self._regularize_images(images), return_tensors="pt", **defaults)
@@ -79,15 +83,19 @@ class InternVLPlugin(BasePlugin):
         if videos:
             clips = self._regularize_videos(videos)
             out = processor.video_processor(videos=[c.frames for c in clips], return_tensors="pt")
-            frame_tiles = [frame[None] for video in out["pixel_values_videos"] for frame in video]
+            video_tiles = list(out["pixel_values_videos"])
+            frame_tiles = [frame[None] for video in video_tiles for frame in video]
         if not images and not videos:
             return {}
-        ordered, next_image, next_frame = [], 0, 0
+        ordered, next_image, next_frame, next_video = [], 0, 0, 0
         for ids in batch_ids:
             for kind in self._order(ids, processor):
                 if kind == "image":
                     ordered.append(image_tiles[next_image])
                     next_image += 1
+                elif kind == "video":
+                    ordered.append(video_tiles[next_video])
+                    next_video += 1
                 else:
                     ordered.append(frame_tiles[next_frame])
                     next_frame += 1
