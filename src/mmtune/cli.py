@@ -26,6 +26,8 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     result = run_demo(output_dir=ns.output_dir, max_steps=ns.max_steps)
     print(f"\nheld-out accuracy: {100 * result.accuracy:.1f}%   text-only baseline: "
           f"{100 * result.text_only_baseline:.1f}%   training: {result.train_seconds:.0f} s")
+    for image, question, reply, truth in result.chat:
+        print(f"chat  [{image}] {question} -> {reply!r}   (truth: {truth})")
     print(f"loss curve: {result.output_dir}/training_loss.png")
     return 0
 
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     train.set_defaults(func=cmd_train)
     demo = sub.add_parser("demo", help="train a tiny VLM on synthetic shapes, on the CPU")
     demo.add_argument("--output-dir", default="demo_output")
-    demo.add_argument("--max-steps", type=int, default=700)
+    demo.add_argument("--max-steps", type=int, default=1500)
     demo.set_defaults(func=cmd_demo)
     ns = parser.parse_args(argv)
     _setup_logging()

@@ -99,6 +99,7 @@ class DemoResult:
     text_only_baseline: float
     train_seconds: float
     output_dir: str
+    chat: list[tuple[str, str, str, str]]
 
 
 @torch.no_grad()
@@ -129,6 +130,25 @@ def evaluate(model: Any, processor: Any, template: Any, plugin: Any, root: str, 
         guess = candidates[int(scores.argmax())]
         correct += guess == item["messages"][1]["content"]
     return correct / len(items)
+
+
+@torch.no_grad()
+def chat_answer(model: Any, processor: Any, template: Any, plugin: Any, root: str, item: dict) -> str:
+    """Greedy generation for the item's question (the model answers freely, not by choice)."""
+    from mmtune.data.collator import MultiModalCollator
+    from mmtune.data.formats import normalize_row
+
+    tok = processor.tokenizer
+    sample = normalize_row({"messages": [item["messages"][0]], "images": item["images"]}, root)
+    messages = plugin.process_messages(sample.messages, sample.images, [], [], processor)
+    prompt = template.render_turns(messages, sample.system)[0][0]
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    batch = MultiModalCollator(plugin, processor, tok, padding_side="left", build_position_ids=False)(
+        [{"input_ids": ids, "images": sample.images}])
+    batch.pop("labels")
+    out = model.generate(**batch, max_new_tokens=4, do_sample=False,
+                         eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.pad_token_id)
+    return tok.decode(out[0, len(ids):], skip_special_tokens=True).strip()
 
 
 def text_only_baseline(train_path: str, items: list[dict]) -> float:
@@ -179,7 +199,10 @@ def run_demo(output_dir: str = "demo_output", n_train: int = 2000, n_test: int =
     baseline = text_only_baseline(train_path, test_items)
     logger.info("held-out accuracy %.1f%% (text-only best %.1f%%) after %.0f s of training", 100 * accuracy,
                 100 * baseline, seconds)
+    answers = []
     for item in test_items[:chat_examples]:
-        logger.info("Q: %s [image %s] -> expected %s", item["messages"][0]["content"], item["images"][0],
-                    item["messages"][1]["content"])
-    return DemoResult(accuracy, baseline, seconds, run_dir)
+        reply = chat_answer(model, processor, template, plugin, data_dir, item)
+        answers.append((item["images"][0], item["messages"][0]["content"].replace("<image>", ""), reply,
+                        item["messages"][1]["content"]))
+        logger.info("chat: [%s] %s -> %r (truth: %s)", *answers[-1])
+    return DemoResult(accuracy, baseline, seconds, run_dir, answers)
