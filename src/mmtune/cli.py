@@ -1,4 +1,4 @@
-"""``mmtune train | demo`` — the command line (nothing imports this module)."""
+"""``mmtune train | chat | export | check-data | demo`` — the command line (nothing imports this module)."""
 
 from __future__ import annotations
 
@@ -32,6 +32,52 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check_data(ns: argparse.Namespace) -> int:
+    from mmtune.data.check import check_dataset
+    from mmtune.model.loader import load_tokenizer_and_processor
+    from mmtune.plugins import get_mm_plugin
+    from mmtune.templates import get_template
+    from mmtune.train import parse_config
+
+    model_args, data_args, _, mm_args, _ = parse_config(ns.config, ns.overrides)
+    tokenizer, processor = load_tokenizer_and_processor(model_args)
+    template = get_template(data_args.template)
+    plugin = get_mm_plugin(mm_args.plugin or template.plugin, media=data_args.media_config())
+    report = check_dataset(data_args, template, plugin, tokenizer, processor)
+    print(report.render())
+    return 0 if report.ok else 1
+
+
+def cmd_chat(ns: argparse.Namespace) -> int:
+    from mmtune.infer import ChatEngine
+
+    engine = ChatEngine(ns.model, adapter_path=ns.adapter, template=ns.template, max_new_tokens=ns.max_new_tokens)
+    media = {"images": ns.image or [], "videos": ns.video or [], "audios": ns.audio or []}
+    placeholders = "<image>" * len(media["images"]) + "<video>" * len(media["videos"]) + "<audio>" * len(media["audios"])
+    history: list[dict[str, str]] = []
+    prompts = [ns.prompt] if ns.prompt else None
+    while True:
+        text = prompts.pop(0) if prompts else (None if prompts is not None else input("user> "))
+        if text is None or text.strip() in ("exit", "quit"):
+            return 0
+        content = (placeholders + text) if not history else text
+        history.append({"role": "user", "content": content})
+        pieces = []
+        print("assistant> ", end="", flush=True)
+        for piece in engine.stream(history, **media):
+            pieces.append(piece)
+            print(piece, end="", flush=True)
+        print()
+        history.append({"role": "assistant", "content": "".join(pieces).strip()})
+
+
+def cmd_export(ns: argparse.Namespace) -> int:
+    from mmtune.infer import export_model
+
+    print(export_model(ns.model, ns.output_dir, adapter_path=ns.adapter, dtype=ns.dtype))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mmtune", description="Fine-tune multimodal language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -43,6 +89,26 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--output-dir", default="demo_output")
     demo.add_argument("--max-steps", type=int, default=1500)
     demo.set_defaults(func=cmd_demo)
+    check = sub.add_parser("check-data", help="read every sample, report problems by index and file")
+    check.add_argument("config")
+    check.add_argument("overrides", nargs="*")
+    check.set_defaults(func=cmd_check_data)
+    chat = sub.add_parser("chat", help="chat with a model (or base + adapter), streaming")
+    chat.add_argument("model")
+    chat.add_argument("--adapter")
+    chat.add_argument("--template")
+    chat.add_argument("--image", action="append")
+    chat.add_argument("--video", action="append")
+    chat.add_argument("--audio", action="append")
+    chat.add_argument("--prompt", help="one question, then exit (no interactive loop)")
+    chat.add_argument("--max-new-tokens", type=int, default=256)
+    chat.set_defaults(func=cmd_chat)
+    export = sub.add_parser("export", help="merge LoRA and save a model transformers can load")
+    export.add_argument("model")
+    export.add_argument("output_dir")
+    export.add_argument("--adapter")
+    export.add_argument("--dtype", default="auto")
+    export.set_defaults(func=cmd_export)
     ns = parser.parse_args(argv)
     _setup_logging()
     return ns.func(ns)

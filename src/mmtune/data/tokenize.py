@@ -53,7 +53,10 @@ def encode_sample(
             if not drop_overlong:
                 raise MediaError(reason)
             return EncodeResult([], [], dropped=reason)
+        full = len(input_ids)
         input_ids, labels = input_ids[:cutoff_len], labels[:cutoff_len]
+        if all(label == -100 for label in labels):
+            return EncodeResult([], [], dropped=f"{full} tokens: cutoff_len={cutoff_len} cuts away every answer token")
     if all(label == -100 for label in labels):
-        return EncodeResult([], [], dropped="no trainable token left (empty answer or truncated away)")
+        return EncodeResult([], [], dropped="no trainable token (empty answer)")
     return EncodeResult(input_ids, labels)
