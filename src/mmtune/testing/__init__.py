@@ -14,6 +14,7 @@ from .fixtures import (
     load_processor,
     processor_dir,
     register_fixture,
+    tiny_model_dir,
 )
 from .media import make_audio_file, make_image, make_image_file, make_video_file
 
@@ -25,6 +26,7 @@ __all__ = [
     "load_processor",
     "processor_dir",
     "register_fixture",
+    "tiny_model_dir",
     "make_audio_file",
     "make_image",
     "make_image_file",

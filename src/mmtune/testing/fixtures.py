@@ -111,3 +111,24 @@ def load_processor(name: str, **kwargs: Any) -> Any:
     from transformers import AutoProcessor
 
     return AutoProcessor.from_pretrained(processor_dir(name), **kwargs)
+
+
+def tiny_model_dir(name: str, root: str, seed: int = 0) -> str:
+    """A randomly initialised tiny model of fixture ``name`` saved with its processor, like a
+    downloaded checkpoint, so the real loading path (``from_pretrained``) is exercised."""
+    import torch
+    from transformers import AutoProcessor
+
+    from mmtune.model.loader import model_class_for
+
+    fixture = get_fixture(name)
+    if fixture.tiny_config is None:
+        raise ValueError(f"fixture {name!r} has no tiny model config")
+    path = os.path.join(root, f"tiny-{name}")
+    config = fixture.tiny_config()
+    torch.manual_seed(seed)
+    cls = model_class_for(config)
+    model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+    model.save_pretrained(path)
+    AutoProcessor.from_pretrained(processor_dir(name)).save_pretrained(path)
+    return path
