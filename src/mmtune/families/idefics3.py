@@ -54,11 +54,7 @@ class Idefics3Plugin(BasePlugin):
         self._validate_input(processor, images, videos, audios)
         if not images:
             return {}
-        decoded = self._regularize_images(images)
-        nested, start = [], 0
-        for n in imglens:
-            nested.append(decoded[start:start + n])
-            start += n
+        nested = self.split_per_sample(self._regularize_images(images), imglens)
         out = processor.image_processor(nested, return_tensors="pt", **self.processor_defaults(processor))
         return {k: v for k, v in out.items() if k in ("pixel_values", "pixel_attention_mask")}
 

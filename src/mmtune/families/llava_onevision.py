@@ -7,7 +7,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from mmtune.media import MediaError, VideoClip
+from mmtune.media import VideoClip
 from mmtune.model.composite import CompositeModel, register_composite_model
 from mmtune.plugins import register_mm_plugin
 from mmtune.testing import FamilyFixture, register_fixture
@@ -39,14 +39,8 @@ class LlavaOnevisionPlugin(LlavaPlugin):
         return len(clip.frames) * side * side + 1
 
     def image_batch(self, images: list[Any], imglens: Sequence[int]) -> list[Any]:
-        if sum(imglens) != len(images):
-            raise MediaError(f"imglens {list(imglens)} add up to {sum(imglens)} but {len(images)} images were given")
-        nested, start = [], 0
-        for n in imglens:
-            if n:
-                nested.append(images[start:start + n])
-            start += n
-        return nested
+        """Images nested per sample (samples without images left out), as the processor groups them."""
+        return [group for group in self.split_per_sample(images, imglens) if group]
 
 
 register_mm_plugin("llava_onevision", LlavaOnevisionPlugin)

@@ -45,11 +45,7 @@ class MllamaPlugin(BasePlugin):
         self._validate_input(processor, images, videos, audios)
         if not images:
             return {}
-        decoded = self._regularize_images(images)
-        nested, start = [], 0
-        for n in imglens:
-            nested.append(decoded[start:start + n])
-            start += n
+        nested = self.split_per_sample(self._regularize_images(images), imglens)
         out = dict(processor.image_processor(nested, return_tensors="pt"))
         num_tiles = out.pop("num_tiles")
         helpers = sys.modules[type(processor).__module__]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any
+
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,6 @@ import importlib.util
 import logging
 from typing import Any
 
-import torch
 
 from .adapters import init_adapter, prepare_quantization
 from .composite import autocast_projector_dtype, configure_visual_model, projector_override

@@ -205,6 +205,17 @@ class BasePlugin:
             return None
         return torch.tensor(create(input_ids.tolist()), dtype=torch.long)
 
+    @staticmethod
+    def split_per_sample(items: Sequence[Any], lengths: Sequence[int]) -> list[list[Any]]:
+        """The batch's flat media list cut back into one list per sample (``imglens`` etc.)."""
+        if sum(lengths) != len(items):
+            raise MediaError(f"per-sample counts {list(lengths)} add up to {sum(lengths)}, not {len(items)} media")
+        out, start = [], 0
+        for n in lengths:
+            out.append(list(items[start:start + n]))
+            start += n
+        return out
+
     # ------------------------------------------------------------------ expansion helper
     @staticmethod
     def replace_placeholders(
