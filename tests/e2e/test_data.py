@@ -82,3 +82,32 @@ def test_collator_pads_and_builds_mrope_positions_like_the_model(tmp_path):
         batch.pop("position_ids")
         inside = model(**batch).loss
     assert torch.allclose(with_pos, inside, atol=1e-6)  # collator positions == the model's own
+
+
+@pytest.mark.parametrize("name", ["qwen2_vl", "llava"])
+def test_text_only_batch_runs_the_tower_on_a_dummy_with_zero_effect(name):
+    from transformers import AutoModelForImageTextToText
+
+    from mmtune.model.composite import COMPOSITE_MODELS
+
+    processor = load_processor(name)
+    plugin, template = get_mm_plugin(name), get_template(name if name != "llava" else "llava")
+    feats = []
+    for text, answer in (("hello there", "hi"), ("what is two plus two", "four")):
+        s = normalize_row({"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]})
+        enc = encode_sample(s, template, plugin, processor.tokenizer, processor)
+        feats.append({"input_ids": enc.input_ids, "labels": enc.labels, "images": []})
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(get_fixture(name).tiny_config()).eval()
+    calls = []
+    tower = model.get_submodule(COMPOSITE_MODELS[model.config.model_type].vision_model_keys[0])
+    tower.register_forward_hook(lambda *a: calls.append(1))
+    plain = MultiModalCollator(plugin, processor, processor.tokenizer, model=model)(feats)
+    with_fake = MultiModalCollator(plugin, processor, processor.tokenizer, model=model, fake_media_for_text_only=True)(feats)
+    assert "pixel_values" not in plain and "pixel_values" in with_fake
+    with torch.no_grad():
+        loss_plain = model(**plain).loss
+        assert not calls
+        loss_fake = model(**with_fake).loss
+    assert calls, "the vision tower must run on the dummy"
+    assert torch.allclose(loss_plain, loss_fake, atol=1e-6), (loss_plain, loss_fake)

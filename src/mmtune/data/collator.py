@@ -43,8 +43,32 @@ class MultiModalCollator:
     model: Any = None
     pad_to_multiple_of: int | None = None
     build_position_ids: bool = True
+    #: give text-only batches one dummy image so every rank runs the vision tower (ZeRO-3 / FSDP
+    #: otherwise deadlock when ranks disagree); its tokens are masked out and carry no label
+    fake_media_for_text_only: bool = False
+
+    def _fake_image(self, features: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[int]]:
+        """Append one dummy image's tokens to the end of sample 0 (after every real token, so
+        causal attention never sees them; masked and unlabelled, so the loss is unchanged)."""
+        from PIL import Image
+
+        size = 56
+        dummy = Image.new("RGB", (size, size), (255, 255, 255))
+        messages = self.plugin.process_messages([{"role": "user", "content": "<image>"}], [dummy], [], [], self.processor)
+        fake = self.tokenizer(messages[0]["content"], add_special_tokens=False)["input_ids"]
+        fake, _ = self.plugin.process_token_ids(fake, None, [dummy], [], [], self.tokenizer, self.processor)
+        first = dict(features[0])
+        real = len(first["input_ids"])
+        first["input_ids"] = list(first["input_ids"]) + list(fake)
+        first["labels"] = list(first.get("labels", features[0]["input_ids"])) + [IGNORE_INDEX] * len(fake)
+        first["images"] = [dummy]
+        return [first, *features[1:]], [real, len(first["input_ids"])]
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        fake_span = None
+        has_media = any(f.get("images") or f.get("videos") or f.get("audios") for f in features)
+        if self.fake_media_for_text_only and not has_media and getattr(self.plugin, "image_token", None):
+            features, fake_span = self._fake_image(features)
         ids = [list(f["input_ids"]) for f in features]
         labels = [list(f.get("labels", f["input_ids"])) for f in features]
         length = max(len(x) for x in ids)
@@ -59,6 +83,9 @@ class MultiModalCollator:
             input_ids[i, sl] = torch.tensor(x)
             label_t[i, sl] = torch.tensor(y)
             mask[i, sl] = 1
+        if fake_span is not None:
+            offset = length - len(ids[0]) if self.padding_side == "left" else 0
+            mask[0, offset + fake_span[0]:offset + fake_span[1]] = 0
         batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask, "labels": label_t}
         images = [m for f in features for m in f.get("images") or []]
         videos = [m for f in features for m in f.get("videos") or []]

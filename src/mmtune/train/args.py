@@ -24,6 +24,9 @@ class MMTrainingArguments:
     projector_lr: float | None = field(default=None, metadata={"help": "Learning rate of the projector."})
     plot_loss: bool = True
     build_rope_in_collator: bool = True
+    fake_media_for_text_only: bool | None = field(
+        default=None, metadata={"help": "Dummy image in text-only batches; default: on when training on several ranks."}
+    )
     config_dict: dict[str, Any] | None = None  # for a model built from a config (tests, benchmarks, demo)
 
 

@@ -61,7 +61,11 @@ def run_sft(model_args: Any, data_args: Any, finetuning_args: Any, mm_args: Any,
     gc = training_args.gradient_checkpointing
     model = load_model(model_args, finetuning_args, is_trainable=True, gradient_checkpointing=gc)
     training_args = dataclasses.replace(training_args, gradient_checkpointing=False)  # enabled above, once
-    collator = MultiModalCollator(plugin, processor, tokenizer, model=model if mm_args.build_rope_in_collator else None)
+    fake = mm_args.fake_media_for_text_only
+    if fake is None:
+        fake = training_args.world_size > 1
+    collator = MultiModalCollator(plugin, processor, tokenizer, model=model if mm_args.build_rope_in_collator else None,
+                                  fake_media_for_text_only=bool(fake) and processor is not None)
     trainer = MMTrainer(
         model=model,
         args=training_args,
