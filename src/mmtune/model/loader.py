@@ -51,7 +51,10 @@ def model_class_for(config: Any) -> Any:
     if model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
         return AutoModelForImageTextToText
     if model_type == "llava_llama":
-        import mmtune.llava  # noqa: F401  (registers llava_llama with the Auto classes)
+        try:
+            import mmtune.llava  # noqa: F401  (registers llava_llama with the Auto classes)
+        except ImportError as exc:
+            raise ImportError("model_type llava_llama needs mmtune.llava, the native LLaVA architecture") from exc
     return AutoModelForCausalLM
 
 
