@@ -54,19 +54,36 @@ def sample_indices(total: int, source_fps: float, fps: float, maxlen: int, frame
     return np.linspace(0, total - 1, wanted).round().astype(int).tolist()
 
 
-def _decode_file(path: str) -> tuple[list[Image.Image], float]:
+def _decode_file(path: str, choose: Any) -> tuple[list[Image.Image], list[int], int, float]:
+    """Decode ``path`` once, converting to PIL only the frames ``choose(total, rate)`` picks.
+
+    The total comes from the container header when it has one (then no unpicked frame is
+    ever converted or kept); otherwise, or when the header's count turns out wrong, every
+    frame is converted and the pick is made afterwards."""
     import av
 
     try:
         with av.open(path) as container:
             stream = container.streams.video[0]
-            rate = stream.average_rate or stream.guessed_rate or 1
+            rate = float(stream.average_rate or stream.guessed_rate or 1)
+            declared = int(stream.frames or 0)
+            if declared > 0:
+                wanted = choose(declared, rate)
+                want, kept, seen = set(wanted), {}, 0
+                for i, frame in enumerate(container.decode(stream)):
+                    if i in want:
+                        kept[i] = frame.to_image()
+                    seen += 1
+                if seen == declared and len(kept) == len(want):
+                    return [kept[i] for i in wanted], wanted, declared, rate
+                container.seek(0)
             frames = [frame.to_image() for frame in container.decode(stream)]
     except (av.error.FFmpegError, IndexError, OSError) as exc:  # type: ignore[attr-defined]
         raise MediaError(f"unreadable video {path}: {exc}") from exc
     if not frames:
         raise MediaError(f"video {path} has no frames")
-    return frames, float(rate)
+    wanted = choose(len(frames), rate)
+    return [frames[i] for i in wanted], wanted, len(frames), rate
 
 
 def load_video(
@@ -90,21 +107,24 @@ def load_video(
         path = str(obj)
         if not os.path.exists(path):
             raise MediaError(f"video file not found: {path}")
-        all_frames, rate = _decode_file(path)
+        frames, indices, total, rate = _decode_file(
+            path, lambda total, rate: sample_indices(total, rate, fps, maxlen, frame_factor)
+        )
         name = path
     elif isinstance(obj, (list, tuple)):
         if not obj:
             raise MediaError("video given as an empty list of frames")
         all_frames = [load_image(f) for f in obj]
         rate = float(source_fps or fps)
+        total = len(all_frames)
+        indices = sample_indices(total, rate, fps, maxlen, frame_factor)
+        frames = [all_frames[i] for i in indices]
         name = f"<{len(obj)} frames>"
     else:
         raise MediaError(f"unsupported video input {describe(obj)}")
-    indices = sample_indices(len(all_frames), rate, fps, maxlen, frame_factor)
-    frames = [all_frames[i] for i in indices]
     frames = [f.convert("RGB") if f.mode != "RGB" else f for f in frames]
     if max_pixels is not None or min_pixels is not None:
         frames = [resize_image(f, max_pixels, min_pixels) for f in frames]
-    duration = len(all_frames) / rate
+    duration = total / rate
     sample_fps = len(indices) / duration if duration else fps
-    return VideoClip(frames, indices, len(all_frames), rate, sample_fps, name)
+    return VideoClip(frames, indices, total, rate, sample_fps, name)
