@@ -24,6 +24,7 @@ def media_token_ids(plugin: Any, tokenizer: Any) -> set[int]:
             tid = tokenizer.convert_tokens_to_ids(token)
             if isinstance(tid, int) and tid != tokenizer.unk_token_id:
                 ids.add(tid)
+    ids.update(getattr(plugin, "placeholder_ids", ()))
     return ids
 
 

@@ -31,6 +31,7 @@ FAMILY_MODULES: tuple[str, ...] = (
     "aya_vision",
     "idefics2",
     "minicpmv",
+    "llava_llama",
 )
 
 _LOADED = False

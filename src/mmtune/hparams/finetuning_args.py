@@ -23,10 +23,22 @@ class FinetuningArguments:
         metadata={"help": "Keep LoRA weights in fp32 (peft's default; ~1.5x slower steps on GPU). Off: compute dtype."},
     )
     freeze_trainable_layers: int = field(default=2, metadata={"help": "freeze: train the last N LM layers."})
+    stage: Literal["sft", "pretrain", "finetune"] = field(
+        default="sft",
+        metadata={"help": "LLaVA recipe: pretrain = projector alone (tower, LM frozen); finetune = projector + LM "
+                          "(tower frozen unless freeze_vision_tower=false); sft = as the freeze_* flags say."},
+    )
 
     def __post_init__(self) -> None:
         if self.finetuning_type not in ("lora", "freeze", "full"):
             raise ValueError(f"finetuning_type must be lora, freeze or full, not {self.finetuning_type!r}")
+        if self.stage not in ("sft", "pretrain", "finetune"):
+            raise ValueError(f"stage must be sft, pretrain or finetune, not {self.stage!r}")
+        if self.stage == "pretrain":
+            self.train_mm_proj_only = True
+        elif self.stage == "finetune":
+            self.freeze_multi_modal_projector = False
+            self.freeze_language_model = False
         if self.train_mm_proj_only:
             self.freeze_vision_tower = True
             self.freeze_language_model = True

@@ -23,7 +23,35 @@ class ModelArguments:
     quantization_bit: int | None = field(default=None, metadata={"help": "4 or 8 for QLoRA (bitsandbytes, GPU)."})
     cache_dir: str | None = None
     revision: str = "main"
+    # training speed levers (mmtune.model.speed); each logs when applied
+    fused_cross_entropy: bool = field(
+        default=True, metadata={"help": "Chunked fused LM-head + cross-entropy: logits never materialised whole."})
+    compile: bool | None = field(
+        default=None, metadata={"help": "torch.compile each repeated block; default: on when training on CUDA."})
+    compile_dynamic: bool | None = field(default=True, metadata={"help": "Dynamic shapes: no recompile per length."})
+    compile_backend: str = "inductor"
+    frozen_tower_no_grad: bool = field(
+        default=True, metadata={"help": "Run a fully frozen vision/audio tower without autograd."})
+    gradient_checkpointing_layers: int | str = field(
+        default="auto", metadata={"help": "Decoder layers to checkpoint; auto: fewest that fit the memory (CUDA), "
+                                          "else all or none per gradient_checkpointing."})
+    memory_budget_gib: float | None = field(
+        default=None, metadata={"help": "GPU memory the auto checkpointing plans for; default: what is free."})
+    liger_kernels: bool | None = field(
+        default=None, metadata={"help": "Liger RMSNorm/SwiGLU/rotary kernels; default: on with CUDA when installed."})
     extra: dict[str, Any] = field(default_factory=dict)
+    # ---- native LLaVA (llava_llama): assemble a VLM from a Llama-architecture LM + a tower
+    vision_tower: str | None = field(default=None, metadata={"help": "CLIP / SigLIP checkpoint: builds llava_llama "
+                                                                     "around model_name_or_path (a plain LM)."})
+    mm_projector_type: str | None = field(default=None, metadata={"help": "linear, mlp<N>x_gelu or identity."})
+    mm_vision_select_layer: int | None = None
+    mm_vision_select_feature: str | None = field(default=None, metadata={"help": "patch or cls_patch."})
+    mm_patch_merge_type: str | None = field(default=None, metadata={"help": "flat or spatial_unpad."})
+    mm_use_im_start_end: bool | None = None
+    mm_use_im_patch_token: bool | None = None
+    image_aspect_ratio: str | None = field(default=None, metadata={"help": "square, pad or anyres."})
+    image_grid_pinpoints: Any = None
+    pretrain_mm_mlp_adapter: str | None = field(default=None, metadata={"help": "Stage-1 projector file to load."})
 
     def compute_dtype(self, config_dtype: Any = None) -> torch.dtype:
         """The dtype weights and activations run in: the requested one, else the checkpoint's,

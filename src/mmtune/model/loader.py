@@ -24,11 +24,27 @@ def _hub_kwargs(model_args: Any) -> dict[str, Any]:
             "revision": model_args.revision}
 
 
+def assembles_llava(model_args: Any) -> bool:
+    """True when ``vision_tower`` asks to build a native LLaVA around a plain LM."""
+    return bool(getattr(model_args, "vision_tower", None))
+
+
+def _import_llava() -> Any:
+    try:
+        import mmtune.llava as llava  # registers llava_llama with the Auto classes
+    except ImportError as exc:
+        raise ImportError("model_type llava_llama needs mmtune.llava, the native LLaVA architecture") from exc
+    return llava
+
+
 def load_tokenizer_and_processor(model_args: Any) -> tuple[Any, Any | None]:
     """The tokenizer, and the multimodal processor when the checkpoint has one (else None)."""
     from transformers import AutoProcessor, AutoTokenizer
 
+    llava = _import_llava()
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, **_hub_kwargs(model_args))
+    if assembles_llava(model_args):
+        return tokenizer, _assembled_llava_processor(llava, model_args, tokenizer)
     try:
         processor = AutoProcessor.from_pretrained(model_args.model_name_or_path, **_hub_kwargs(model_args))
     except (OSError, ValueError, TypeError, KeyError) as exc:
@@ -51,10 +67,7 @@ def model_class_for(config: Any) -> Any:
     if model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
         return AutoModelForImageTextToText
     if model_type == "llava_llama":
-        try:
-            import mmtune.llava  # noqa: F401  (registers llava_llama with the Auto classes)
-        except ImportError as exc:
-            raise ImportError("model_type llava_llama needs mmtune.llava, the native LLaVA architecture") from exc
+        _import_llava()
     return AutoModelForCausalLM
 
 
@@ -65,10 +78,28 @@ def resolve_attn_implementation(requested: str) -> str:
     return requested
 
 
+def _assembled_llava_processor(llava: Any, model_args: Any, tokenizer: Any) -> Any:
+    """Tokenizer (with LLaVA's image tokens) + the tower's image processor."""
+    tower = llava.VisionTower(model_args.vision_tower, delay_load=True)
+    llava.LlavaMetaForCausalLM.add_image_tokens(model_args, tokenizer)
+    return llava.LlavaLlamaProcessor(tower.image_processor(), tokenizer,
+                                     image_aspect_ratio=model_args.image_aspect_ratio or "square",
+                                     image_grid_pinpoints=model_args.image_grid_pinpoints,
+                                     mm_use_im_start_end=bool(model_args.mm_use_im_start_end))
+
+
 def load_config(model_args: Any) -> Any:
     from transformers import AutoConfig
 
+    _import_llava()
     config = AutoConfig.from_pretrained(model_args.model_name_or_path, **_hub_kwargs(model_args))
+    if assembles_llava(model_args) and config.model_type != "llava_llama":
+        from mmtune.llava import LlavaConfig
+
+        fields = config.to_dict()
+        fields.pop("model_type", None)
+        fields.pop("architectures", None)
+        config = LlavaConfig(**fields)
     return configure_visual_model(config)
 
 
@@ -78,11 +109,15 @@ def load_model(
     is_trainable: bool = True,
     gradient_checkpointing: bool = False,
     config: Any = None,
+    device_type: str | None = None,
+    batch_tokens: int | None = None,
 ) -> Any:
     """Build or load the model, then apply the fine-tuning method.
 
     ``config`` given without weights on disk (``model_name_or_path`` empty) builds a randomly
     initialised model: that is how tests and benchmarks make real-sized models offline.
+    ``device_type`` (where it will train; default cuda when present) and ``batch_tokens``
+    (batch size x sequence length) inform the speed levers.
     """
     config = configure_visual_model(config) if config is not None else load_config(model_args)
     dtype = model_args.compute_dtype(getattr(config, "torch_dtype", None) or getattr(config, "dtype", None))
@@ -96,6 +131,10 @@ def load_model(
         else:
             config._attn_implementation = attn
             model = cls.from_config(config, dtype=dtype) if hasattr(cls, "from_config") else cls(config).to(dtype)
+    if assembles_llava(model_args):
+        model.get_model().initialize_vision_modules(model_args)
+    if tokenizer is not None and getattr(model.config, "model_type", "") == "llava_llama":
+        model.initialize_vision_tokenizer(model_args if assembles_llava(model_args) else model.config, tokenizer)
     if is_trainable and hasattr(model.config, "use_cache"):
         model.config.use_cache = False  # no KV cache while training
     if getattr(model.config, "text_config", None) is not None and hasattr(model.config.text_config, "use_cache"):
@@ -104,6 +143,11 @@ def load_model(
     if is_trainable and gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model = init_adapter(model, model_args, finetuning_args, is_trainable)
+    if is_trainable:  # speed levers (model/speed.py); batch_tokens sizes the auto checkpointing
+        from .speed import apply_speed_levers
+
+        apply_speed_levers(model, model_args, gradient_checkpointing=gradient_checkpointing,
+                           device_type=device_type, batch_tokens=batch_tokens)
     if not is_trainable:
         model.eval()
     return model

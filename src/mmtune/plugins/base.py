@@ -48,6 +48,8 @@ class BasePlugin:
     #: model-input name of per-token modality ids (Qwen: ``mm_token_type_ids``, Gemma 3:
     #: ``token_type_ids``); None when the model needs none
     token_type_key: str | None = None
+    #: ids that stand for media after ``process_token_ids`` (e.g. LLaVA's -200): never truncated
+    placeholder_ids: tuple[int, ...] = ()
 
     def __init__(
         self,

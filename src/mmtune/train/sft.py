@@ -12,6 +12,7 @@ import torch
 from transformers import Trainer
 
 from mmtune.data import MultiModalCollator, build_dataset
+from mmtune.data.packing import maybe_pack
 from mmtune.model.composite import get_composite_model, has_prefix
 from mmtune.model.loader import load_model, load_tokenizer_and_processor
 from mmtune.plugins import get_mm_plugin
@@ -50,6 +51,23 @@ class MMTrainer(Trainer):
         return self.optimizer
 
 
+def save_projector(model: Any, output_dir: str) -> str | None:
+    """Stage 1's product on its own: ``mm_projector.safetensors`` (projector and, when the
+    model has one, ``image_newline``), keys as in the full model, for stage 2's
+    ``pretrain_mm_mlp_adapter``."""
+    from safetensors.torch import save_file
+
+    entry = get_composite_model(getattr(model.config, "model_type", ""))
+    if entry is None:
+        return None
+    state = {name: param.detach().cpu().contiguous() for name, param in model.named_parameters()
+             if has_prefix(name, [entry.projector_key]) or name.endswith("image_newline")}
+    path = os.path.join(output_dir, "mm_projector.safetensors")
+    save_file(state, path)
+    logger.info("projector saved to %s (%d tensors)", path, len(state))
+    return path
+
+
 def run_sft(model_args: Any, data_args: Any, finetuning_args: Any, mm_args: Any, training_args: Any,
             callbacks: list[Any] | None = None) -> dict[str, Any]:
     """Train, save (adapter or model + processor), log and plot; returns the metrics."""
@@ -59,17 +77,19 @@ def run_sft(model_args: Any, data_args: Any, finetuning_args: Any, mm_args: Any,
     with training_args.main_process_first(desc="tokenising"):
         datasets = build_dataset(data_args, template, plugin, tokenizer, processor)
     gc = training_args.gradient_checkpointing
-    model = load_model(model_args, finetuning_args, is_trainable=True, gradient_checkpointing=gc)
+    model = load_model(model_args, finetuning_args, is_trainable=True, gradient_checkpointing=gc, tokenizer=tokenizer)
     training_args = dataclasses.replace(training_args, gradient_checkpointing=False)  # enabled above, once
     fake = mm_args.fake_media_for_text_only
     if fake is None:
         fake = training_args.world_size > 1
     collator = MultiModalCollator(plugin, processor, tokenizer, model=model if mm_args.build_rope_in_collator else None,
                                   fake_media_for_text_only=bool(fake) and processor is not None)
+    train_dataset, collator = maybe_pack(datasets["train"], collator, model, data_args.packing, data_args.packing_max_len,
+                                         training_args.per_device_train_batch_size)
     trainer = MMTrainer(
         model=model,
         args=training_args,
-        train_dataset=datasets["train"],
+        train_dataset=train_dataset,
         eval_dataset=datasets.get("eval"),
         data_collator=collator,
         callbacks=[JsonlLogCallback(), *(callbacks or [])],
@@ -79,6 +99,8 @@ def run_sft(model_args: Any, data_args: Any, finetuning_args: Any, mm_args: Any,
     trainer.save_model(training_args.output_dir)
     if trainer.is_world_process_zero():
         (processor or tokenizer).save_pretrained(training_args.output_dir)
+        if finetuning_args.train_mm_proj_only:
+            save_projector(trainer.model, training_args.output_dir)
     metrics = dict(result.metrics)
     if datasets.get("eval") is not None:
         metrics.update(trainer.evaluate())

@@ -1,0 +1,113 @@
+"""mmtune's native LLaVA (``llava_llama``, see :mod:`mmtune.llava`).
+
+No expansion: each ``<image>`` stays one token and becomes ``IMAGE_TOKEN_INDEX`` (-200); the
+model splices the image's features there, so the sequence the LM sees is longer than
+``input_ids`` by (features - 1) per image. Two templates: ``llava_llama_plain`` (stage 1:
+image then caption) and ``llava_llama`` (stage 2: Vicuna v1 conversation), both opening with
+BOS as LLaVA's ``tokenizer_image_token`` does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from mmtune.model.composite import CompositeModel, register_composite_model
+from mmtune.plugins import BasePlugin, Message, register_mm_plugin
+from mmtune.templates import TEMPLATES, register_template
+from mmtune.testing import FamilyFixture, register_fixture
+
+IMAGE_TOKEN_INDEX = -200  # mmtune.llava.IMAGE_TOKEN_INDEX (not imported: plugins stay light)
+IM_START, IM_END = "<im_start>", "<im_end>"
+
+
+class LlavaLlamaPlugin(BasePlugin):
+    """``<image>`` -> one ``IMAGE_TOKEN_INDEX``; ``images`` / ``image_sizes`` as the
+    processor's aspect-ratio rule (square, pad, anyres) makes them."""
+
+    default_image_token = "<image>"
+    supports_no_expand = False
+    #: ids that stand for media after :meth:`process_token_ids` (truncation never cuts them)
+    placeholder_ids = (IMAGE_TOKEN_INDEX,)
+
+    def process_messages(self, messages: Sequence[Message], images: Sequence[Any], videos: Sequence[Any],
+                         audios: Sequence[Any], processor: Any) -> list[Message]:
+        messages = super().process_messages(messages, images, videos, audios, processor)
+        if getattr(processor, "mm_use_im_start_end", False):
+            for message in messages:
+                message["content"] = message["content"].replace(self.image_token, IM_START + self.image_token + IM_END)
+        return messages
+
+    def image_token_id(self, tokenizer: Any) -> int:
+        token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        if not isinstance(token_id, int) or token_id == tokenizer.unk_token_id:
+            raise ValueError(f"the tokenizer has no {self.image_token} token: build the model's processor with "
+                             "mmtune (LlavaMetaForCausalLM.initialize_vision_tokenizer adds it)")
+        return token_id
+
+    def process_token_ids(self, input_ids: list[int], labels: list[int] | None, images: Sequence[Any],
+                          videos: Sequence[Any], audios: Sequence[Any], tokenizer: Any,
+                          processor: Any) -> tuple[list[int], list[int] | None]:
+        input_ids, labels = super().process_token_ids(input_ids, labels, images, videos, audios, tokenizer, processor)
+        token_id = self.image_token_id(tokenizer)
+        input_ids = [IMAGE_TOKEN_INDEX if t == token_id else t for t in input_ids]
+        if labels is not None:
+            labels = [-100 if t == IMAGE_TOKEN_INDEX else y for t, y in zip(input_ids, labels)]
+        return input_ids, labels
+
+    def _get_mm_inputs(self, images: Sequence[Any], videos: Sequence[Any], audios: Sequence[Any],
+                       processor: Any) -> dict[str, Any]:
+        if not images:
+            return {}
+        return processor.process_images(self._regularize_images(images))
+
+
+register_mm_plugin("llava_llama", LlavaLlamaPlugin)
+
+register_template(TEMPLATES["plain"].bind("llava_llama_plain", plugin="llava_llama", prefix="<s>"))
+register_template(TEMPLATES["vicuna_v1"].bind("llava_llama", plugin="llava_llama", prefix="<s>"))
+
+register_composite_model(CompositeModel(
+    model_type="llava_llama",
+    projector_key="model.mm_projector",
+    vision_model_keys=["model.vision_tower"],
+    language_model_keys=["model.embed_tokens", "model.layers", "model.norm", "lm_head"],
+))
+
+
+# ---------------------------------------------------------------- tiny offline fixture
+TINY_TOWER = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=56, patch_size=14, projection_dim=32)
+
+
+def tiny_tokenizer() -> Any:
+    from .llava import build_llama_tokenizer
+
+    return build_llama_tokenizer(("<image>",))
+
+
+def _build_processor(path: str, **options: Any) -> None:
+    from transformers import CLIPImageProcessor
+
+    from mmtune.llava import LlavaLlamaProcessor
+
+    side = TINY_TOWER["image_size"]
+    image_processor = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    LlavaLlamaProcessor(image_processor, tiny_tokenizer(), **options).save_pretrained(path)
+
+
+def tiny_llava_llama_config(**changes: Any) -> Any:
+    from mmtune.llava import LlavaConfig
+
+    tok = tiny_tokenizer()
+    fields = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                  pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                  mm_vision_tower="tiny-clip", vision_config=dict(TINY_TOWER), mm_hidden_size=TINY_TOWER["hidden_size"],
+                  mm_projector_type="mlp2x_gelu")
+    fields.update(changes)
+    return LlavaConfig(**fields)
+
+
+register_fixture(FamilyFixture("llava_llama", build=_build_processor, tiny_config=tiny_llava_llama_config,
+                               plugin="llava_llama"))
