@@ -1,0 +1,504 @@
+"""Training speed levers, each behind a switch in :class:`~mmtune.hparams.ModelArguments`.
+
+A lever is on by default only where it changes no result (numerical noise aside); each one
+logs when it is applied and each has a CPU test comparing losses with the lever off.
+
+- **fused linear cross-entropy** (``fused_cross_entropy``): the LM head's logits are never
+  materialised whole. The head's input is captured, the model's own forward is left to do
+  everything else (label expansion, token types, ...), and the loss and its gradients wrt
+  the hidden states and the head weight are computed chunk by chunk over the labelled
+  tokens only (Liger-kernel's kernel when installed, our PyTorch one otherwise).
+- **regional compile** (``compile``): each repeated block (decoder layers, vision blocks) is
+  ``module.compile()``-d with dynamic shapes, so identical blocks share one graph and new
+  batch lengths do not recompile.
+- **frozen towers without autograd** (``frozen_tower_no_grad``): a fully frozen vision/audio
+  tower runs under ``torch.no_grad`` (otherwise the input-require-grads hook that
+  checkpointing needs makes it record a graph it never uses).
+- **selective activation checkpointing** (``gradient_checkpointing_layers``): checkpoint only
+  N decoder layers, N chosen from a memory estimate by default.
+- **Liger kernels** (``liger_kernels``): RMSNorm / SwiGLU / rotary via liger-kernel, if installed.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .composite import get_composite_model
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The transformers model under a peft wrapper (or ``model`` itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+# =============================================================== fused linear cross-entropy
+def default_chunk_size(vocab_size: int, budget_bytes: int = 2**29) -> int:
+    """Rows per chunk so one chunk's fp32 logits stay near ``budget_bytes`` (512 MiB: 512 rows
+    of a 152k vocabulary), a power of two in [32, 8192]."""
+    rows = max(1, budget_bytes // max(1, 4 * vocab_size))
+    return int(min(8192, max(32, 2 ** int(math.log2(rows)))))
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """Sum of token cross-entropies of ``hidden @ weight.T + bias`` over rows whose target is
+    valid, divided by ``denom``. The gradients are computed in the forward, chunk by chunk,
+    and handed out in the backward (Liger-kernel's scheme), so at most one chunk of logits
+    lives at a time."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                target: torch.Tensor, denom: torch.Tensor, softcap: float | None, chunk_size: int) -> torch.Tensor:
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        need_b = need_b and bias is not None
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        log_denom = denom.log()
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_size):
+            h = hidden[start:start + chunk_size]
+            t = target[start:start + chunk_size]
+            logits = F.linear(h, weight, bias).float()
+            if softcap:
+                tanh = torch.tanh(logits / softcap)
+                logits = tanh * softcap
+            lse = torch.logsumexp(logits, dim=-1)
+            loss += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if not (need_h or need_w or need_b):
+                continue
+            # d(loss / denom) / d logits = (softmax - onehot) / denom, built in place
+            g = logits.sub_((lse + log_denom)[:, None]).exp_()
+            g[torch.arange(t.shape[0], device=t.device), t] -= torch.exp(-log_denom)
+            if softcap:
+                g.mul_(1.0 - tanh * tanh)
+            if need_b:
+                grad_b += g.sum(0)
+            g = g.to(hidden.dtype)
+            if need_h:
+                grad_h[start:start + chunk_size] = g @ weight
+            if need_w:
+                grad_w += (g.t() @ h).float()
+        ctx.grads = (grad_h, grad_w, grad_b)
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        return loss / denom
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple:
+        grad_h, grad_w, grad_b = ctx.grads
+        ctx.grads = None
+        w_dtype, b_dtype = ctx.dtypes
+        if grad_h is not None:
+            grad_h = grad_h * grad_out.to(grad_h.dtype)
+        if grad_w is not None:
+            grad_w = grad_w.mul_(grad_out).to(w_dtype)
+        if grad_b is not None:
+            grad_b = grad_b.mul_(grad_out).to(b_dtype)
+        return grad_h, grad_w, grad_b, None, None, None, None
+
+
+@functools.cache
+def _liger_flce() -> Any:
+    """Liger-kernel's fused linear cross-entropy, or None when liger-kernel is not installed."""
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    except ImportError:
+        return None
+    logger.info("fused cross-entropy: using liger-kernel's kernel")
+    return liger_fused_linear_cross_entropy
+
+
+def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    device = weight.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return weight.dtype
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ignore_index: int = IGNORE_INDEX,
+    num_items_in_batch: Any = None,
+    softcap: float | None = None,
+    chunk_size: int | None = None,
+    use_liger: bool = True,
+) -> torch.Tensor:
+    """``cross_entropy(softcap(hidden @ weight.T + bias), target)`` without the full logits.
+
+    ``target`` is aligned with ``hidden`` (already shifted). Reduction follows transformers'
+    ``ForCausalLMLoss``: the sum over valid targets divided by ``num_items_in_batch`` when
+    given (gradient accumulation), their mean otherwise. Only rows with a valid target are
+    projected (prompt and image tokens cost nothing); a batch without any gives a zero loss
+    (transformers' mean gives NaN there).
+    """
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    target = target.reshape(-1).to(hidden.device)
+    rows = (target != ignore_index).nonzero().squeeze(1)
+    count = rows.numel()
+    if count == 0:
+        return hidden.sum() * 0.0
+    denom = count if num_items_in_batch is None else num_items_in_batch
+    denom = torch.as_tensor(denom, device=hidden.device).to(torch.float32)
+    dtype = _compute_dtype(weight)
+    h = hidden.index_select(0, rows).to(dtype)
+    t = target.index_select(0, rows)
+    w = weight.to(dtype)
+    b = bias.to(dtype) if bias is not None else None
+    liger = _liger_flce() if use_liger else None
+    if liger is not None:
+        return liger(h, w, t, bias=b, reduction="sum", softcap=softcap) / denom
+    with torch.autocast(weight.device.type, enabled=False):
+        return _FusedLinearCrossEntropy.apply(h, w, b, t, denom, softcap, chunk_size or default_chunk_size(w.shape[0]))
+
+
+@dataclass
+class _FusedHead:
+    """State shared by the forward wrapper, the LM head's pre-hook and the loss function."""
+
+    head: nn.Linear
+    softcap: float | None
+    active: bool = False
+    called: bool = False
+    verified: bool = False
+    hidden: torch.Tensor | None = None
+    handles: list[Any] = field(default_factory=list)
+
+    def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        """Keep the head's input; let it project only the last position (for the check below)."""
+        if not self.active:
+            return None
+        if args:
+            hidden, rest = args[0], args[1:]
+        else:
+            hidden, rest = kwargs.pop("input"), ()
+        self.hidden = hidden
+        last = hidden[..., -1:, :] if hidden.dim() >= 3 else hidden[-1:]
+        return (last, *rest), kwargs
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, vocab_size: int | None = None,
+             num_items_in_batch: Any = None, ignore_index: int = IGNORE_INDEX,
+             shift_labels: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        if not self.active or self.hidden is None:
+            from transformers.loss.loss_utils import ForCausalLMLoss
+
+            return ForCausalLMLoss(logits, labels, vocab_size, num_items_in_batch=num_items_in_batch,
+                                   ignore_index=ignore_index, shift_labels=shift_labels, **kwargs)
+        hidden, self.hidden, self.called = self.hidden, None, True
+        if not self.verified:
+            self._verify(hidden, logits)
+        if shift_labels is None:
+            shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+        return fused_linear_cross_entropy(hidden, self.head.weight, shift_labels, self.head.bias,
+                                          ignore_index=ignore_index, num_items_in_batch=num_items_in_batch,
+                                          softcap=self.softcap)
+
+    @torch.no_grad()
+    def _verify(self, hidden: torch.Tensor, logits: torch.Tensor) -> None:
+        """Once: the model's logits for the last position must be what the fused loss computes
+        from the head's input (catches logit post-processing mmtune does not reproduce)."""
+        last = hidden[..., -1:, :] if hidden.dim() >= 3 else hidden[-1:]
+        raw = F.linear(last, self.head.weight, self.head.bias).float()
+        theirs = logits.float()
+        if theirs.shape != raw.shape:
+            raise RuntimeError(f"fused cross-entropy: the model's logits have shape {tuple(theirs.shape)}, not "
+                               f"{tuple(raw.shape)}; it does not project the LM head's input directly. "
+                               "Set fused_cross_entropy: false.")
+        tol = 2e-2 * max(1.0, theirs.abs().max().item())
+        for softcap in dict.fromkeys([self.softcap, None]):
+            ours = raw if not softcap else torch.tanh(raw / softcap) * softcap
+            if torch.allclose(ours, theirs, rtol=2e-2, atol=tol):
+                if softcap != self.softcap:
+                    logger.info("fused cross-entropy: this model applies no final logit soft-capping")
+                self.softcap, self.verified = softcap, True
+                return
+        raise RuntimeError("fused cross-entropy: the model post-processes its logits in a way mmtune does not "
+                           "reproduce (max difference %.3g); set fused_cross_entropy: false"
+                           % (ours - theirs).abs().max().item())
+
+
+def enable_fused_cross_entropy(model: nn.Module) -> bool:
+    """Hook the fused loss into ``model`` (peft wrappers looked through); False (logged) when
+    the model does not fit: its head is not a plain Linear or it has its own loss."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    base = unwrap_model(model)
+    if getattr(base, "_mmtune_fused_head", None) is not None:
+        return True
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if type(head) is not nn.Linear:
+        logger.info("fused cross-entropy not applied: the output head is %s, not a plain Linear", type(head).__name__)
+        return False
+    if getattr(base, "_loss_function", None) is not None or getattr(base, "loss_function", None) is not ForCausalLMLoss:
+        logger.info("fused cross-entropy not applied: %s does not use the causal-LM loss", type(base).__name__)
+        return False
+    config = base.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    softcap = getattr(text, "final_logit_softcapping", None) or getattr(config, "final_logit_softcapping", None)
+    state = _FusedHead(head=head, softcap=softcap)
+    state.handles.append(head.register_forward_pre_hook(state.pre_hook, with_kwargs=True))
+    base.loss_function = state.loss
+    original = base.forward
+
+    @functools.wraps(original)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        if not (base.training and torch.is_grad_enabled() and kwargs.get("labels") is not None):
+            return original(*args, **kwargs)
+        state.active, state.called, state.hidden = True, False, None
+        try:
+            out = original(*args, **kwargs)
+        finally:
+            state.active, state.hidden = False, None
+        if not state.called:
+            raise RuntimeError(f"fused cross-entropy: {type(base).__name__} computed its loss without "
+                               "self.loss_function; set fused_cross_entropy: false")
+        if "logits" in out:
+            out["logits"] = None  # one row per sample, kept only for the check
+        return out
+
+    base.forward = forward
+    base._mmtune_fused_head = state
+    logger.info("fused linear cross-entropy on (%s, vocabulary %d%s): logits are never materialised whole",
+                "liger-kernel" if _liger_flce() is not None else "chunked PyTorch", head.out_features,
+                f", soft-cap {softcap}" if softcap else "")
+    return True
+
+
+# =============================================================== frozen towers without autograd
+def _no_grad_forward(module: nn.Module) -> None:
+    original = module.forward
+
+    @functools.wraps(original)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        with torch.no_grad():
+            return original(*args, **kwargs)
+
+    module.forward = forward
+
+
+def run_frozen_towers_without_grad(model: nn.Module) -> list[str]:
+    """Run every module of a fully frozen vision/audio tower under ``torch.no_grad``; returns
+    the tower keys it wrapped ([] when the tower trains, even in part, or there is none)."""
+    base = unwrap_model(model)
+    entry = get_composite_model(getattr(base.config, "model_type", ""))
+    if entry is None or not entry.vision_model_keys:
+        return []
+    towers = []
+    for key in entry.vision_model_keys:
+        try:
+            towers.append((key, base.get_submodule(key)))
+        except AttributeError:
+            continue
+    params = [p for _, m in towers for p in m.parameters()]
+    if not params:
+        return []
+    if any(p.requires_grad for p in params):
+        logger.info("frozen tower without autograd not applied: part of the tower trains")
+        return []
+    for _, module in towers:
+        for part in (list(module) if isinstance(module, nn.ModuleList) else [module]):
+            _no_grad_forward(part)
+    keys = [k for k, _ in towers]
+    logger.info("frozen tower runs without autograd: %s", ", ".join(keys))
+    return keys
+
+
+# =============================================================== regional torch.compile
+def repeated_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The members of every ModuleList of two or more blocks with parameters (decoder layers,
+    vision blocks), outermost lists only."""
+    found: list[tuple[str, nn.Module]] = []
+    taken: list[str] = []
+    for name, module in unwrap_model(model).named_modules():
+        if any(name.startswith(t + ".") for t in taken):
+            continue
+        if isinstance(module, nn.ModuleList) and len(module) >= 2 and all(
+                any(True for _ in child.parameters()) for child in module):
+            found.extend((f"{name}.{i}", child) for i, child in enumerate(module))
+            taken.append(name)
+    return found
+
+
+def compile_repeated_blocks(model: nn.Module, dynamic: bool | None = True, backend: str = "inductor") -> int:
+    """``module.compile()`` each repeated block: identical blocks share one compiled graph
+    (parameters are graph inputs), dynamic shapes spare recompiles across batch lengths, and
+    the state-dict keys do not change. Returns the number of blocks compiled."""
+    blocks = repeated_blocks(model)
+    if not blocks:
+        logger.info("regional compile not applied: no repeated blocks found")
+        return 0
+    import torch._dynamo
+
+    # a few variants per block type (checkpointed or not, train / eval) must fit the cache
+    limit = max(getattr(torch._dynamo.config, "cache_size_limit", 8), 64)
+    torch._dynamo.config.cache_size_limit = limit
+    if hasattr(torch._dynamo.config, "accumulated_cache_size_limit"):
+        torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit,
+                                                                 4 * limit)
+    for _, block in blocks:
+        block.compile(dynamic=dynamic, backend=backend)
+    kinds = sorted({type(b).__name__ for _, b in blocks})
+    logger.info("regional compile on: %d blocks (%s), backend %s, dynamic=%s", len(blocks), ", ".join(kinds),
+                backend, dynamic)
+    return len(blocks)
+
+
+# =============================================================== selective activation checkpointing
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The language model's repeated blocks, first to last."""
+    from .adapters import _decoder_layers
+
+    base = unwrap_model(model)
+    entry = get_composite_model(getattr(base.config, "model_type", ""))
+    keys = [k for k in (entry.language_model_keys if entry else []) if k != "lm_head"]
+    return [base.get_submodule(name) for name in _decoder_layers(base, keys)]
+
+
+def activation_bytes_per_token(config: Any, dtype_bytes: int = 2) -> tuple[int, int]:
+    """(bytes a decoder layer keeps for backward per token, bytes it keeps when checkpointed).
+
+    A llama-style layer with sdpa/flash attention keeps ~16 hidden-sized tensors (norm inputs
+    and fp32 upcasts, q/k/v, attention output, residuals) and 4 intermediate-sized ones
+    (gate, up, activation, product) per token; a checkpointed one keeps its input.
+    """
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = int(getattr(text, "hidden_size", 0) or 0)
+    inter = int(getattr(text, "intermediate_size", 0) or 4 * hidden)
+    return dtype_bytes * (16 * hidden + 4 * inter), dtype_bytes * hidden
+
+
+def choose_checkpoint_layers(num_layers: int, layer_bytes: float, checkpointed_bytes: float, available: float) -> int:
+    """Fewest layers to checkpoint so ``(L - n) * layer_bytes + n * checkpointed_bytes``
+    fits in ``available``; all of them when even that does not fit."""
+    if num_layers <= 0 or layer_bytes <= 0:
+        return 0
+    if num_layers * layer_bytes <= available:
+        return 0
+    saved = layer_bytes - checkpointed_bytes
+    if saved <= 0:
+        return num_layers
+    return int(min(num_layers, max(0, math.ceil((num_layers * layer_bytes - available) / saved))))
+
+
+def _memory_available(model: nn.Module, budget_gib: float | None, fused_ce: bool, tokens: int) -> float:
+    """Bytes left on the current CUDA device for decoder activations once the model, its
+    gradients and Adam states, the loss and a safety margin are counted."""
+    free, total = torch.cuda.mem_get_info()
+    params = list(model.parameters())
+    model_bytes = sum(p.numel() * p.element_size() for p in params)
+    on_gpu = any(p.is_cuda for p in params)
+    trainable = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+    available = free - (0 if on_gpu else model_bytes)
+    if budget_gib is not None:
+        used = torch.cuda.memory_allocated() + (0 if on_gpu else model_bytes)
+        available = min(available, budget_gib * 2**30 - used)
+    head = unwrap_model(model).get_output_embeddings() if hasattr(unwrap_model(model), "get_output_embeddings") else None
+    vocab = getattr(head, "out_features", 0) or 0
+    loss_bytes = tokens * vocab * 12 if not fused_ce else 2**29 * 3
+    margin = max(2 * 2**30, 0.08 * total)
+    return available - 3 * trainable - loss_bytes - margin
+
+
+def resolve_checkpoint_layers(spec: int | str, model: nn.Module, *, gradient_checkpointing: bool, device_type: str,
+                              batch_tokens: int | None, budget_gib: float | None = None, fused_ce: bool = True) -> int:
+    """How many decoder layers to checkpoint. An integer is taken as given; ``auto`` on CUDA
+    picks the fewest that fit the memory estimate (the user flag does not matter there);
+    ``auto`` elsewhere, or without a batch size, is all-or-none per ``gradient_checkpointing``."""
+    layers = decoder_layers(model)
+    if isinstance(spec, str) and spec.strip().lower() != "auto":
+        spec = int(spec)
+    if not isinstance(spec, str):
+        if spec < 0:
+            raise ValueError(f"gradient_checkpointing_layers must be >= 0 or 'auto', not {spec}")
+        return min(int(spec), len(layers))
+    if device_type != "cuda" or not torch.cuda.is_available() or not batch_tokens or not layers:
+        return len(layers) if gradient_checkpointing else 0
+    dtype_bytes = next((p.element_size() for p in model.parameters() if p.is_floating_point()), 2)
+    per_token, ckpt_per_token = activation_bytes_per_token(unwrap_model(model).config, dtype_bytes)
+    available = _memory_available(model, budget_gib, fused_ce, batch_tokens)
+    n = choose_checkpoint_layers(len(layers), per_token * batch_tokens, ckpt_per_token * batch_tokens, available)
+    logger.info("activation checkpointing auto: %.1f GiB for activations, %.2f GiB per layer (%d tokens): "
+                "checkpointing %d of %d decoder layers", available / 2**30, per_token * batch_tokens / 2**30,
+                batch_tokens, n, len(layers))
+    return n
+
+
+def set_checkpointed_layers(model: nn.Module, n: int) -> int:
+    """Checkpoint the first ``n`` decoder layers and no other (enabling non-reentrant
+    checkpointing when it is off); other modules keep their flags. Returns ``n``."""
+    layers = decoder_layers(model)
+    n = min(n, len(layers))
+    if n > 0 and not any(getattr(m, "gradient_checkpointing", False) for m in layers):
+        from .loader import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(unwrap_model(model))
+    for i, layer in enumerate(layers):
+        if hasattr(layer, "gradient_checkpointing"):
+            layer.gradient_checkpointing = i < n
+    if layers:
+        logger.info("activation checkpointing: %d of %d decoder layers", n, len(layers))
+    return n
+
+
+# =============================================================== Liger kernels
+def apply_liger_kernels(model: nn.Module) -> bool:
+    """Liger's RMSNorm / SwiGLU / rotary kernels on ``model`` (cross-entropy is ours)."""
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError:
+        logger.info("liger-kernel not installed: RMSNorm, SwiGLU and rotary run unfused (pip install liger-kernel)")
+        return False
+    try:
+        _apply_liger_kernel_to_instance(model=unwrap_model(model), rms_norm=True, swiglu=True, rope=True,
+                                        cross_entropy=False, fused_linear_cross_entropy=False)
+    except Exception as exc:  # a model type or transformers version liger does not support
+        logger.warning("liger kernels not applied: %s", exc)
+        return False
+    logger.info("liger kernels on: RMSNorm, SwiGLU, rotary")
+    return True
+
+
+# =============================================================== all levers
+def apply_speed_levers(model: nn.Module, model_args: Any, *, gradient_checkpointing: bool = False,
+                       device_type: str | None = None, batch_tokens: int | None = None) -> dict[str, Any]:
+    """Apply the switched-on levers to a model ready to train; returns what was applied."""
+    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    applied: dict[str, Any] = {}
+    liger = getattr(model_args, "liger_kernels", None)
+    if liger is None:
+        liger = device_type == "cuda"
+    if liger:
+        applied["liger_kernels"] = apply_liger_kernels(model)
+    fused = getattr(model_args, "fused_cross_entropy", True)
+    if fused:
+        applied["fused_cross_entropy"] = enable_fused_cross_entropy(model)
+    if getattr(model_args, "frozen_tower_no_grad", True):
+        applied["frozen_tower_no_grad"] = run_frozen_towers_without_grad(model)
+    spec = getattr(model_args, "gradient_checkpointing_layers", "auto")
+    n = resolve_checkpoint_layers(spec, model, gradient_checkpointing=gradient_checkpointing, device_type=device_type,
+                                  batch_tokens=batch_tokens, budget_gib=getattr(model_args, "memory_budget_gib", None),
+                                  fused_ce=bool(applied.get("fused_cross_entropy")))
+    if n or gradient_checkpointing:
+        applied["checkpointed_layers"] = set_checkpointed_layers(model, n)
+    compile_ = getattr(model_args, "compile", None)
+    if compile_ is None:
+        compile_ = device_type == "cuda"
+    if compile_:
+        applied["compiled_blocks"] = compile_repeated_blocks(model, dynamic=getattr(model_args, "compile_dynamic", True),
+                                                             backend=getattr(model_args, "compile_backend", "inductor"))
+    return applied
