@@ -36,6 +36,11 @@ class DataArguments:
     video_maxlen: int = 128
     audio_sampling_rate: int = 16000
     use_audio_in_video: bool = False
+    packing: bool | None = field(default=None, metadata={
+        "help": "Several samples per row, attention kept inside each (data/packing.py). Default: on when the model "
+                "packs exactly and the lengths vary enough to gain >= 1.2x samples a step; false: pad."})
+    packing_max_len: int | None = field(default=None, metadata={
+        "help": "Tokens per packed row; default: the longest sample (the peak memory padding already needs)."})
 
     def media_config(self) -> MediaConfig:
         names = {f.name for f in fields(MediaConfig)}
