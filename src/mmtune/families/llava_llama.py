@@ -111,3 +111,36 @@ def tiny_llava_llama_config(**changes: Any) -> Any:
 
 register_fixture(FamilyFixture("llava_llama", build=_build_processor, tiny_config=tiny_llava_llama_config,
                                plugin="llava_llama"))
+
+
+def plain_llama_dir(root: str, seed: int = 5) -> str:
+    """A tiny plain Llama LM + tokenizer saved to ``root/lm``: what LLaVA's stage 1 starts from."""
+    import os
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(seed)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
+                                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    path = os.path.join(root, "lm")
+    lm.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def clip_tower_dir(root: str, seed: int = 3) -> str:
+    """A tiny CLIP vision checkpoint (56 px, 16 patches) + its image processor at ``root/clip``."""
+    import os
+
+    import torch
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(seed)
+    path = os.path.join(root, "clip")
+    CLIPVisionModel(CLIPVisionConfig(**{k: v for k, v in TINY_TOWER.items() if k != "model_type"})).save_pretrained(path)
+    side = TINY_TOWER["image_size"]
+    CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side}).save_pretrained(path)
+    return path

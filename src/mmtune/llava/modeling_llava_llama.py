@@ -72,6 +72,7 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
         """Images are encoded once, into left-padded prompt embeddings; the KV cache carries
         them through decoding. Returns the new tokens only (as for any ``inputs_embeds``)."""
         images = images if images is not None else kwargs.pop("pixel_values", None)
+        inputs = inputs if inputs is not None else kwargs.pop("input_ids", None)
         if images is None:
             return super().generate(inputs, **kwargs)
         if "inputs_embeds" in kwargs:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from typing import Any
 
 
@@ -88,11 +89,25 @@ def _assembled_llava_processor(llava: Any, model_args: Any, tokenizer: Any) -> A
                                      mm_use_im_start_end=bool(model_args.mm_use_im_start_end))
 
 
+def _llava_adapter_config(model_args: Any) -> Any:
+    """The llava_llama config saved beside a LoRA adapter trained on an assembled LLaVA."""
+    path = getattr(model_args, "adapter_name_or_path", None)
+    if not path or not os.path.isfile(os.path.join(path, "config.json")):
+        return None
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    return config if config.model_type == "llava_llama" else None
+
+
 def load_config(model_args: Any) -> Any:
     from transformers import AutoConfig
 
     _import_llava()
     config = AutoConfig.from_pretrained(model_args.model_name_or_path, **_hub_kwargs(model_args))
+    adapter_config = _llava_adapter_config(model_args)
+    if adapter_config is not None and config.model_type != "llava_llama":
+        return adapter_config  # a LoRA run of a LLaVA assembled around this plain LM
     if assembles_llava(model_args) and config.model_type != "llava_llama":
         from mmtune.llava import LlavaConfig
 
@@ -111,13 +126,15 @@ def load_model(
     config: Any = None,
     device_type: str | None = None,
     batch_tokens: int | None = None,
+    tokenizer: Any = None,
 ) -> Any:
     """Build or load the model, then apply the fine-tuning method.
 
     ``config`` given without weights on disk (``model_name_or_path`` empty) builds a randomly
     initialised model: that is how tests and benchmarks make real-sized models offline.
     ``device_type`` (where it will train; default cuda when present) and ``batch_tokens``
-    (batch size x sequence length) inform the speed levers.
+    (batch size x sequence length) inform the speed levers. ``tokenizer`` (native LLaVA) gets
+    the image tokens the model's config asks for, and the embeddings grow to match.
     """
     config = configure_visual_model(config) if config is not None else load_config(model_args)
     dtype = model_args.compute_dtype(getattr(config, "torch_dtype", None) or getattr(config, "dtype", None))
@@ -125,9 +142,13 @@ def load_model(
     attn = resolve_attn_implementation(model_args.attn_implementation)
     with projector_override(config):
         if model_args.model_name_or_path:
-            model = cls.from_pretrained(model_args.model_name_or_path, config=config, dtype=dtype,
-                                        attn_implementation=attn, **prepare_quantization(model_args),
-                                        **_hub_kwargs(model_args))
+            model, info = cls.from_pretrained(model_args.model_name_or_path, config=config, dtype=dtype,
+                                              attn_implementation=attn, output_loading_info=True,
+                                              **prepare_quantization(model_args), **_hub_kwargs(model_args))
+            if getattr(config, "model_type", "") == "llava_llama":
+                from mmtune.llava.builder import ensure_tower_weights
+
+                ensure_tower_weights(model, info["missing_keys"])  # LLaVA checkpoints may omit the tower
         else:
             config._attn_implementation = attn
             model = cls.from_config(config, dtype=dtype) if hasattr(cls, "from_config") else cls(config).to(dtype)

@@ -101,6 +101,9 @@ def run_sft(model_args: Any, data_args: Any, finetuning_args: Any, mm_args: Any,
         (processor or tokenizer).save_pretrained(training_args.output_dir)
         if finetuning_args.train_mm_proj_only:
             save_projector(trainer.model, training_args.output_dir)
+        if getattr(model_args, "vision_tower", None) and finetuning_args.finetuning_type == "lora":
+            # the adapter's base is a plain LM: keep the assembled LLaVA's config beside it
+            trainer.model.config.save_pretrained(training_args.output_dir)
     metrics = dict(result.metrics)
     if datasets.get("eval") is not None:
         metrics.update(trainer.evaluate())
