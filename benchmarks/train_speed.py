@@ -22,6 +22,9 @@ import torch
 from transformers import TrainerCallback
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
+#: --without NAME switches one speed lever (mmtune.model.speed) off, for its row in the table
+LEVERS = {"fused-ce": "fused_cross_entropy", "compile": "compile", "tower-no-grad": "frozen_tower_no_grad",
+          "liger": "liger_kernels"}
 
 
 class StepTimer(TrainerCallback):
@@ -57,6 +60,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--output-dir", default="/tmp/mmtune_bench_out")
     ap.add_argument("--json", default=None)
     ap.add_argument("--cpu", action="store_true", help="smoke test on the CPU")
+    ap.add_argument("--without", action="append", default=[], choices=sorted(LEVERS), help="a speed lever off")
+    ap.add_argument("--ckpt-layers", default=None, help="gradient_checkpointing_layers: N or auto (default)")
     args = ap.parse_args(argv)
 
     from mmtune.train import parse_config, run_sft
@@ -69,6 +74,9 @@ def main(argv: list[str] | None = None) -> dict:
                gradient_checkpointing=args.gradient_checkpointing, dataloader_num_workers=4 if cuda else 0,
                dataloader_pin_memory=cuda, use_cpu=not cuda, disable_tqdm=True, plot_loss=False,
                preprocessing_num_workers=8 if cuda else None, overwrite_cache=True)
+    cfg.update({LEVERS[name]: False for name in args.without})
+    if args.ckpt_layers is not None:
+        cfg["gradient_checkpointing_layers"] = args.ckpt_layers
     parsed = parse_config(None, extra=cfg)
     timer = StepTimer()
     if cuda:
@@ -87,6 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
         "tokens_per_s": round(args.batch * tokens_per_sample / step, 1), "tokens_per_sample": tokens_per_sample,
         "dataloader_wait_pct": round(100 * statistics.mean(timer.wait[args.warmup:] or [0.0]) / step, 2),
         "wall_s": round(wall, 1), "gradient_checkpointing": args.gradient_checkpointing, "samples": len(data),
+        "levers_off": args.without, "ckpt_layers": args.ckpt_layers or "auto",
     }
     if cuda:
         row["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)

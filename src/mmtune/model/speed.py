@@ -63,15 +63,17 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 target: torch.Tensor, denom: torch.Tensor, softcap: float | None, chunk_size: int) -> torch.Tensor:
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         need_b = need_b and bias is not None
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 for gradcheck
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
+        denom = denom.to(acc)
         log_denom = denom.log()
-        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        loss = torch.zeros((), dtype=acc, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start:start + chunk_size]
             t = target[start:start + chunk_size]
-            logits = F.linear(h, weight, bias).float()
+            logits = F.linear(h, weight, bias).to(acc)
             if softcap:
                 tanh = torch.tanh(logits / softcap)
                 logits = tanh * softcap
@@ -90,22 +92,21 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             if need_h:
                 grad_h[start:start + chunk_size] = g @ weight
             if need_w:
-                grad_w += (g.t() @ h).float()
+                grad_w += (g.t() @ h).to(acc)
         ctx.grads = (grad_h, grad_w, grad_b)
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
         return loss / denom
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple:
-        grad_h, grad_w, grad_b = ctx.grads
-        ctx.grads = None
+        grad_h, grad_w, grad_b = ctx.grads  # kept (not mutated) so a retained graph can run backward again
         w_dtype, b_dtype = ctx.dtypes
         if grad_h is not None:
             grad_h = grad_h * grad_out.to(grad_h.dtype)
         if grad_w is not None:
-            grad_w = grad_w.mul_(grad_out).to(w_dtype)
+            grad_w = grad_w.to(w_dtype, copy=True).mul_(grad_out)
         if grad_b is not None:
-            grad_b = grad_b.mul_(grad_out).to(b_dtype)
+            grad_b = grad_b.to(b_dtype, copy=True).mul_(grad_out)
         return grad_h, grad_w, grad_b, None, None, None, None
 
 

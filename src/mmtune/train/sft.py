@@ -12,7 +12,7 @@ import torch
 from transformers import Trainer
 
 from mmtune.data import MultiModalCollator, build_dataset
-from mmtune.data.packing import maybe_pack
+from mmtune.data.packing import dataset_lengths, maybe_pack
 from mmtune.model.composite import get_composite_model, has_prefix
 from mmtune.model.loader import load_model, load_tokenizer_and_processor
 from mmtune.plugins import get_mm_plugin
@@ -77,7 +77,10 @@ def run_sft(model_args: Any, data_args: Any, finetuning_args: Any, mm_args: Any,
     with training_args.main_process_first(desc="tokenising"):
         datasets = build_dataset(data_args, template, plugin, tokenizer, processor)
     gc = training_args.gradient_checkpointing
-    model = load_model(model_args, finetuning_args, is_trainable=True, gradient_checkpointing=gc, tokenizer=tokenizer)
+    longest = max(dataset_lengths(datasets["train"]), default=data_args.cutoff_len)  # sizes auto checkpointing
+    batch_tokens = training_args.per_device_train_batch_size * max(longest, data_args.packing_max_len or 0)
+    model = load_model(model_args, finetuning_args, is_trainable=True, gradient_checkpointing=gc, tokenizer=tokenizer,
+                       device_type=training_args.device.type, batch_tokens=batch_tokens)
     training_args = dataclasses.replace(training_args, gradient_checkpointing=False)  # enabled above, once
     fake = mm_args.fake_media_for_text_only
     if fake is None:

@@ -1,0 +1,382 @@
+"""Speed levers (mmtune.model.speed) change no result: each lever on gives the losses (and
+gradients) of the lever off over several optimiser steps, on tiny random models."""
+
+import copy
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmtune.hparams import FinetuningArguments, ModelArguments
+from mmtune.model import speed
+from mmtune.model.adapters import init_adapter
+
+from .conftest import tiny_model
+
+IGNORE = -100
+
+
+# ------------------------------------------------------------------ helpers
+def _batch(model_type, seed=0, answer_lens=(3, 7)):
+    """Two samples of different lengths (one image each), right-padded, prompt unlabelled."""
+    from mmtune.plugins import get_mm_plugin
+    from mmtune.testing import load_processor, make_image
+    from mmtune.testing.parity import MMSample, plugin_ids
+
+    processor = load_processor(model_type)
+    plugin = get_mm_plugin(model_type)
+    words = "red blue green circle square star cross the a shape".split()
+    g = torch.Generator().manual_seed(seed)
+    images, ids, labels = [], [], []
+    for i, n in enumerate(answer_lens):
+        img = make_image(64 + 8 * i, 48, seed=seed + i)
+        answer = " ".join(words[j] for j in torch.randint(0, len(words), (n,), generator=g).tolist())
+        prompt = MMSample([{"role": "user", "content": "<image>what is it"}], [img])
+        full = MMSample([{"role": "user", "content": "<image>what is it"}, {"role": "assistant", "content": answer}], [img])
+        p, f = plugin_ids(plugin, processor, prompt), plugin_ids(plugin, processor, full)
+        images.append(img)
+        ids.append(f)
+        labels.append([IGNORE] * len(p) + f[len(p):])
+    width = max(map(len, ids))
+    pad = processor.tokenizer.pad_token_id or 0
+    batch = {
+        "input_ids": torch.tensor([x + [pad] * (width - len(x)) for x in ids]),
+        "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids]),
+        "labels": torch.tensor([x + [IGNORE] * (width - len(x)) for x in labels]),
+    }
+    batch.update(plugin.get_mm_inputs(images, [], [], [1, 1], [0, 0], [0, 0], ids, processor))
+    if plugin.token_type_key:
+        batch[plugin.token_type_key] = plugin.mm_token_type_ids(batch["input_ids"], processor)
+    return batch
+
+
+def _model(model_type, method="lora", **flags):
+    base = copy.deepcopy(tiny_model(model_type))
+    torch.manual_seed(0)
+    args = FinetuningArguments(finetuning_type=method, lora_rank=4, **flags)
+    model = init_adapter(base, ModelArguments(), args)
+    with torch.no_grad():  # LoRA B starts at 0: make every adapter matter from step 1
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.02)
+    return model
+
+
+def _train(model, batches, steps=3, lr=0.5):
+    """Losses of ``steps`` SGD steps, and the gradients of the first step."""
+    model.train()
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.SGD(params.values(), lr=lr)
+    losses, first = [], None
+    for step in range(steps):
+        loss = model(**batches[step % len(batches)]).loss
+        loss.backward()
+        if first is None:
+            first = {n: p.grad.detach().clone() for n, p in params.items() if p.grad is not None}
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses, first
+
+
+def _assert_same(ref, new, rel=1e-5, atol=1e-6):
+    (ref_losses, ref_grads), (losses, grads) = ref, new
+    assert losses == pytest.approx(ref_losses, rel=rel, abs=atol)
+    assert ref_grads.keys() == grads.keys() and ref_grads
+    for name, g in ref_grads.items():
+        assert torch.allclose(grads[name], g, rtol=1e-4, atol=atol), (name, (grads[name] - g).abs().max())
+
+
+# ------------------------------------------------------------------ fused linear cross-entropy
+@pytest.mark.parametrize("softcap", [None, 5.0])
+@pytest.mark.parametrize("num_items", [None, 11])
+def test_fused_linear_cross_entropy_equals_full_logits(softcap, num_items):
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 9, 16, requires_grad=True)
+    weight = torch.randn(37, 16, requires_grad=True)
+    bias = torch.randn(37, requires_grad=True)
+    target = torch.randint(0, 37, (2, 9))
+    target[0, :4] = IGNORE
+    target[1, -2:] = IGNORE
+
+    logits = F.linear(hidden, weight, bias)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    ref = F.cross_entropy(logits.view(-1, 37), target.view(-1), ignore_index=IGNORE,
+                          reduction="mean" if num_items is None else "sum")
+    ref = ref if num_items is None else ref / num_items
+    (ref * 3).backward()  # a grad_output other than 1
+    ref_grads = [t.grad.clone() for t in (hidden, weight, bias)]
+    for t in (hidden, weight, bias):
+        t.grad = None
+
+    loss = speed.fused_linear_cross_entropy(hidden, weight, target, bias, num_items_in_batch=num_items,
+                                            softcap=softcap, chunk_size=4)  # several chunks
+    (loss * 3).backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    for t, g in zip((hidden, weight, bias), ref_grads):
+        assert torch.allclose(t.grad, g, atol=1e-6), (t.grad - g).abs().max()
+    assert hidden.grad[0, :4].abs().sum() == 0  # ignored rows get no gradient
+
+
+def test_fused_linear_cross_entropy_gradcheck_and_edge_cases():
+    torch.manual_seed(0)
+    h = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([1, IGNORE, 6, 0, 3])
+    assert torch.autograd.gradcheck(
+        lambda h, w: speed.fused_linear_cross_entropy(h, w, t, softcap=2.0, chunk_size=2), (h, w))
+    # only the trainable side is computed (LoRA: frozen head)
+    w.requires_grad_(False)
+    speed.fused_linear_cross_entropy(h, w, t).backward()
+    assert h.grad is not None and w.grad is None
+    # no labelled token: a zero loss still joined to the graph
+    loss = speed.fused_linear_cross_entropy(h, w, torch.full((5,), IGNORE))
+    assert loss.item() == 0 and loss.requires_grad
+    assert speed.default_chunk_size(151936) == 512 and speed.default_chunk_size(400) == 8192
+
+
+@pytest.mark.parametrize("model_type,method", [("qwen2_vl", "lora"), ("qwen2_vl", "full"), ("llava", "lora"),
+                                               ("gemma3", "lora")])
+def test_fused_cross_entropy_in_the_model_keeps_losses_and_grads(model_type, method):
+    batches = [_batch(model_type, seed=s) for s in (0, 1)]
+    ref = _train(_model(model_type, method), batches)
+    model = _model(model_type, method)
+    assert speed.enable_fused_cross_entropy(model)
+    new = _train(model, batches)
+    _assert_same(ref, new)
+    model.train()
+    out = model(**batches[0])
+    assert out.logits is None and out.loss is not None  # the full logits were never made
+    model.eval()
+    with torch.no_grad():
+        assert model(**batches[0]).logits.shape[-1] == model.get_output_embeddings().out_features  # eval: as before
+
+
+def test_fused_cross_entropy_respects_num_items_in_batch():
+    """Gradient accumulation: HF Trainer passes the batch's label count; sum / that count."""
+    batch = _batch("qwen2_vl")
+    ref, fused = _model("qwen2_vl"), _model("qwen2_vl")
+    speed.enable_fused_cross_entropy(fused)
+    ref.train(), fused.train()
+    a = ref(**batch, num_items_in_batch=torch.tensor(23)).loss
+    b = fused(**batch, num_items_in_batch=torch.tensor(23)).loss
+    assert b.item() == pytest.approx(a.item(), rel=1e-6)
+    assert b.item() != pytest.approx(fused(**batch).loss.item(), rel=1e-3)
+
+
+def test_fused_cross_entropy_refuses_logits_it_does_not_reproduce():
+    model = _model("qwen2_vl")
+    speed.enable_fused_cross_entropy(model)
+    head = speed.unwrap_model(model).get_output_embeddings()
+    head.register_forward_hook(lambda m, i, out: out * 3.0)  # e.g. a logit scale we do not know of
+    model.train()
+    with pytest.raises(RuntimeError, match="fused_cross_entropy: false"):
+        model(**_batch("qwen2_vl"))
+
+
+def test_softcapped_logits_are_reproduced():
+    """PaliGemma / Gemma-2 style final_logit_softcapping, detected from the config and checked."""
+    model = _model("qwen2_vl")
+    base = speed.unwrap_model(model)
+    base.config.text_config.final_logit_softcapping = 0.5  # strong: tiny random logits are ~0.1..1
+    head = base.get_output_embeddings()
+    ref = copy.deepcopy(model)
+    for m in (model, ref):
+        speed.unwrap_model(m).get_output_embeddings().register_forward_hook(
+            lambda mod, i, out: torch.tanh(out / 0.5) * 0.5)
+    assert speed.enable_fused_cross_entropy(model)
+    assert base._mmtune_fused_head.softcap == 0.5 and head is base.get_output_embeddings()
+    batches = [_batch("qwen2_vl")]
+    _assert_same(_train(ref, batches, steps=2), _train(model, batches, steps=2))
+
+
+def test_fused_cross_entropy_under_bf16_autocast_matches():
+    batch = _batch("qwen2_vl")
+    ref, fused = _model("qwen2_vl"), _model("qwen2_vl")
+    speed.enable_fused_cross_entropy(fused)
+    ref.train(), fused.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = ref(**batch).loss, fused(**batch).loss
+    assert b.item() == pytest.approx(a.item(), rel=1e-2)
+
+
+# ------------------------------------------------------------------ frozen tower without autograd
+def _tower_output_requires_grad(model):
+    seen = []
+    base = speed.unwrap_model(model)
+    base.model.visual.blocks[-1].register_forward_hook(lambda m, i, out: seen.append(out.requires_grad))
+    model.train()
+    model(**_batch("qwen2_vl"))
+    return seen[-1]
+
+
+def test_frozen_tower_without_autograd_keeps_losses_and_grads():
+    from mmtune.model.loader import enable_gradient_checkpointing
+
+    def build(lever):
+        model = _model("qwen2_vl", freeze_multi_modal_projector=False)  # the projector (merger) trains
+        enable_gradient_checkpointing(speed.unwrap_model(model))  # makes the tower record a graph
+        if lever:
+            assert speed.run_frozen_towers_without_grad(model) == ["model.visual.patch_embed", "model.visual.blocks"]
+        return model
+
+    batches = [_batch("qwen2_vl", seed=s) for s in (0, 1)]
+    _assert_same(_train(build(False), batches), _train(build(True), batches))
+    assert _tower_output_requires_grad(build(False)) and not _tower_output_requires_grad(build(True))
+    # a tower that trains, even in part, is left alone
+    assert speed.run_frozen_towers_without_grad(_model("qwen2_vl", "full", freeze_vision_tower=False)) == []
+
+
+# ------------------------------------------------------------------ selective activation checkpointing
+def test_choose_checkpoint_layers_from_a_memory_budget():
+    assert speed.choose_checkpoint_layers(28, 1.0, 0.1, 40.0) == 0  # everything fits
+    assert speed.choose_checkpoint_layers(28, 1.0, 0.1, 0.0) == 28  # nothing fits
+    n = speed.choose_checkpoint_layers(28, 1.0, 0.1, 20.0)
+    assert (28 - n) * 1.0 + n * 0.1 <= 20.0 < (28 - n + 1) * 1.0 + (n - 1) * 0.1
+    per_token, ckpt = speed.activation_bytes_per_token(tiny_model("qwen2_vl").config)
+    assert per_token > ckpt > 0
+    model = _model("qwen2_vl")
+    kw = dict(device_type="cpu", batch_tokens=1000)
+    assert speed.resolve_checkpoint_layers("auto", model, gradient_checkpointing=True, **kw) == 2
+    assert speed.resolve_checkpoint_layers("auto", model, gradient_checkpointing=False, **kw) == 0
+    assert speed.resolve_checkpoint_layers(1, model, gradient_checkpointing=False, **kw) == 1
+    assert speed.resolve_checkpoint_layers("9", model, gradient_checkpointing=False, **kw) == 2
+    with pytest.raises(ValueError):
+        speed.resolve_checkpoint_layers(-1, model, gradient_checkpointing=False, **kw)
+
+
+def test_selective_checkpointing_keeps_losses_and_recomputes_only_n_layers():
+    batches = [_batch("qwen2_vl", seed=s) for s in (0, 1)]
+    ref = _train(_model("qwen2_vl"), batches)
+    for n in (0, 1, 2):  # none, half, all of the 2 decoder layers
+        model = _model("qwen2_vl")
+        assert speed.set_checkpointed_layers(model, n) == n
+        layers = speed.decoder_layers(model)
+        calls = [0] * len(layers)
+        for i, layer in enumerate(layers):
+            layer.mlp.register_forward_pre_hook(lambda m, a, i=i: calls.__setitem__(i, calls[i] + 1))
+        _assert_same(ref, _train(model, batches, steps=3))
+        # a checkpointed layer runs its forward (so its MLP) again in the backward
+        assert calls == [6 if i < n else 3 for i in range(len(layers))], (n, calls)
+
+
+# ------------------------------------------------------------------ regional compile
+def _tiny_lm():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=1))
+
+
+def _compiled_losses(backend):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    ref, model = _tiny_lm(), _tiny_lm()
+    assert speed.compile_repeated_blocks(model, dynamic=True, backend=backend) == 2
+    batches = []
+    for length in (12, 9, 15):  # new lengths must not recompile
+        ids = torch.randint(0, 64, (2, length), generator=torch.Generator().manual_seed(length))
+        batches.append({"input_ids": ids, "labels": ids})
+    ref_run = _train(ref, batches, steps=3, lr=0.1)
+    model.train()
+    model(**batches[0]).loss.backward()  # the one compile
+    model.zero_grad()
+    torch._dynamo.config.error_on_recompile = True
+    try:
+        new = _train(model, batches, steps=3, lr=0.1)
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+    assert [k for k, _ in model.state_dict().items()] == [k for k, _ in ref.state_dict().items()]
+    return ref_run, new
+
+
+def test_regional_compile_keeps_losses_without_recompiles():
+    """aot_eager traces each block and its backward like inductor does, minus code generation
+    (~25 s on 2 CPU cores; inductor's C++ build adds ~60 s: MMTUNE_TEST_INDUCTOR=1 below)."""
+    _assert_same(*_compiled_losses("aot_eager"))
+
+
+@pytest.mark.skipif(not os.environ.get("MMTUNE_TEST_INDUCTOR"), reason="inductor on CPU costs ~90 s; set "
+                    "MMTUNE_TEST_INDUCTOR=1")
+def test_regional_compile_inductor_keeps_losses():
+    _assert_same(*_compiled_losses("inductor"), rel=1e-4, atol=1e-5)
+
+
+def test_repeated_blocks_are_decoder_layers_and_vision_blocks():
+    names = [n for n, _ in speed.repeated_blocks(_model("qwen2_vl"))]
+    assert names == ["model.visual.blocks.0", "model.visual.blocks.1", "model.language_model.layers.0",
+                     "model.language_model.layers.1"]
+
+
+# ------------------------------------------------------------------ wiring
+def test_load_model_applies_the_default_levers_on_cpu(caplog):
+    import logging
+
+    from mmtune.model.loader import load_model
+    from mmtune.train import parse_config
+
+    config = copy.deepcopy(tiny_model("qwen2_vl").config)
+    with caplog.at_level(logging.INFO, logger="mmtune.model.speed"):
+        model = load_model(ModelArguments(torch_dtype="fp32"), FinetuningArguments(), config=config, device_type="cpu")
+    base = speed.unwrap_model(model)
+    assert base._mmtune_fused_head is not None
+    assert not any(getattr(m, "_compiled_call_impl", None) for m in base.modules())  # compile: CUDA only
+    text = caplog.text
+    assert "fused linear cross-entropy on" in text and "frozen tower runs without autograd" in text
+    off = ModelArguments(torch_dtype="fp32", fused_cross_entropy=False, frozen_tower_no_grad=False)
+    plain = speed.unwrap_model(load_model(off, FinetuningArguments(), config=config, device_type="cpu"))
+    assert getattr(plain, "_mmtune_fused_head", None) is None
+    model_args = parse_config(None, extra={"compile": False, "gradient_checkpointing_layers": 3,
+                                           "memory_budget_gib": 20, "liger_kernels": False})[0]
+    assert model_args.compile is False and model_args.gradient_checkpointing_layers == 3
+
+
+def test_liger_absence_is_logged(caplog):
+    import importlib.util
+    import logging
+
+    if importlib.util.find_spec("liger_kernel") is not None:
+        pytest.skip("liger-kernel is installed here")
+    with caplog.at_level(logging.INFO, logger="mmtune.model.speed"):
+        assert speed.apply_liger_kernels(_model("qwen2_vl")) is False
+    assert "liger-kernel not installed" in caplog.text
+
+
+def test_mmtune_train_with_levers_gives_the_losses_of_levers_off(tmp_path, caplog):
+    """The real path (dataset on disk, collator, HF Trainer with gradient accumulation, so
+    num_items_in_batch): fused cross-entropy + frozen tower without autograd + one of two
+    layers checkpointed log the losses of all levers off, step for step."""
+    import json
+
+    from transformers import set_seed
+
+    from mmtune.demo import build_model_dir, make_dataset
+    from mmtune.train import parse_config, run_sft
+
+    data, _ = make_dataset(str(tmp_path / "data"), n_train=16, n_test=0, size=56)
+    model = build_model_dir(str(tmp_path), hidden=64)
+
+    def losses(name, **levers):
+        out = tmp_path / name
+        set_seed(0)  # LoRA's init draws before the Trainer seeds
+        run_sft(*parse_config(None, extra=dict(
+            model_name_or_path=model, dataset=data, template="qwen2_vl", finetuning_type="lora", lora_rank=4,
+            torch_dtype="fp32", output_dir=str(out), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+            max_steps=4, learning_rate=5e-3, logging_steps=1, save_strategy="no", seed=0, data_seed=0, use_cpu=True,
+            dataloader_num_workers=0, disable_tqdm=True, plot_loss=False, cutoff_len=256, gradient_checkpointing=True,
+            packing=False, **levers)))
+        rows = [json.loads(line) for line in open(out / "trainer_log.jsonl")]
+        return [r["loss"] for r in rows if "loss" in r]
+
+    off = losses("off", fused_cross_entropy=False, frozen_tower_no_grad=False, gradient_checkpointing_layers="auto")
+    caplog.clear()
+    with caplog.at_level("INFO", logger="mmtune.model.speed"):
+        on = losses("on", gradient_checkpointing_layers=1)
+    for applied in ("fused linear cross-entropy on", "frozen tower runs without autograd",
+                    "activation checkpointing: 1 of 2 decoder layers"):
+        assert applied in caplog.text
+    assert len(off) == 4 and on == pytest.approx(off, rel=1e-5, abs=1e-6)
