@@ -55,7 +55,7 @@ class MultiModalCollator:
         size = 56
         dummy = Image.new("RGB", (size, size), (255, 255, 255))
         messages = self.plugin.process_messages([{"role": "user", "content": "<image>"}], [dummy], [], [], self.processor)
-        fake = self.tokenizer(messages[0]["content"], add_special_tokens=False)["input_ids"]
+        fake = self.plugin.tokenize(messages[0]["content"], self.tokenizer)
         fake, _ = self.plugin.process_token_ids(fake, None, [dummy], [], [], self.tokenizer, self.processor)
         first = dict(features[0])
         real = len(first["input_ids"])

@@ -42,7 +42,8 @@ def encode_sample(
     """Expand media, apply the template, edit ids per family, then truncate safely: text may
     be cut after the last media token; a cut through media drops the sample (or raises)."""
     messages = plugin.process_messages(sample.messages, sample.images, sample.videos, sample.audios, processor)
-    input_ids, labels = template.encode(tokenizer, messages, sample.system, train_on_prompt, mask_history)
+    input_ids, labels = template.encode(tokenizer, messages, sample.system, train_on_prompt, mask_history,
+                                        tokenize=plugin.tokenize)
     input_ids, labels = plugin.process_token_ids(
         input_ids, labels, sample.images, sample.videos, sample.audios, tokenizer, processor
     )

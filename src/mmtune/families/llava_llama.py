@@ -38,6 +38,18 @@ class LlavaLlamaPlugin(BasePlugin):
                 message["content"] = message["content"].replace(self.image_token, IM_START + self.image_token + IM_END)
         return messages
 
+    def tokenize(self, text: str, tokenizer: Any) -> list[int]:
+        """As LLaVA's ``tokenizer_image_token``: the text between placeholders is tokenised
+        piece by piece and each ``<image>`` is one ``IMAGE_TOKEN_INDEX``."""
+        pieces = text.split(self.image_token)
+        ids: list[int] = []
+        for i, piece in enumerate(pieces):
+            if i:
+                ids.append(IMAGE_TOKEN_INDEX)
+            if piece:
+                ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
+        return ids
+
     def image_token_id(self, tokenizer: Any) -> int:
         token_id = tokenizer.convert_tokens_to_ids(self.image_token)
         if not isinstance(token_id, int) or token_id == tokenizer.unk_token_id:
@@ -49,7 +61,7 @@ class LlavaLlamaPlugin(BasePlugin):
                           videos: Sequence[Any], audios: Sequence[Any], tokenizer: Any,
                           processor: Any) -> tuple[list[int], list[int] | None]:
         input_ids, labels = super().process_token_ids(input_ids, labels, images, videos, audios, tokenizer, processor)
-        token_id = self.image_token_id(tokenizer)
+        token_id = self.image_token_id(tokenizer)  # ids tokenised without :meth:`tokenize`
         input_ids = [IMAGE_TOKEN_INDEX if t == token_id else t for t in input_ids]
         if labels is not None:
             labels = [-100 if t == IMAGE_TOKEN_INDEX else y for t, y in zip(input_ids, labels)]

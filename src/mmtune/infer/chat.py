@@ -39,7 +39,7 @@ class ChatEngine:
 
         expanded = self.plugin.process_messages(messages, images, videos, audios, self.processor)
         prompt = "".join(p + a for p, a in self.template.render_turns(expanded))
-        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ids = self.plugin.tokenize(prompt, self.tokenizer)
         ids, _ = self.plugin.process_token_ids(ids, None, images, videos, audios, self.tokenizer, self.processor)
         collator = MultiModalCollator(self.plugin, self.processor, self.tokenizer, padding_side="left",
                                       build_position_ids=False)

@@ -255,6 +255,10 @@ class BasePlugin:
         self._validate_messages(messages, images, videos, audios)
         return copy.deepcopy(list(messages))
 
+    def tokenize(self, text: str, tokenizer: Any) -> list[int]:
+        """Token ids of one template piece (base: the tokenizer, no special tokens added)."""
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
     def process_token_ids(
         self,
         input_ids: list[int],

@@ -82,15 +82,21 @@ class Template:
         system: str | None = None,
         train_on_prompt: bool = False,
         mask_history: bool = False,
+        tokenize: Any = None,
     ) -> tuple[list[int], list[int]]:
         """Token ids and labels; each piece is tokenised on its own so the prompt/answer
-        boundary is exact (special tokens are single tokens, so no merge crosses it)."""
+        boundary is exact (special tokens are single tokens, so no merge crosses it).
+        ``tokenize(text, tokenizer)`` replaces plain tokenisation (a plugin's own rule)."""
+        if tokenize is None:
+            def tokenize(text: str, tok: Any) -> list[int]:
+                return tok(text, add_special_tokens=False)["input_ids"]
+
         input_ids: list[int] = []
         labels: list[int] = []
         turns = self.render_turns(messages, system)
         for i, (prompt, answer) in enumerate(turns):
-            p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
-            a_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] if answer else []
+            p_ids = tokenize(prompt, tokenizer) if prompt else []
+            a_ids = tokenize(answer, tokenizer) if answer else []
             trained = not mask_history or i == len(turns) - 1
             input_ids += p_ids + a_ids
             labels += (p_ids if train_on_prompt and trained else [IGNORE_INDEX] * len(p_ids))
