@@ -22,6 +22,12 @@ class DataArguments:
     template: str = "qwen2_vl"
     cutoff_len: int = 2048
     max_samples: int | None = None
+    dataset_ratios: str | None = field(default=None, metadata={
+        "help": "Comma-separated sampling weights, one per dataset (e.g. 0.7,0.3): the datasets are interleaved."})
+    mix_strategy: str = field(default="concat", metadata={
+        "help": "concat; interleave_under (stop when a dataset runs out); interleave_over (until all are seen, "
+                "oversampling the small ones). dataset_ratios implies interleave_under unless set."})
+    mix_seed: int = 0
     val_size: float = 0.0
     preprocessing_num_workers: int | None = None
     overwrite_cache: bool = False
@@ -66,6 +72,31 @@ def load_samples(path: str, max_samples: int | None = None) -> Any:
     return ds
 
 
+def mix_datasets(parts: list[Any], data_args: DataArguments) -> Any:
+    """One dataset from several: concatenated, or interleaved by ``dataset_ratios``."""
+    import datasets
+
+    strategy = data_args.mix_strategy
+    if data_args.dataset_ratios and strategy == "concat":
+        strategy = "interleave_under"
+    if strategy not in ("concat", "interleave_under", "interleave_over"):
+        raise ValueError(f"mix_strategy must be concat, interleave_under or interleave_over, not {strategy!r}")
+    if len(parts) == 1:
+        return parts[0]
+    if strategy == "concat":
+        return datasets.concatenate_datasets(parts)
+    weights = [float(w) for w in data_args.dataset_ratios.split(",")] if data_args.dataset_ratios else [1.0] * len(parts)
+    if len(weights) != len(parts) or any(w < 0 for w in weights) or not sum(weights):
+        raise ValueError(f"dataset_ratios={data_args.dataset_ratios!r}: need {len(parts)} non-negative weights "
+                         f"(one per dataset in {data_args.dataset!r})")
+    total = sum(weights)
+    stopping = "first_exhausted" if strategy == "interleave_under" else "all_exhausted"
+    mixed = datasets.interleave_datasets(parts, probabilities=[w / total for w in weights], seed=data_args.mix_seed,
+                                         stopping_strategy=stopping)
+    logger.info("mixed %s with weights %s (%s): %d samples", data_args.dataset, weights, stopping, len(mixed))
+    return mixed
+
+
 def build_dataset(data_args: DataArguments, template: Any, plugin: Any, tokenizer: Any, processor: Any) -> dict[str, Any]:
     """Tokenised ``train`` (and ``eval`` when ``val_size`` > 0) datasets; dropped samples are
     counted and logged, never silently lost."""
@@ -92,7 +123,7 @@ def build_dataset(data_args: DataArguments, template: Any, plugin: Any, tokenize
         if dropped:
             logger.warning("%s: dropped %d of %d samples (first reason: %s)", path, len(dropped), len(encoded), dropped[0])
         parts.append(encoded.filter(lambda r: not r["dropped"]).remove_columns("dropped"))
-    dataset = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    dataset = mix_datasets(parts, data_args)
     if data_args.val_size:
         split = dataset.train_test_split(test_size=data_args.val_size, seed=0)
         return {"train": split["train"], "eval": split["test"]}
