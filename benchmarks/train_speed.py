@@ -32,6 +32,10 @@ class StepTimer(TrainerCallback):
         self.times: list[float] = []
         self.wait: list[float] = []
         self._end = None
+        self.samples_per_row = 1.0  # packing: samples a row, averaged over the packed dataset
+
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):  # type: ignore[no-untyped-def]
+        self.samples_per_row = getattr(getattr(train_dataloader, "dataset", None), "samples_per_row", 1.0)
 
     def on_step_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         now = time.perf_counter()
@@ -62,18 +66,21 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--cpu", action="store_true", help="smoke test on the CPU")
     ap.add_argument("--without", action="append", default=[], choices=sorted(LEVERS), help="a speed lever off")
     ap.add_argument("--ckpt-layers", default=None, help="gradient_checkpointing_layers: N or auto (default)")
+    ap.add_argument("--packing", default="auto", choices=["auto", "on", "off"], help="data_args.packing (auto: default)")
+    ap.add_argument("--cutoff-len", type=int, default=1024)
     args = ap.parse_args(argv)
 
     from mmtune.train import parse_config, run_sft
 
     cuda = torch.cuda.is_available() and not args.cpu
     cfg = dict(model_name_or_path=args.model, dataset=args.data, template="qwen2_vl", finetuning_type=args.method,
-               lora_rank=8, lora_target="all", cutoff_len=1024, output_dir=args.output_dir,
+               lora_rank=8, lora_target="all", cutoff_len=args.cutoff_len, output_dir=args.output_dir,
                per_device_train_batch_size=args.batch, max_steps=args.steps, learning_rate=1e-4, warmup_steps=0,
                logging_steps=10, save_strategy="no", bf16=cuda, torch_dtype="bf16" if cuda else "fp32",
                gradient_checkpointing=args.gradient_checkpointing, dataloader_num_workers=4 if cuda else 0,
                dataloader_pin_memory=cuda, use_cpu=not cuda, disable_tqdm=True, plot_loss=False,
-               preprocessing_num_workers=8 if cuda else None, overwrite_cache=True)
+               preprocessing_num_workers=8 if cuda else None, overwrite_cache=True,
+               packing={"auto": None, "on": True, "off": False}[args.packing])
     cfg.update({LEVERS[name]: False for name in args.without})
     if args.ckpt_layers is not None:
         cfg["gradient_checkpointing_layers"] = args.ckpt_layers
@@ -86,16 +93,18 @@ def main(argv: list[str] | None = None) -> dict:
     wall = time.perf_counter() - start
     steady = timer.times[args.warmup:] or timer.times
     step = statistics.mean(steady)
+    samples = args.batch * timer.samples_per_row  # a step's samples (batch = rows when packed)
     data = json.load(open(args.data))
     tokens_per_sample = _tokens_per_sample(parsed, args)
     row = {
         "method": args.method, "batch": args.batch, "steps": len(timer.times), "device":
             torch.cuda.get_device_name() if cuda else "cpu",
-        "steady_step_s": round(step, 4), "samples_per_s": round(args.batch / step, 2),
-        "tokens_per_s": round(args.batch * tokens_per_sample / step, 1), "tokens_per_sample": tokens_per_sample,
+        "steady_step_s": round(step, 4), "samples_per_s": round(samples / step, 2),
+        "tokens_per_s": round(samples * tokens_per_sample / step, 1), "tokens_per_sample": tokens_per_sample,
         "dataloader_wait_pct": round(100 * statistics.mean(timer.wait[args.warmup:] or [0.0]) / step, 2),
         "wall_s": round(wall, 1), "gradient_checkpointing": args.gradient_checkpointing, "samples": len(data),
         "levers_off": args.without, "ckpt_layers": args.ckpt_layers or "auto",
+        "packing": args.packing, "samples_per_row": round(timer.samples_per_row, 2),
     }
     if cuda:
         row["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
