@@ -52,6 +52,31 @@ class StepTimer(TrainerCallback):
         self.times.append(self._end - self._start)
 
 
+class StepProfiler(TrainerCallback):
+    """torch.profiler over ``steps`` training steps after ``start``: prints the CUDA kernels that
+    take the most time and the kernel launches per step (``--profile``)."""
+
+    def __init__(self, start: int = 15, steps: int = 3) -> None:
+        self.start, self.steps, self.prof = start, steps, None
+
+    def on_step_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        if state.global_step == self.start and self.prof is None:
+            from torch.profiler import ProfilerActivity, profile
+
+            self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            self.prof.__enter__()
+
+    def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        if self.prof is not None and state.global_step == self.start + self.steps:
+            torch.cuda.synchronize()
+            self.prof.__exit__(None, None, None)
+            events = self.prof.key_averages()
+            print(events.table(sort_by="cuda_time_total", row_limit=35, max_name_column_width=70))
+            kernels = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+            print(f"[profile] CUDA kernel launches per step: {kernels / self.steps:.0f}")
+            self.prof = None
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
@@ -68,6 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--ckpt-layers", default=None, help="gradient_checkpointing_layers: N or auto (default)")
     ap.add_argument("--packing", default="auto", choices=["auto", "on", "off"], help="data_args.packing (auto: default)")
     ap.add_argument("--cutoff-len", type=int, default=1024)
+    ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of 3 steady steps")
     args = ap.parse_args(argv)
 
     from mmtune.train import parse_config, run_sft
@@ -89,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    run_sft(*parsed, callbacks=[timer])
+    run_sft(*parsed, callbacks=[timer, *([StepProfiler()] if args.profile and cuda else [])])
     wall = time.perf_counter() - start
     steady = timer.times[args.warmup:] or timer.times
     step = statistics.mean(steady)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig
 
-from mmtune.families.llava_llama import TINY_TOWER, tiny_tokenizer
+from mmtune.families.llava_llama import TINY_TOWER, plain_llama_dir, tiny_tokenizer
 from mmtune.llava import (
     IMAGE_TOKEN_INDEX,
     LlavaConfig,
@@ -81,15 +81,7 @@ def test_projector_errors():
 
 def _plain_lm(tmp_path):
     """A base Llama LM saved to disk (what stage 1 starts from)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = tiny_tokenizer()
-    torch.manual_seed(5)
-    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2))
-    lm.save_pretrained(tmp_path / "lm")
-    tok.save_pretrained(tmp_path / "lm")
-    return str(tmp_path / "lm")
+    return plain_llama_dir(str(tmp_path))
 
 
 class Args:
