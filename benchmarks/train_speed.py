@@ -77,6 +77,35 @@ class StepProfiler(TrainerCallback):
             self.prof = None
 
 
+class GpuUtilisation:
+    """``nvidia-smi`` utilisation sampled every 0.5 s in a thread (mean over the samples)."""
+
+    def __init__(self) -> None:
+        import shutil
+        import threading
+
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True) if shutil.which("nvidia-smi") else None
+
+    def _poll(self) -> None:
+        import subprocess
+
+        while not self._stop.wait(0.5):
+            out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-i",
+                                  str(torch.cuda.current_device())], capture_output=True, text=True)
+            if out.returncode == 0 and out.stdout.strip():
+                self.samples.append(float(out.stdout.split()[0]))
+
+    def start(self) -> None:
+        if self._thread is not None:
+            self._thread.start()
+
+    def stop(self) -> float | None:
+        self._stop.set()
+        return round(statistics.mean(self.samples), 1) if self.samples else None
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
@@ -114,9 +143,13 @@ def main(argv: list[str] | None = None) -> dict:
     timer = StepTimer()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    util = GpuUtilisation() if cuda else None
+    if util is not None:
+        util.start()
     start = time.perf_counter()
     run_sft(*parsed, callbacks=[timer, *([StepProfiler()] if args.profile and cuda else [])])
     wall = time.perf_counter() - start
+    gpu_util = util.stop() if util is not None else None
     steady = timer.times[args.warmup:] or timer.times
     step = statistics.mean(steady)
     samples = args.batch * timer.samples_per_row  # a step's samples (batch = rows when packed)
@@ -132,6 +165,14 @@ def main(argv: list[str] | None = None) -> dict:
         "levers_off": args.without, "ckpt_layers": args.ckpt_layers or "auto",
         "packing": args.packing, "samples_per_row": round(timer.samples_per_row, 2),
     }
+    flops = flops_per_sample(parsed, args.method, tokens_per_sample, _tokens_per_sample.image_tokens)  # type: ignore[attr-defined]
+    row["gflop_per_sample"] = round(flops / 1e9, 3)
+    row["achieved_tflops"] = round(flops * samples / step / 1e12, 2)
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in row["device"]), None)
+    if peak:
+        row["mfu_pct"] = round(100 * row["achieved_tflops"] / peak, 1)
+    if gpu_util is not None:
+        row["gpu_util_pct"] = gpu_util  # over the whole run (start-up included)
     if cuda:
         row["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         row["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
@@ -140,6 +181,33 @@ def main(argv: list[str] | None = None) -> dict:
         with open(args.json, "w") as fh:
             json.dump({**row, "command": " ".join(sys.argv)}, fh, indent=1)
     return row
+
+
+def flops_per_sample(parsed: tuple, method: str, tokens: float, image_tokens: float) -> float:
+    """Model FLOPs of one sample (the formula in the module docstring; attention scores and
+    recompute not counted). Parameters are counted on a meta-device copy of the model."""
+    from mmtune.model.composite import get_composite_model, has_prefix
+    from mmtune.model.loader import load_config, model_class_for
+
+    config = load_config(parsed[0])
+    cls = model_class_for(config)
+    with torch.device("meta"):
+        model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+    entry = get_composite_model(config.model_type)
+    embed = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    vision = projector = language = 0
+    for name, param in model.named_parameters():
+        if entry is not None and has_prefix(name, [entry.projector_key]):
+            projector += param.numel()
+        elif entry is not None and has_prefix(name, entry.vision_model_keys):
+            vision += param.numel()
+        elif param is not embed or (head is not None and head.weight is embed):
+            language += param.numel()  # the embedding lookup is no matmul; a tied head is
+    merge = getattr(getattr(config, "vision_config", None), "spatial_merge_size", 1) or 1
+    patches = image_tokens * merge * merge  # tower positions per sample
+    lm = (6 if method == "full" else 4) * language * tokens  # LoRA/frozen: forward + activation gradients
+    return 2 * vision * patches + 2 * projector * image_tokens * merge * merge + lm
 
 
 def _tokens_per_sample(parsed: tuple, args: argparse.Namespace) -> float:
@@ -156,9 +224,11 @@ def _tokens_per_sample(parsed: tuple, args: argparse.Namespace) -> float:
     template = get_template(data_args.template)
     plugin = get_mm_plugin(template.plugin, media=data_args.media_config())
     rows = json.load(open(args.data))[:32]
-    lens = [len(encode_sample(normalize_row(r, os.path.dirname(os.path.abspath(args.data))), template, plugin, tok, proc,
-                              data_args.cutoff_len).input_ids) for r in rows]
-    return round(sum(lens) / len(lens), 1)
+    encoded = [encode_sample(normalize_row(r, os.path.dirname(os.path.abspath(args.data))), template, plugin, tok, proc,
+                             data_args.cutoff_len).input_ids for r in rows]
+    image_id = tok.convert_tokens_to_ids(plugin.image_token) if plugin.image_token else None
+    _tokens_per_sample.image_tokens = sum(ids.count(image_id) for ids in encoded) / len(encoded)  # type: ignore[attr-defined]
+    return round(sum(len(ids) for ids in encoded) / len(encoded), 1)
 
 
 if __name__ == "__main__":

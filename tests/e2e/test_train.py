@@ -71,5 +71,5 @@ def test_train_speed_benchmark_smoke(workspace, tmp_path):
     spec.loader.exec_module(module)
     row = module.main(["--model", workspace["model"], "--data", workspace["data"], "--cpu", "--steps", "3",
                        "--warmup", "1", "--batch", "2", "--output-dir", str(tmp_path / "o"), "--json", str(tmp_path / "r.json")])
-    assert row["samples_per_s"] > 0 and row["tokens_per_sample"] > 0
+    assert row["samples_per_s"] > 0 and row["tokens_per_sample"] > 0 and row["gflop_per_sample"] > 0
     assert json.load(open(tmp_path / "r.json"))["steps"] == 3
