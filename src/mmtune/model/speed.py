@@ -241,6 +241,13 @@ def enable_fused_cross_entropy(model: nn.Module) -> bool:
     base = unwrap_model(model)
     if getattr(base, "_mmtune_fused_head", None) is not None:
         return True
+    try:
+        from transformers.integrations import is_deepspeed_zero3_enabled
+    except ImportError:  # pragma: no cover
+        is_deepspeed_zero3_enabled = lambda: False  # noqa: E731
+    if is_deepspeed_zero3_enabled():
+        logger.info("fused cross-entropy not applied: DeepSpeed ZeRO-3 frees the head's weight after its forward")
+        return False
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     if type(head) is not nn.Linear:
         logger.info("fused cross-entropy not applied: the output head is %s, not a plain Linear", type(head).__name__)
