@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from mmtune.model.composite import CompositeModel, register_composite_model
+from mmtune.templates import Template, register_template
 from mmtune.testing import FamilyFixture, register_fixture
 
 register_composite_model(
@@ -33,3 +34,20 @@ def tiny_config() -> Any:
 
 
 register_fixture(FamilyFixture("aya_vision", build=lambda path: None, tiny_config=tiny_config, plugin=None))
+
+# Aya Vision's chat template: Cohere turns after BOS and a fixed Aya Vision preamble that is always there (a
+# sample's system prompt becomes a second system turn); answers sit in <|START_RESPONSE|> ... <|END_RESPONSE|>,
+# which the model writes itself after the generation prompt (Cohere's scripts end it at <|CHATBOT_TOKEN|>).
+# No plugin of its own yet: media placeholders are not expanded.
+AYA_VISION_PREAMBLE = (
+    "You are Aya Vision, a brilliant, sophisticated, AI-assistant chatbot trained to assist human users by providing "
+    "thorough responses. You are a large vision language model built by the Cohere For AI. You are capable of "
+    "interpreting images, including describing them, answering questions about their contents, extracting textual "
+    "information, and analyzing visual context.")
+register_template(Template(
+    name="aya_vision", plugin="base",
+    prefix=f"<BOS_TOKEN><|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|>{AYA_VISION_PREAMBLE}<|END_OF_TURN_TOKEN|>",
+    system="<|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|>{content}<|END_OF_TURN_TOKEN|>",
+    user="<|START_OF_TURN_TOKEN|><|USER_TOKEN|>{content}<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>",
+    assistant="<|START_RESPONSE|>{content}<|END_RESPONSE|><|END_OF_TURN_TOKEN|>",
+    stop_words=("<|END_RESPONSE|>", "<|END_OF_TURN_TOKEN|>")))

@@ -10,6 +10,7 @@ import torch
 
 from mmtune.model.composite import CompositeModel, register_composite_model
 from mmtune.plugins import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER, BasePlugin, Message, register_mm_plugin
+from mmtune.templates import TEMPLATES, register_template
 from mmtune.testing import FamilyFixture, register_fixture
 
 from .gemma3 import build_gemma_tokenizer
@@ -95,3 +96,5 @@ def tiny_config() -> Any:
 
 register_fixture(FamilyFixture("gemma3n", build=_build, tiny_config=tiny_config, plugin="gemma3n",
                                modalities=("image", "audio")))
+
+register_template(TEMPLATES["gemma"].bind("gemma3n", plugin="gemma3n"))

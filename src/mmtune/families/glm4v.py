@@ -11,6 +11,7 @@ from typing import Any
 from mmtune.media import VideoClip
 from mmtune.model.composite import CompositeModel, register_composite_model
 from mmtune.plugins import register_mm_plugin
+from mmtune.templates import Template, register_template
 from mmtune.testing import FamilyFixture, build_bpe_tokenizer, register_fixture
 
 from .qwen2_vl import Qwen2VLPlugin
@@ -92,3 +93,10 @@ def tiny_config(model_type: str = "glm4v") -> Any:
 
 register_fixture(FamilyFixture("glm4v", build=_build, tiny_config=tiny_config, plugin="glm4v",
                                modalities=("image", "video"), extra={"moe_config": lambda: tiny_config("glm4v_moe")}))
+
+# GLM-4.1V-9B-Thinking's chat template: "[gMASK]<sop>", then "<|system|>\n", "<|user|>\n", "<|assistant|>\n"
+# turns with no end marker: a turn ends where the next role starts. GLM's fine-tuning closes the
+# conversation with EOS and trains it (LLaMA-Factory: efficient_eos), so the model learns to stop.
+register_template(Template(name="glm4v", plugin="glm4v", prefix="[gMASK]<sop>", system="<|system|>\n{content}",
+                           user="<|user|>\n{content}<|assistant|>\n", assistant="{content}", suffix="<|endoftext|>",
+                           stop_words=("<|endoftext|>", "<|user|>", "<|observation|>")))

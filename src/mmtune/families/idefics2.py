@@ -8,7 +8,10 @@ from __future__ import annotations
 from typing import Any
 
 from mmtune.model.composite import CompositeModel, register_composite_model
+from mmtune.templates import register_template
 from mmtune.testing import FamilyFixture, register_fixture
+
+from .idefics3 import IDEFICS3_TEMPLATE
 
 register_composite_model(
     CompositeModel(
@@ -36,3 +39,6 @@ def tiny_config() -> Any:
 
 
 register_fixture(FamilyFixture("idefics2", build=lambda path: None, tiny_config=tiny_config, plugin=None))
+
+# Idefics2's chat template is Idefics3's without a BOS in the text (its Mistral tokenizer adds "<s>").
+register_template(IDEFICS3_TEMPLATE.bind("idefics2", plugin="base", prefix="<s>"))

@@ -13,6 +13,7 @@ import torch
 from mmtune.model.composite import CompositeModel, register_composite_model
 from mmtune.media import MediaError
 from mmtune.plugins import IMAGE_PLACEHOLDER, BasePlugin, Message, register_mm_plugin
+from mmtune.templates import Template, register_template
 from mmtune.testing import FamilyFixture, build_bpe_tokenizer, register_fixture
 
 IDEFICS_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>",
@@ -164,3 +165,11 @@ register_fixture(FamilyFixture("idefics3", build=lambda p: _build(p, "idefics3")
                                plugin="idefics3"))
 register_fixture(FamilyFixture("smolvlm", build=lambda p: _build(p, "smolvlm"), tiny_config=lambda: _tiny("smolvlm"),
                                plugin="smolvlm"))
+
+# Idefics3's chat template: "<|begin_of_text|>", then "System: ", "User: ", "Assistant: " turns each closed by
+# "<end_of_utterance>\n"; the generation prompt is "Assistant:". SmolVLM's only differs in its BOS.
+IDEFICS3_TEMPLATE = register_template(Template(
+    name="idefics3", plugin="idefics3", prefix="<|begin_of_text|>", system="System: {content}<end_of_utterance>\n",
+    user="User: {content}<end_of_utterance>\nAssistant:", assistant=" {content}<end_of_utterance>\n",
+    stop_words=("<end_of_utterance>",)))
+register_template(IDEFICS3_TEMPLATE.bind("smolvlm", plugin="smolvlm", prefix="<|im_start|>"))

@@ -14,6 +14,7 @@ import torch
 
 from mmtune.model.composite import CompositeModel, register_composite_model
 from mmtune.plugins import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, BasePlugin, Message, register_mm_plugin
+from mmtune.templates import TEMPLATES, register_template
 from mmtune.testing import FamilyFixture, register_fixture
 
 
@@ -149,3 +150,8 @@ def tiny_config() -> Any:
 
 register_fixture(FamilyFixture("internvl", build=_build, tiny_config=tiny_config, plugin="internvl",
                                modalities=("image", "video")))
+
+# InternVL2.5 / InternVL3 train with their "internvl2_5" conversation: ChatML with this default system prompt
+# (the -hf chat template renders the same turns but adds no default system).
+INTERNVL_SYSTEM = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
+register_template(TEMPLATES["chatml"].bind("internvl", plugin="internvl", default_system=INTERNVL_SYSTEM))

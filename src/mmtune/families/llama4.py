@@ -13,6 +13,7 @@ import torch
 
 from mmtune.model.composite import CompositeModel, register_composite_model
 from mmtune.plugins import IMAGE_PLACEHOLDER, BasePlugin, Message, register_mm_plugin
+from mmtune.templates import Template, register_template
 from mmtune.testing import FamilyFixture, build_bpe_tokenizer, register_fixture
 
 LLAMA4_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|header_start|>", "<|header_end|>", "<|eot|>",
@@ -100,3 +101,11 @@ def tiny_config() -> Any:
 
 
 register_fixture(FamilyFixture("llama4", build=_build, tiny_config=tiny_config, plugin="llama4"))
+
+# Llama 4's chat template (transformers' processing_llama4): BOS, then "<|header_start|>role<|header_end|>\n\n"
+# turns closed by "<|eot|>".
+register_template(Template(
+    name="llama4", plugin="llama4", prefix="<|begin_of_text|>",
+    system="<|header_start|>system<|header_end|>\n\n{content}<|eot|>",
+    user="<|header_start|>user<|header_end|>\n\n{content}<|eot|><|header_start|>assistant<|header_end|>\n\n",
+    assistant="{content}<|eot|>", stop_words=("<|eot|>",)))

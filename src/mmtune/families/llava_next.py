@@ -7,6 +7,7 @@ from typing import Any
 
 from mmtune.model.composite import CompositeModel, register_composite_model
 from mmtune.plugins import register_mm_plugin
+from mmtune.templates import TEMPLATES, Template, register_template
 from mmtune.testing import FamilyFixture, register_fixture
 
 from .llava import LlavaPlugin, build_llama_tokenizer, llama_token_ids, tiny_vision_text
@@ -50,3 +51,12 @@ def tiny_config() -> Any:
 
 
 register_fixture(FamilyFixture("llava_next", build=_build, tiny_config=tiny_config, plugin="llava_next"))
+
+# LLaVA-NeXT trains each checkpoint in its LLM's own format; Vicuna (llava-v1.6-vicuna) is the default.
+# BOS opens every LLaVA sequence: llava-hf's tokenizer adds it, as LLaVA's tokenizer_image_token does.
+register_template(TEMPLATES["vicuna_v1"].bind("llava_next", plugin="llava_next", prefix="<s>"))
+# llava-hf/llava-v1.6-mistral-7b-hf's chat template: a <<SYS>> block before the first "[INST] ... [/INST]",
+# every answer " ... </s> " (the trailing space is the template's own).
+register_template(Template(name="llava_next_mistral", plugin="llava_next", prefix="<s>",
+                           system="<<SYS>>\n{content}\n<</SYS>>\n\n", user="[INST] {content} [/INST]",
+                           assistant=" {content}</s> "))

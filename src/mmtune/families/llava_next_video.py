@@ -6,6 +6,7 @@ from typing import Any
 
 from mmtune.model.composite import CompositeModel, register_composite_model
 from mmtune.plugins import register_mm_plugin
+from mmtune.templates import TEMPLATES, register_template
 from mmtune.testing import FamilyFixture, register_fixture
 
 from .llava import build_llama_tokenizer, llama_token_ids, tiny_vision_text
@@ -52,3 +53,6 @@ def tiny_config() -> Any:
 
 register_fixture(FamilyFixture("llava_next_video", build=_build, tiny_config=tiny_config, plugin="llava_next_video",
                                modalities=("image", "video")))
+
+# LLaVA-NeXT-Video-7B is Vicuna-based and trained with LLaVA's vicuna_v1 conversation (BOS first).
+register_template(TEMPLATES["vicuna_v1"].bind("llava_next_video", plugin="llava_next_video", prefix="<s>"))

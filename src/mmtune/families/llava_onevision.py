@@ -10,6 +10,7 @@ from typing import Any
 from mmtune.media import VideoClip
 from mmtune.model.composite import CompositeModel, register_composite_model
 from mmtune.plugins import register_mm_plugin
+from mmtune.templates import TEMPLATES, register_template
 from mmtune.testing import FamilyFixture, register_fixture
 
 from .llava import LlavaPlugin, tiny_vision_text
@@ -83,3 +84,7 @@ def tiny_config() -> Any:
 
 register_fixture(FamilyFixture("llava_onevision", build=_build, tiny_config=tiny_config, plugin="llava_onevision",
                                modalities=("image", "video")))
+
+# LLaVA-OneVision (Qwen2) trains with LLaVA-NeXT's "qwen_1_5" conversation: ChatML with Qwen's default system.
+register_template(TEMPLATES["chatml"].bind("llava_onevision", plugin="llava_onevision",
+                                           default_system="You are a helpful assistant."))

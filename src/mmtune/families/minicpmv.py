@@ -40,6 +40,7 @@ from PIL import Image
 from mmtune.media import MediaError
 from mmtune.model.composite import CompositeModel, register_composite_model
 from mmtune.plugins import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, BasePlugin, Message, register_mm_plugin
+from mmtune.templates import TEMPLATES, register_template
 
 
 def ensure_divide(length: float, divisor: int) -> int:
@@ -248,3 +249,8 @@ register_composite_model(
         lora_conflict_keys=[],
     )
 )
+
+# MiniCPM-V 2.6 (Qwen2) trains with its tokenizer's chat template (finetune/dataset.py): plain ChatML, no default
+# system. MiniCPM-Llama3-V 2.5 trains with the Llama 3 format.
+register_template(TEMPLATES["chatml"].bind("minicpmv", plugin="minicpmv"))
+register_template(TEMPLATES["llama3"].bind("minicpmv2_5", plugin="minicpmv"))

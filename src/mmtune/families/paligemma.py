@@ -9,6 +9,7 @@ from typing import Any
 
 from mmtune.model.composite import CompositeModel, register_composite_model
 from mmtune.plugins import IMAGE_PLACEHOLDER, BasePlugin, Message, register_mm_plugin
+from mmtune.templates import Template, register_template
 from mmtune.testing import FamilyFixture, register_fixture
 
 from .gemma3 import build_gemma_tokenizer
@@ -93,3 +94,8 @@ def tiny_config() -> Any:
 
 
 register_fixture(FamilyFixture("paligemma", build=_build, tiny_config=tiny_config, plugin="paligemma"))
+
+# No chat format: PaliGemmaProcessor builds images + BOS + prefix + "\n" (token type 0), then the suffix + EOS
+# (token type 1, the trained part). The images (and BOS when missing) come from process_token_ids.
+register_template(Template(name="paligemma", plugin="paligemma", prefix="<bos>", user="{content}\n",
+                           assistant="{content}<eos>", system_in_user=True))

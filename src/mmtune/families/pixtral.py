@@ -13,6 +13,7 @@ import torch
 
 from mmtune.model.composite import CompositeModel, register_composite_model
 from mmtune.plugins import IMAGE_PLACEHOLDER, BasePlugin, Message, register_mm_plugin
+from mmtune.templates import TEMPLATES, register_template
 from mmtune.testing import FamilyFixture, build_bpe_tokenizer, register_fixture
 
 MISTRAL_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]", "<pad>")
@@ -102,3 +103,12 @@ register_fixture(FamilyFixture("pixtral", build=lambda p: _build(p, 16, 1, 512),
                                plugin="pixtral"))
 register_fixture(FamilyFixture("mistral3", build=lambda p: _build(p, 14, 2, 512), tiny_config=lambda: _tiny("mistral3"),
                                plugin="mistral3"))
+
+# Pixtral-12B (tekken v3): "<s>[INST]...[/INST]...</s>", the system prompt inside the last user turn
+# (mistral-common's encode_user_message; the HF chat template of transformers' converter does the same).
+register_template(TEMPLATES["mistral"].bind("pixtral", plugin="pixtral", system_in_user=False,
+                                            system_in_last_user=True))
+# Mistral Small 3.x (v7): the system prompt in its own [SYSTEM_PROMPT] block after BOS. Its chat template's
+# default (a dated Mistral persona) is not injected: a training sample brings its own system prompt or none.
+register_template(TEMPLATES["mistral"].bind("mistral3", plugin="mistral3", system_in_user=False,
+                                            system="[SYSTEM_PROMPT]{content}[/SYSTEM_PROMPT]"))

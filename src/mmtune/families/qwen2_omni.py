@@ -18,6 +18,7 @@ import torch
 from mmtune.media import MediaError, VideoClip, load_audio
 from mmtune.model.composite import CompositeModel, register_composite_model
 from mmtune.plugins import Message, register_mm_plugin
+from mmtune.templates import TEMPLATES, register_template
 from mmtune.testing import FamilyFixture, register_fixture
 
 from .qwen2_audio import WhisperAudioMixin
@@ -250,3 +251,12 @@ def tiny_config() -> Any:
 
 register_fixture(FamilyFixture("qwen2_omni", build=_build, tiny_config=tiny_config, plugin="qwen2_omni",
                                modalities=("image", "video", "audio")))
+
+# Qwen2.5-Omni's chat template: ChatML, "You are a helpful assistant." when the sample has no system prompt.
+register_template(TEMPLATES["chatml"].bind("qwen2_omni", plugin="qwen2_omni",
+                                           default_system="You are a helpful assistant."))
+# The system prompt its model card requires for speech output (the talker), as the default.
+QWEN_OMNI_SPEECH_SYSTEM = ("You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of "
+                           "perceiving auditory and visual inputs, as well as generating text and speech.")
+register_template(TEMPLATES["chatml"].bind("qwen2_omni_speech", plugin="qwen2_omni",
+                                           default_system=QWEN_OMNI_SPEECH_SYSTEM))

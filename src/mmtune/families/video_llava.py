@@ -7,6 +7,7 @@ from typing import Any
 
 from mmtune.model.composite import CompositeModel, register_composite_model
 from mmtune.plugins import register_mm_plugin
+from mmtune.templates import TEMPLATES, register_template
 from mmtune.testing import FamilyFixture, register_fixture
 
 from .llava import LlavaPlugin, build_llama_tokenizer, llama_token_ids, tiny_vision_text
@@ -64,3 +65,6 @@ def tiny_config() -> Any:
 
 register_fixture(FamilyFixture("video_llava", build=_build, tiny_config=tiny_config, plugin="video_llava",
                                modalities=("image", "video")))
+
+# Video-LLaVA-7B is Vicuna-based and trained with LLaVA's v1 conversation (BOS first).
+register_template(TEMPLATES["vicuna_v1"].bind("video_llava", plugin="video_llava", prefix="<s>"))

@@ -21,7 +21,8 @@ class Template:
     """``{content}`` is the message text. ``prefix`` opens every conversation (e.g. BOS);
     ``system`` renders the system prompt (``default_system`` when the sample has none);
     ``user`` renders a user turn including the assistant's opening (the generation prompt);
-    ``assistant`` renders the answer including its end-of-turn marker, which is trained."""
+    ``assistant`` renders the answer including its end-of-turn marker, which is trained;
+    ``suffix`` closes a conversation that ends with an answer (trained with that answer)."""
 
     name: str
     user: str
@@ -33,6 +34,10 @@ class Template:
     stop_words: tuple[str, ...] = ()
     #: put the system prompt inside the first user turn (models without a system role)
     system_in_user: bool = False
+    #: put it inside the last user turn instead (Mistral's tokenizers from v2 on, Pixtral)
+    system_in_last_user: bool = False
+    #: after the last answer: the EOS of formats whose turns end where the next role starts (GLM)
+    suffix: str = ""
 
     def bind(self, name: str, plugin: str, **changes: Any) -> Template:
         return dataclasses.replace(self, name=name, plugin=plugin, **changes)
@@ -45,7 +50,8 @@ class Template:
         pairs: list[tuple[str, str]] = []
         pending: str | None = None
         first = True
-        for message in messages:
+        last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
+        for i, message in enumerate(messages):
             role, content = message["role"], message["content"]
             if role == "system":
                 system = content
@@ -54,11 +60,13 @@ class Template:
                 head = ""
                 if first:
                     head = self.prefix
-                    if system and not self.system_in_user:
+                    if system and not (self.system_in_user or self.system_in_last_user):
                         head += self.system.format(content=system)
-                    elif system:
+                    elif system and self.system_in_user:
                         content = f"{system}\n\n{content}"
                     first = False
+                if system and self.system_in_last_user and i == last_user:
+                    content = f"{system}\n\n{content}"
                 pending = head + self.user.format(content=content)
             elif role == "assistant":
                 if pending is None:
@@ -69,6 +77,8 @@ class Template:
                 raise ValueError(f"unknown role {role!r} (expected system, user or assistant)")
         if pending is not None:
             pairs.append((pending, ""))
+        elif pairs and self.suffix:
+            pairs[-1] = (pairs[-1][0], pairs[-1][1] + self.suffix)
         return pairs
 
     def render(self, messages: Sequence[dict[str, str]], system: str | None = None) -> str:
