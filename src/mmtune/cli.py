@@ -13,11 +13,26 @@ def _setup_logging() -> None:
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
+    import os
+
+    if ns.nproc and ns.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        return _launch_ranks(ns)
     from mmtune.train import parse_config, run_sft
 
     metrics = run_sft(*parse_config(ns.config, ns.overrides))
     print(json.dumps(metrics, indent=1))
     return 0
+
+
+def _launch_ranks(ns: argparse.Namespace) -> int:
+    """``--nproc N``: run this same command as N ranks on this machine under torch.distributed.run
+    (torchrun), which sets RANK / LOCAL_RANK / WORLD_SIZE for the Trainer; returns the launcher's exit code.
+    Several machines: start ``torchrun`` (or ``accelerate launch``) on each yourself (examples/distributed)."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ns.nproc}",
+           "-m", "mmtune.cli", "train", ns.config, *ns.overrides]
+    return subprocess.call(cmd)
 
 
 def cmd_demo(ns: argparse.Namespace) -> int:
@@ -84,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     train = sub.add_parser("train", help="train from a YAML config (+ key=value overrides)")
     train.add_argument("config")
     train.add_argument("overrides", nargs="*")
+    train.add_argument("--nproc", type=int, default=None, help="launch N ranks on this machine (torchrun)")
     train.set_defaults(func=cmd_train)
     demo = sub.add_parser("demo", help="train a tiny VLM on synthetic shapes, on the CPU")
     demo.add_argument("--output-dir", default="demo_output")
@@ -109,7 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--adapter")
     export.add_argument("--dtype", default="auto")
     export.set_defaults(func=cmd_export)
-    ns = parser.parse_args(argv)
+    ns, extra = parser.parse_known_args(argv)
+    if extra and ns.command == "train" and not any(e.startswith("-") for e in extra):
+        ns.overrides += extra  # overrides after --nproc N
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _setup_logging()
     return ns.func(ns)
 
