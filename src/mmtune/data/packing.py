@@ -157,7 +157,7 @@ class PackingCollator(MultiModalCollator):
 
     @classmethod
     def from_collator(cls, collator: MultiModalCollator, **kwargs: Any) -> PackingCollator:
-        base = {f.name: getattr(collator, f.name) for f in fields(MultiModalCollator)}
+        base = {f.name: getattr(collator, f.name) for f in fields(MultiModalCollator) if f.init}
         return cls(**{**base, **kwargs})
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
@@ -167,6 +167,8 @@ class PackingCollator(MultiModalCollator):
 
     def collate_packed(self, rows: list[list[dict[str, Any]]]) -> dict[str, Any]:
         """``rows[r]`` = the samples of row ``r``; returns the batch without an attention mask."""
+        if getattr(self.plugin, "token_type_key", None) == "token_type_ids":
+            raise ValueError("packing does not support token_type_ids families (bidirectional image attention)")
         rows = [list(r) for r in rows]
         has_media = any(s.get("images") or s.get("videos") or s.get("audios") for r in rows for s in r)
         if self.fake_media_for_text_only and not has_media and getattr(self.plugin, "image_token", None):
@@ -217,8 +219,6 @@ class PackingCollator(MultiModalCollator):
             )
             mm.pop(key, None)  # per sample; rebuilt for the packed rows below
             batch.update(mm)
-        if key == "token_type_ids":
-            raise ValueError("packing does not support token_type_ids families (bidirectional image attention)")
         if key:
             types = self.plugin.mm_token_type_ids(input_ids, self.processor)
             if types is not None:
