@@ -233,6 +233,25 @@ class _FusedHead:
                            % (ours - theirs).abs().max().item())
 
 
+def _forward_calls_loss_function(cls: type) -> bool:
+    """Whether ``cls.forward`` computes its loss through ``self.loss_function`` (following
+    ``super().forward`` calls); some families (Qwen2-Audio) build their own loss instead."""
+    import inspect
+
+    for klass in cls.__mro__:
+        if "forward" not in vars(klass):
+            continue
+        try:
+            source = inspect.getsource(vars(klass)["forward"])
+        except (OSError, TypeError):
+            return False
+        if "self.loss_function(" in source:
+            return True
+        if "super().forward(" not in source and "super(" not in source:
+            return False
+    return False
+
+
 def enable_fused_cross_entropy(model: nn.Module) -> bool:
     """Hook the fused loss into ``model`` (peft wrappers looked through); False (logged) when
     the model does not fit: its head is not a plain Linear or it has its own loss."""
@@ -252,8 +271,10 @@ def enable_fused_cross_entropy(model: nn.Module) -> bool:
     if type(head) is not nn.Linear:
         logger.info("fused cross-entropy not applied: the output head is %s, not a plain Linear", type(head).__name__)
         return False
-    if getattr(base, "_loss_function", None) is not None or getattr(base, "loss_function", None) is not ForCausalLMLoss:
-        logger.info("fused cross-entropy not applied: %s does not use the causal-LM loss", type(base).__name__)
+    if (getattr(base, "_loss_function", None) is not None or getattr(base, "loss_function", None) is not ForCausalLMLoss
+            or not _forward_calls_loss_function(type(base))):
+        logger.info("fused cross-entropy not applied: %s does not compute its loss with transformers' causal-LM "
+                    "loss function", type(base).__name__)
         return False
     config = base.config
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
