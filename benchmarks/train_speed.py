@@ -33,6 +33,8 @@ class StepTimer(TrainerCallback):
         self.wait: list[float] = []
         self._end = None
         self.samples_per_row = 1.0  # packing: samples a row, averaged over the packed dataset
+        self.warmup = 5
+        self.on_warm = None  # called once the warm-up steps are done
 
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):  # type: ignore[no-untyped-def]
         self.samples_per_row = getattr(getattr(train_dataloader, "dataset", None), "samples_per_row", 1.0)
@@ -41,6 +43,9 @@ class StepTimer(TrainerCallback):
         now = time.perf_counter()
         if self._end is not None:
             self.wait.append(now - self._end)
+        if len(self.times) == self.warmup and self.on_warm is not None:
+            self.on_warm()
+            self.on_warm = None
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self._start = time.perf_counter()
@@ -141,11 +146,11 @@ def main(argv: list[str] | None = None) -> dict:
         cfg["gradient_checkpointing_layers"] = args.ckpt_layers
     parsed = parse_config(None, extra=cfg)
     timer = StepTimer()
+    timer.warmup = args.warmup
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     util = GpuUtilisation() if cuda else None
-    if util is not None:
-        util.start()
+    timer.on_warm = util.start if util is not None else None  # sampled over the steady steps only
     start = time.perf_counter()
     run_sft(*parsed, callbacks=[timer, *([StepProfiler()] if args.profile and cuda else [])])
     wall = time.perf_counter() - start
@@ -172,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
     if peak:
         row["mfu_pct"] = round(100 * row["achieved_tflops"] / peak, 1)
     if gpu_util is not None:
-        row["gpu_util_pct"] = gpu_util  # over the whole run (start-up included)
+        row["gpu_util_pct"] = gpu_util  # nvidia-smi, over the steady steps
     if cuda:
         row["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         row["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)

@@ -48,6 +48,19 @@ def test_train_saves_everything_and_resume_is_exact(workspace):
         assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-5, abs=1e-6), step
 
 
+def test_full_fine_tuning_resume_is_exact(workspace):
+    """Full checkpoints are saved in the hub key layout; resume must load them (not train on from
+    the base weights with a 'missing keys' warning)."""
+    common = dict(finetuning_type="full", max_steps=4, save_steps=2, learning_rate=1e-3)
+    full = workspace["root"] / "full_ft"
+    run_sft(*_config(workspace, full, **common))
+    resumed_dir = workspace["root"] / "full_ft_resumed"
+    run_sft(*_config(workspace, resumed_dir, resume_from_checkpoint=str(full / "checkpoint-2"), **common))
+    uninterrupted, resumed = _losses(full), _losses(resumed_dir)
+    for step in (3, 4):
+        assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-5, abs=1e-6), step
+
+
 def test_cli_train_with_yaml_and_overrides(workspace, tmp_path):
     from mmtune.cli import main
 
@@ -57,6 +70,8 @@ def test_cli_train_with_yaml_and_overrides(workspace, tmp_path):
                    f"save_strategy: 'no'\nlogging_steps: 1\n")
     assert main(["train", str(cfg), f"output_dir={tmp_path / 'out'}", "max_steps=2"]) == 0
     assert os.path.exists(tmp_path / "out" / "all_results.json")
+    _, _, _, _, training = parse_config(str(cfg), ["save_strategy=no", f"output_dir={tmp_path / 'o2'}"])
+    assert str(training.save_strategy.value if hasattr(training.save_strategy, "value") else training.save_strategy) == "no"
     with pytest.raises(ValueError, match="unknown option"):
         parse_config(str(cfg), ["not_an_option=1"])
 

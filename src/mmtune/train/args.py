@@ -31,6 +31,10 @@ class MMTrainingArguments:
 
 
 def _coerce(value: str) -> Any:
+    """YAML scalars, except that YAML 1.1's yes/no/on/off stay strings (``save_strategy=no``);
+    booleans are written true / false."""
+    if value.strip().lower() in ("yes", "no", "on", "off", "y", "n"):
+        return value.strip()
     return yaml.safe_load(value)
 
 

@@ -30,6 +30,12 @@ class MMTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.projector_lr = projector_lr
 
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False):
+            return  # their own checkpoint formats
+        reload_renamed_weights(model if model is not None else self.model, resume_from_checkpoint)
+
     def create_optimizer(self) -> Any:
         if self.optimizer is not None or self.projector_lr is None:
             return super().create_optimizer()
@@ -49,6 +55,49 @@ class MMTrainer(Trainer):
         ]
         self.optimizer = cls(param_groups, **kwargs)
         return self.optimizer
+
+
+def _checkpoint_files(folder: str) -> list[str]:
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        return sorted({os.path.join(folder, f) for f in json.load(open(index))["weight_map"].values()})
+    single = os.path.join(folder, "model.safetensors")
+    return [single] if os.path.isfile(single) else []
+
+
+def reload_renamed_weights(model: Any, folder: str) -> int:
+    """Load a full checkpoint whose keys ``save_pretrained`` renamed to the hub layout
+    (transformers 5.2x: ``visual.*``, ``model.layers.*``), which the Trainer's resume would
+    otherwise skip with a 'missing keys' warning, training on from the base weights.
+    Returns the number of tensors loaded here (0 when the keys already matched)."""
+    from safetensors import safe_open
+
+    files = _checkpoint_files(folder)
+    if not files or hasattr(model, "peft_config"):
+        return 0
+    own = model.state_dict()
+    with safe_open(files[0], "pt") as fh:
+        if set(fh.keys()) <= set(own):
+            return 0  # the Trainer loaded them as they are
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:
+        return 0
+    by_id = {id(t): name for name, t in own.items()}
+    saved_to_own = {saved: by_id[id(t)] for saved, t in revert_weight_conversion(model, dict(own)).items()
+                    if id(t) in by_id}
+    state = {}
+    for path in files:
+        with safe_open(path, "pt") as fh:
+            for key in fh.keys():
+                if key in saved_to_own:
+                    state[saved_to_own[key]] = fh.get_tensor(key)
+    missing = [k for k in own if k not in state]
+    if missing and len(missing) == len(own):
+        raise ValueError(f"checkpoint {folder}: none of its weights match the model (e.g. {missing[0]})")
+    model.load_state_dict(state, strict=False)
+    logger.info("resume: loaded %d renamed tensors from %s", len(state), folder)
+    return len(state)
 
 
 def save_projector(model: Any, output_dir: str) -> str | None:
@@ -77,6 +126,9 @@ def run_sft(model_args: Any, data_args: Any, finetuning_args: Any, mm_args: Any,
     with training_args.main_process_first(desc="tokenising"):
         datasets = build_dataset(data_args, template, plugin, tokenizer, processor)
     gc = training_args.gradient_checkpointing
+    from transformers import set_seed
+
+    set_seed(training_args.seed)  # adapters are initialised below, before the Trainer seeds
     longest = max(dataset_lengths(datasets["train"]), default=data_args.cutoff_len)  # sizes auto checkpointing
     batch_tokens = training_args.per_device_train_batch_size * max(longest, data_args.packing_max_len or 0)
     model = load_model(model_args, finetuning_args, is_trainable=True, gradient_checkpointing=gc, tokenizer=tokenizer,
