@@ -57,6 +57,19 @@ class MMTrainer(Trainer):
         return self.optimizer
 
 
+def gather_fsdp_state_dict(trainer: Any) -> None:
+    """Under FSDP with sharded checkpoints, switch to a full (gathered) state dict for the final
+    save: transformers writes the output folder's weights only for FULL_STATE_DICT, so a sharded
+    run would otherwise end with no model or adapter there (checkpoints keep their DCP shards)."""
+    plugin = getattr(getattr(trainer, "accelerator", None), "state", None)
+    plugin = getattr(plugin, "fsdp_plugin", None)
+    if not getattr(trainer, "is_fsdp_enabled", False) or plugin is None:
+        return
+    if "FULL_STATE_DICT" not in str(plugin.state_dict_type):
+        plugin.set_state_dict_type("FULL_STATE_DICT")
+        logger.info("FSDP: final save gathers a full state dict (checkpoints stayed sharded)")
+
+
 def _checkpoint_files(folder: str) -> list[str]:
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.isfile(index):
@@ -151,6 +164,7 @@ def run_sft(model_args: Any, data_args: Any, finetuning_args: Any, mm_args: Any,
         projector_lr=mm_args.projector_lr,
     )
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    gather_fsdp_state_dict(trainer)
     trainer.save_model(training_args.output_dir)
     if trainer.is_world_process_zero():
         (processor or tokenizer).save_pretrained(training_args.output_dir)
