@@ -9,13 +9,8 @@ from mmtune.plugins import get_mm_plugin
 from mmtune.templates import IGNORE_INDEX, get_template
 from mmtune.testing import FIXTURES, get_fixture, load_processor, make_image_file
 
-CONV = [
-    {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": "Hi"},
-    {"role": "assistant", "content": "Hello"},
-    {"role": "user", "content": "Colour?"},
-    {"role": "assistant", "content": "Red"},
-]
+from .test_templates import CONV
+
 
 VICUNA = "<s>Be brief. USER: Hi ASSISTANT:Hello</s>USER: Colour? ASSISTANT:Red</s>"
 CHATML = ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello"

@@ -64,6 +64,15 @@ class MultiModalCollator:
         first["images"] = [dummy]
         return [first, *features[1:]], [real, len(first["input_ids"])]
 
+    def media_inputs(self, features: list[dict[str, Any]], ids: list[list[int]]) -> dict[str, Any]:
+        """The plugin's tensors for the samples' media (flattened in sample order); {} if none."""
+        media = {kind: [m for f in features for m in f.get(kind) or []] for kind in ("images", "videos", "audios")}
+        if not any(media.values()):
+            return {}
+        lengths = [[len(f.get(kind) or []) for f in features] for kind in ("images", "videos", "audios")]
+        return self.plugin.get_mm_inputs(media["images"], media["videos"], media["audios"], *lengths, ids,
+                                         self.processor)
+
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         fake_span = None
         has_media = any(f.get("images") or f.get("videos") or f.get("audios") for f in features)
@@ -87,18 +96,7 @@ class MultiModalCollator:
             offset = length - len(ids[0]) if self.padding_side == "left" else 0
             mask[0, offset + fake_span[0]:offset + fake_span[1]] = 0
         batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask, "labels": label_t}
-        images = [m for f in features for m in f.get("images") or []]
-        videos = [m for f in features for m in f.get("videos") or []]
-        audios = [m for f in features for m in f.get("audios") or []]
-        if images or videos or audios:
-            mm = self.plugin.get_mm_inputs(
-                images, videos, audios,
-                [len(f.get("images") or []) for f in features],
-                [len(f.get("videos") or []) for f in features],
-                [len(f.get("audios") or []) for f in features],
-                ids, self.processor,
-            )
-            batch.update(mm)
+        batch.update(self.media_inputs(features, ids))
         key = getattr(self.plugin, "token_type_key", None)
         if key == "token_type_ids" and hasattr(self.plugin, "token_type_ids_from_labels"):
             batch[key] = self.plugin.token_type_ids_from_labels(label_t)

@@ -205,20 +205,10 @@ class PackingCollator(MultiModalCollator):
                 k += 1
             text_pos[r, at:] = torch.arange(length - at)  # the pad tail is a "sample" of its own
         batch: dict[str, Any] = {"input_ids": input_ids, "labels": labels}
-        images = [m for s in subs for m in s.get("images") or []]
-        videos = [m for s in subs for m in s.get("videos") or []]
-        audios = [m for s in subs for m in s.get("audios") or []]
         key = getattr(self.plugin, "token_type_key", None)
-        if images or videos or audios:
-            mm = self.plugin.get_mm_inputs(
-                images, videos, audios,
-                [len(s.get("images") or []) for s in subs],
-                [len(s.get("videos") or []) for s in subs],
-                [len(s.get("audios") or []) for s in subs],
-                sub_ids, self.processor,
-            )
-            mm.pop(key, None)  # per sample; rebuilt for the packed rows below
-            batch.update(mm)
+        mm = self.media_inputs(subs, sub_ids)
+        mm.pop(key, None)  # per sample; rebuilt for the packed rows below
+        batch.update(mm)
         if key:
             types = self.plugin.mm_token_type_ids(input_ids, self.processor)
             if types is not None:
