@@ -1,5 +1,6 @@
-"""`mmtune train` runs, saves and exports on tiny models of several families (their collator paths
-differ: token types, audio features, anyres image sizes)."""
+"""`mmtune train` runs, saves, resumes exactly, exports, and `mmtune chat` answers from the export,
+on tiny models of several families (their collator paths differ: token types, audio features,
+anyres image sizes). qwen2_vl and llava_llama have their own end-to-end files."""
 
 import json
 import os
@@ -17,8 +18,13 @@ CASES = {  # fixture -> (template, media kind)
 }
 
 
+def _losses(out):
+    rows = [json.loads(line) for line in open(os.path.join(out, "trainer_log.jsonl"))]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_train_and_export_tiny_family(name, tmp_path):
+def test_train_resume_export_chat_tiny_family(name, tmp_path, capsys):
     from mmtune.cli import main
 
     template, kind = CASES[name]
@@ -36,11 +42,24 @@ def test_train_and_export_tiny_family(name, tmp_path):
     data.write_text(json.dumps(rows))
     model = tiny_model_dir(name, str(tmp_path))
     out = tmp_path / "out"
-    metrics = run_sft(*parse_config(None, extra=dict(
-        model_name_or_path=model, dataset=str(data), template=template, finetuning_type="lora", lora_rank=4,
-        torch_dtype="fp32", output_dir=str(out), per_device_train_batch_size=2, max_steps=2, learning_rate=1e-3,
-        save_strategy="no", use_cpu=True, disable_tqdm=True, plot_loss=False, cutoff_len=4096,
-        freeze_multi_modal_projector=False)))
+
+    def train(output_dir, **extra):
+        return run_sft(*parse_config(None, extra=dict(
+            model_name_or_path=model, dataset=str(data), template=template, finetuning_type="lora", lora_rank=4,
+            torch_dtype="fp32", output_dir=str(output_dir), per_device_train_batch_size=2, max_steps=4,
+            learning_rate=1e-3, save_strategy="steps", save_steps=2, logging_steps=1, seed=0, data_seed=0,
+            use_cpu=True, disable_tqdm=True, plot_loss=False, cutoff_len=4096, freeze_multi_modal_projector=False,
+            **extra)))
+
+    metrics = train(out)
     assert metrics["train_loss"] > 0 and os.path.exists(out / "adapter_model.safetensors")
+    train(tmp_path / "resumed", resume_from_checkpoint=str(out / "checkpoint-2"))
+    full, resumed = _losses(out), _losses(tmp_path / "resumed")
+    for step in (3, 4):
+        assert resumed[step] == pytest.approx(full[step], rel=1e-5, abs=1e-6), (step, full, resumed)
     assert main(["export", str(out), str(tmp_path / "merged")]) == 0
+    flag = "--image" if kind == "image" else "--audio"
+    assert main(["chat", str(tmp_path / "merged"), "--template", template, flag, path, "--prompt", "What is this?",
+                 "--max-new-tokens", "3"]) == 0
+    assert "assistant>" in capsys.readouterr().out
     assert os.path.exists(tmp_path / "merged" / "config.json")
