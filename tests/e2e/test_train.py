@@ -88,3 +88,17 @@ def test_train_speed_benchmark_smoke(workspace, tmp_path):
                        "--warmup", "1", "--batch", "2", "--output-dir", str(tmp_path / "o"), "--json", str(tmp_path / "r.json")])
     assert row["samples_per_s"] > 0 and row["tokens_per_sample"] > 0 and row["gflop_per_sample"] > 0
     assert json.load(open(tmp_path / "r.json"))["steps"] == 3
+
+
+def test_preprocess_dataset_benchmark_smoke(workspace, tmp_path):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[2] / "benchmarks" / "preprocess_dataset.py"
+    spec = importlib.util.spec_from_file_location("preprocess_dataset", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    row = module.main(["--model", workspace["model"], "--data", workspace["data"], "--n", "60", "--workers", "1",
+                       "--json", str(tmp_path / "p.json")])
+    assert row["samples"] == 60 and row["samples_per_s"] > 0
+    assert json.load(open(tmp_path / "p.json"))["samples"] == 60
