@@ -16,7 +16,7 @@ CONV = [
 EXPECTED = {
     "qwen2_vl": "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     "Hello<|im_end|>\n<|im_start|>user\nColour?<|im_end|>\n<|im_start|>assistant\nRed<|im_end|>\n",
-    "llava": "Be brief. USER: Hi ASSISTANT:Hello</s>USER: Colour? ASSISTANT:Red</s>",
+    "llava": "<s>Be brief. USER: Hi ASSISTANT:Hello</s>USER: Colour? ASSISTANT:Red</s>",
     "gemma3": "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello<end_of_turn>\n"
     "<start_of_turn>user\nColour?<end_of_turn>\n<start_of_turn>model\nRed<end_of_turn>\n",
     "mllama": "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"

@@ -221,4 +221,4 @@ def _tiny_vipllava() -> Any:
 register_fixture(FamilyFixture("llava", build=_build_llava, tiny_config=_tiny_llava, plugin="llava",
                                extra={"vipllava_config": _tiny_vipllava}))
 
-register_template(TEMPLATES["vicuna_v1"].bind("llava", plugin="llava"))
+register_template(TEMPLATES["vicuna_v1"].bind("llava", plugin="llava", prefix="<s>"))  # llava-hf tokenizers add BOS
