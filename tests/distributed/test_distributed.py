@@ -3,8 +3,8 @@ rank 0 batches hold images and whose rank 1 batches are text-only.
 
 - DDP (full fine-tuning with a trainable tower and find_unused_parameters=False, and LoRA): no hang,
   the vision tower runs on both ranks (the collator's masked dummy image), the loss equals the
-  single-process loss on the same global batch, save -> resume continues exactly (LoRA; full
-  fine-tuning resume is broken in transformers 5.23 for any process count: see the xfail).
+  single-process loss on the same global batch, save -> resume continues exactly (LoRA, and full
+  fine-tuning through run_sft's reload of the hub-layout checkpoint keys).
 - FSDP2: accelerate 1.15 drops the FSDP plugin when the ranks are CPU processes (MULTI_CPU) and trains
   plain DDP without a word (``test_accelerate_drops_fsdp_on_cpu`` pins that). The FSDP2 runs lift that
   one gate (``dist_train._lift_cpu_fsdp_gate``) and take their settings from the example accelerate

@@ -335,12 +335,12 @@ def test_load_model_applies_the_default_levers_on_cpu(caplog):
     assert model_args.compile is False and model_args.gradient_checkpointing_layers == 3
 
 
-def test_liger_absence_is_logged(caplog):
-    import importlib.util
+def test_liger_absence_is_logged(caplog, monkeypatch):
     import logging
+    import sys
 
-    if importlib.util.find_spec("liger_kernel") is not None:
-        pytest.skip("liger-kernel is installed here")
+    for name in ("liger_kernel", "liger_kernel.transformers"):
+        monkeypatch.setitem(sys.modules, name, None)  # import fails as when not installed
     with caplog.at_level(logging.INFO, logger="mmtune.model.speed"):
         assert speed.apply_liger_kernels(_model("qwen2_vl")) is False
     assert "liger-kernel not installed" in caplog.text
@@ -400,10 +400,7 @@ def test_fused_cross_entropy_is_exact_or_declined_for_every_family(model_type):
     results = []
     for model in (ref, fused):
         model.train()
-        try:
-            loss = model(**batch).loss
-        except Exception as exc:  # the family needs media in every batch: not this test's business
-            pytest.skip(f"{model_type}: text-only forward fails ({type(exc).__name__})")
+        loss = model(**batch).loss  # every registered family takes a text-only batch
         loss.backward()
         head = model.get_output_embeddings().weight
         results.append((loss.item(), head.grad.clone() if head.grad is not None else None))
