@@ -24,7 +24,7 @@ from transformers import TrainerCallback
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
 #: --without NAME switches one speed lever (mmtune.model.speed) off, for its row in the table
 LEVERS = {"fused-ce": "fused_cross_entropy", "compile": "compile", "tower-no-grad": "frozen_tower_no_grad",
-          "liger": "liger_kernels"}
+          "liger": "liger_kernels", "vision-varlen": "vision_varlen_attention"}
 
 
 class StepTimer(TrainerCallback):
@@ -61,8 +61,8 @@ class StepProfiler(TrainerCallback):
     """torch.profiler over ``steps`` training steps after ``start``: prints the CUDA kernels that
     take the most time and the kernel launches per step (``--profile``)."""
 
-    def __init__(self, start: int = 15, steps: int = 3) -> None:
-        self.start, self.steps, self.prof = start, steps, None
+    def __init__(self, start: int = 15, steps: int = 3, trace: str | None = None) -> None:
+        self.start, self.steps, self.prof, self.trace = start, steps, None, trace
 
     def on_step_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         if state.global_step == self.start and self.prof is None:
@@ -75,6 +75,8 @@ class StepProfiler(TrainerCallback):
         if self.prof is not None and state.global_step == self.start + self.steps:
             torch.cuda.synchronize()
             self.prof.__exit__(None, None, None)
+            if self.trace:
+                self.prof.export_chrome_trace(self.trace)  # open in chrome://tracing or ui.perfetto.dev
             events = self.prof.key_averages()
             print(events.table(sort_by="cuda_time_total", row_limit=35, max_name_column_width=70))
             kernels = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
@@ -111,6 +113,23 @@ class GpuUtilisation:
         return round(statistics.mean(self.samples), 1) if self.samples else None
 
 
+def bench_config(args: argparse.Namespace) -> dict:
+    """The ``mmtune train`` config of a benchmark run (what a user's YAML would say)."""
+    cuda = torch.cuda.is_available() and not args.cpu
+    cfg = dict(model_name_or_path=args.model, dataset=args.data, template="qwen2_vl", finetuning_type=args.method,
+               lora_rank=8, lora_target="all", cutoff_len=args.cutoff_len, output_dir=args.output_dir,
+               per_device_train_batch_size=args.batch, max_steps=args.steps, learning_rate=1e-4, warmup_steps=0,
+               logging_steps=10, save_strategy="no", bf16=cuda, torch_dtype="bf16" if cuda else "fp32",
+               gradient_checkpointing=args.gradient_checkpointing, dataloader_num_workers=4 if cuda else 0,
+               dataloader_pin_memory=cuda, use_cpu=not cuda, disable_tqdm=True, plot_loss=False,
+               preprocessing_num_workers=8 if cuda else None, overwrite_cache=True,
+               packing={"auto": None, "on": True, "off": False}[args.packing])
+    cfg.update({LEVERS[name]: False for name in args.without})
+    if args.ckpt_layers is not None:
+        cfg["gradient_checkpointing_layers"] = args.ckpt_layers
+    return cfg
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
@@ -128,22 +147,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--packing", default="auto", choices=["auto", "on", "off"], help="data_args.packing (auto: default)")
     ap.add_argument("--cutoff-len", type=int, default=1024)
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of 3 steady steps")
+    ap.add_argument("--trace", default=None, help="with --profile: also write a chrome trace (.json.gz) here")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other config key")
     args = ap.parse_args(argv)
 
     from mmtune.train import parse_config, run_sft
 
     cuda = torch.cuda.is_available() and not args.cpu
-    cfg = dict(model_name_or_path=args.model, dataset=args.data, template="qwen2_vl", finetuning_type=args.method,
-               lora_rank=8, lora_target="all", cutoff_len=args.cutoff_len, output_dir=args.output_dir,
-               per_device_train_batch_size=args.batch, max_steps=args.steps, learning_rate=1e-4, warmup_steps=0,
-               logging_steps=10, save_strategy="no", bf16=cuda, torch_dtype="bf16" if cuda else "fp32",
-               gradient_checkpointing=args.gradient_checkpointing, dataloader_num_workers=4 if cuda else 0,
-               dataloader_pin_memory=cuda, use_cpu=not cuda, disable_tqdm=True, plot_loss=False,
-               preprocessing_num_workers=8 if cuda else None, overwrite_cache=True,
-               packing={"auto": None, "on": True, "off": False}[args.packing])
-    cfg.update({LEVERS[name]: False for name in args.without})
-    if args.ckpt_layers is not None:
-        cfg["gradient_checkpointing_layers"] = args.ckpt_layers
+    cfg = bench_config(args)
+    for item in args.set:
+        key, _, value = item.partition("=")
+        cfg[key] = value
     parsed = parse_config(None, extra=cfg)
     timer = StepTimer()
     timer.warmup = args.warmup
@@ -152,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
     util = GpuUtilisation() if cuda else None
     timer.on_warm = util.start if util is not None else None  # sampled over the steady steps only
     start = time.perf_counter()
-    run_sft(*parsed, callbacks=[timer, *([StepProfiler()] if args.profile and cuda else [])])
+    run_sft(*parsed, callbacks=[timer, *([StepProfiler(trace=args.trace)] if args.profile and cuda else [])])
     wall = time.perf_counter() - start
     gpu_util = util.stop() if util is not None else None
     steady = timer.times[args.warmup:] or timer.times

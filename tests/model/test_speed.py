@@ -408,3 +408,81 @@ def test_fused_cross_entropy_is_exact_or_declined_for_every_family(model_type):
     assert b == pytest.approx(a, rel=1e-5)
     if ga is not None:
         assert torch.allclose(gb, ga, atol=1e-6)
+
+
+# ------------------------------------------------------------------ packed vision attention (varlen)
+def _block_diagonal_attention(q, k, v, cu, scale):
+    """Reference: full attention under a block-diagonal mask (tokens, heads, dim)."""
+    seg = torch.repeat_interleave(torch.arange(len(cu) - 1), cu[1:] - cu[:-1])
+    mask = seg[:, None] == seg[None, :]
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
+                                         scale=scale)
+    return out.transpose(0, 1)
+
+
+def test_segment_attention_equals_a_block_diagonal_mask():
+    torch.manual_seed(0)
+    cu = torch.tensor([0, 16, 32, 48, 72, 72, 80, 96, 112], dtype=torch.int32)  # runs of equal sizes, an empty one
+    q, k, v = (torch.randn(112, 4, 8, dtype=torch.float64) for _ in range(3))
+    ours = speed.segment_attention(q, k, v, cu, 0.3)
+    assert torch.allclose(ours, _block_diagonal_attention(q, k, v, cu, 0.3), atol=1e-10)
+
+
+def test_varlen_attention_calls_the_kernel_once_and_falls_back_to_sdpa(monkeypatch):
+    calls = []
+
+    def fake_kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale=None):
+        calls.append((tuple(q.shape), cu_q.dtype, max_q))
+        return speed.segment_attention(q, k, v, cu_q, scale)
+
+    monkeypatch.setattr(speed, "_varlen_kernel_for", lambda q: fake_kernel)
+    torch.manual_seed(0)
+    cu = torch.tensor([0, 16, 40], dtype=torch.int64)
+    q, k, v = (torch.randn(1, 4, 40, 8) for _ in range(3))  # as transformers hands them: (1, heads, tokens, dim)
+    out, _ = speed.varlen_attention_forward(torch.nn.Module(), q, k, v, None, scaling=0.5, cu_seq_lens_q=cu,
+                                            cu_seq_lens_k=cu, max_length_q=24, max_length_k=24, is_causal=False)
+    assert calls == [((40, 4, 8), torch.int32, 24)] and out.shape == (1, 40, 4, 8)
+    ref = _block_diagonal_attention(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu, 0.5)
+    assert torch.allclose(out[0], ref, atol=1e-6)
+    # a causal or masked call is not ours: transformers' sdpa, the kernel untouched
+    module = torch.nn.Module()
+    module.is_causal = True
+    causal, _ = speed.varlen_attention_forward(module, q, k, v, None, scaling=0.5, is_causal=True)
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.5).transpose(1, 2)
+    assert len(calls) == 1 and torch.allclose(causal, expected, atol=1e-6)
+
+
+def _varlen_types():
+    from mmtune.testing import FIXTURES
+
+    return [t for t in ("glm4v", "qwen2_vl", "qwen2_5_vl", "qwen3_vl") if t in tiny_configs() and t in FIXTURES]
+
+
+@pytest.mark.parametrize("model_type", _varlen_types())
+def test_vision_varlen_attention_keeps_losses_and_grads(model_type, monkeypatch):
+    """The tower trains here (gradients flow through the attention), images of different sizes."""
+    calls = []
+
+    def counting_kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale=None):
+        calls.append(max_q)
+        return speed.segment_attention(q, k, v, cu_q, scale)
+
+    monkeypatch.setattr(speed, "_varlen_kernel_for", lambda q: counting_kernel)
+
+    def build(lever):
+        model = _model(model_type, "full", freeze_vision_tower=False)
+        if lever:
+            assert speed.enable_vision_varlen_attention(model)
+        return model
+
+    batches = [_batch(model_type, seed=s) for s in (0, 1)]
+    ref = _train(build(False), batches)
+    assert not calls
+    _assert_same(ref, _train(build(True), batches))
+    assert calls and all(isinstance(m, int) for m in calls)
+
+
+def test_vision_varlen_attention_declines_towers_it_does_not_fit():
+    for model_type in ("llava", "gemma3", "qwen2_audio"):
+        if model_type in tiny_configs():
+            assert speed.enable_vision_varlen_attention(_model(model_type)) == []

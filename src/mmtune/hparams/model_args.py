@@ -30,6 +30,11 @@ class ModelArguments:
         default=None, metadata={"help": "torch.compile each repeated block; default: on when training on CUDA."})
     compile_dynamic: bool | None = field(default=True, metadata={"help": "Dynamic shapes: no recompile per length."})
     compile_backend: str = "inductor"
+    compile_mode: str | None = field(
+        default=None, metadata={"help": "torch.compile mode, e.g. reduce-overhead (CUDA graphs); default: inductor's."})
+    vision_varlen_attention: bool | None = field(
+        default=None, metadata={"help": "Vision tower attention over all images in one varlen kernel; default: on "
+                                        "with CUDA when torch has torch.nn.attention.varlen."})
     frozen_tower_no_grad: bool = field(
         default=True, metadata={"help": "Run a fully frozen vision/audio tower without autograd."})
     gradient_checkpointing_layers: int | str = field(

@@ -16,6 +16,9 @@ logs when it is applied and each has a CPU test comparing losses with the lever 
   checkpointing needs makes it record a graph it never uses).
 - **selective activation checkpointing** (``gradient_checkpointing_layers``): checkpoint only
   N decoder layers, N chosen from a memory estimate by default.
+- **packed vision attention** (``vision_varlen_attention``): the vision tower's attention over
+  all images of a batch in one varlen kernel (torch's flash varlen) instead of one sdpa call
+  and one host sync per image and block.
 - **Liger kernels** (``liger_kernels``): RMSNorm / SwiGLU / rotary via liger-kernel, if installed.
 """
 
@@ -347,6 +350,125 @@ def run_frozen_towers_without_grad(model: nn.Module) -> list[str]:
     return keys
 
 
+# =============================================================== vision attention: one varlen kernel
+VARLEN_ATTENTION = "mmtune_flash_varlen"  # "flash" in the name routes transformers' vision blocks to varlen
+
+
+_VARLEN_KERNEL: list[Any] = []  # [kernel or None] once looked up (a plain global: compiled code reads it cheaply)
+
+
+def _torch_varlen_attn() -> Any:
+    """torch's flash varlen attention (torch >= 2.9, CUDA), or None."""
+    if not _VARLEN_KERNEL:
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+        except ImportError:
+            varlen_attn = None
+        _VARLEN_KERNEL.append(varlen_attn)
+    return _VARLEN_KERNEL[0]
+
+
+def _varlen_kernel_for(query: torch.Tensor) -> Any:
+    """The varlen kernel for ``query``'s device and dtype, or None (CPU, fp32: the reference)."""
+    kernel = _VARLEN_KERNEL[0] if _VARLEN_KERNEL else _torch_varlen_attn()
+    if kernel is not None and query.is_cuda and query.dtype in (torch.bfloat16, torch.float16):
+        return kernel
+    return None
+
+
+def segment_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor,
+                      scale: float | None) -> torch.Tensor:
+    """Reference for the varlen kernel: attention within each segment of ``cu_seqlens`` only.
+    ``query``/``key``/``value`` are (tokens, heads, dim); runs of equal-length segments go
+    through one batched sdpa call. Returns (tokens, heads, dim)."""
+    bounds = cu_seqlens.tolist()
+    lengths = [b - a for a, b in zip(bounds, bounds[1:])]
+    out, start, i = [], 0, 0
+    while i < len(lengths):
+        j = i
+        while j < len(lengths) and lengths[j] == lengths[i]:
+            j += 1
+        n, size = j - i, lengths[i]
+        if size:
+            span = slice(start, start + n * size)
+            q, k, v = (t[span].unflatten(0, (n, size)).transpose(1, 2) for t in (query, key, value))
+            out.append(F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2).flatten(0, 1))
+        start, i = start + n * size, j
+    return torch.cat(out) if out else query.new_empty(query.shape)
+
+
+def varlen_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                             cu_seq_lens_q: torch.Tensor | None = None, cu_seq_lens_k: torch.Tensor | None = None,
+                             max_length_q: int | None = None, max_length_k: int | None = None,
+                             is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """A transformers attention function for packed, non-causal vision attention: one kernel
+    over every image instead of one sdpa call (and one host sync) per image and block.
+    Anything else (a mask, causal, no ``cu_seq_lens``) goes to transformers' sdpa."""
+    if (cu_seq_lens_q is None or attention_mask is not None or is_causal or query.shape[0] != 1
+            or cu_seq_lens_k is not None and cu_seq_lens_k is not cu_seq_lens_q
+            and not torch.equal(cu_seq_lens_k, cu_seq_lens_q)):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      is_causal=is_causal, **kwargs)
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (1, heads, tokens, dim) -> (tokens, heads, dim)
+    kernel = _varlen_kernel_for(q)
+    if kernel is not None:
+        if max_length_q is None:
+            max_length_q = int((cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).max())
+        cu = cu_seq_lens_q.to(torch.int32)
+        out = kernel(q, k, v, cu, cu, max_length_q, max_length_q, scale=scaling)
+    else:
+        out = segment_attention(q, k, v, cu_seq_lens_q, scaling)
+    return out.unsqueeze(0), None
+
+
+def _vision_attention_takes_varlen(attention: nn.Module) -> bool:
+    """Whether a vision attention module hands ``cu_seq_lens_q`` to flash-type attention
+    functions (transformers' Qwen2-VL-style vision blocks)."""
+    import inspect
+
+    try:
+        source = inspect.getsource(type(attention).forward)
+    except (OSError, TypeError):
+        return False
+    return "cu_seq_lens_q=" in source and "is_flash_attention_requested(" in source
+
+
+def enable_vision_varlen_attention(model: nn.Module) -> list[str]:
+    """Route the vision tower's packed attention through :func:`varlen_attention_forward`;
+    returns the tower keys changed ([] when the tower's attention does not fit or already
+    uses flash attention)."""
+    from transformers import AttentionInterface
+
+    base = unwrap_model(model)
+    entry = get_composite_model(getattr(base.config, "model_type", ""))
+    if entry is None:
+        return []
+    AttentionInterface.register(VARLEN_ATTENTION, varlen_attention_forward)
+    changed = []
+    for key in entry.vision_model_keys:
+        try:
+            tower = base.get_submodule(key)
+        except AttributeError:
+            continue
+        configs = {}
+        for module in tower.modules():
+            config = getattr(module, "config", None)
+            if config is not None and hasattr(config, "_attn_implementation") and _vision_attention_takes_varlen(module):
+                configs[id(config)] = config
+        if not configs or any("flash" in str(c._attn_implementation) for c in configs.values()):
+            continue
+        for config in configs.values():
+            config._attn_implementation = VARLEN_ATTENTION
+        changed.append(key)
+    if changed:
+        kernel = "torch varlen flash kernel" if _torch_varlen_attn() is not None else "batched sdpa per image size"
+        logger.info("vision attention packed (%s): %s", kernel, ", ".join(changed))
+    return changed
+
+
 # =============================================================== regional torch.compile
 def repeated_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The members of every ModuleList of two or more blocks with parameters (decoder layers,
@@ -363,7 +485,8 @@ def repeated_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
-def compile_repeated_blocks(model: nn.Module, dynamic: bool | None = True, backend: str = "inductor") -> int:
+def compile_repeated_blocks(model: nn.Module, dynamic: bool | None = True, backend: str = "inductor",
+                            mode: str | None = None) -> int:
     """``module.compile()`` each repeated block: identical blocks share one compiled graph
     (parameters are graph inputs), dynamic shapes spare recompiles across batch lengths, and
     the state-dict keys do not change. Returns the number of blocks compiled."""
@@ -379,11 +502,15 @@ def compile_repeated_blocks(model: nn.Module, dynamic: bool | None = True, backe
     if hasattr(torch._dynamo.config, "accumulated_cache_size_limit"):
         torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit,
                                                                  4 * limit)
-    for _, block in blocks:
-        block.compile(dynamic=dynamic, backend=backend)
+    if mode is not None and "reduce-overhead" in mode:
+        raise ValueError("compile_mode reduce-overhead (CUDA graphs) does not fit regional compile: identical blocks "
+                         "share one graph, whose replays overwrite each other's outputs; use the default mode or "
+                         "max-autotune-no-cudagraphs")
+    for name, block in blocks:
+        block.compile(dynamic=dynamic, backend=backend, **({"mode": mode} if mode else {}))
     kinds = sorted({type(b).__name__ for _, b in blocks})
-    logger.info("regional compile on: %d blocks (%s), backend %s, dynamic=%s", len(blocks), ", ".join(kinds),
-                backend, dynamic)
+    logger.info("regional compile on: %d blocks (%s), backend %s, dynamic=%s, mode %s", len(blocks),
+                ", ".join(kinds), backend, dynamic, mode or "default")
     return len(blocks)
 
 
@@ -521,6 +648,11 @@ def apply_speed_levers(model: nn.Module, model_args: Any, *, gradient_checkpoint
         applied["fused_cross_entropy"] = enable_fused_cross_entropy(model)
     if getattr(model_args, "frozen_tower_no_grad", True):
         applied["frozen_tower_no_grad"] = run_frozen_towers_without_grad(model)
+    varlen = getattr(model_args, "vision_varlen_attention", None)
+    if varlen is None:
+        varlen = device_type == "cuda" and _torch_varlen_attn() is not None
+    if varlen:
+        applied["vision_varlen_attention"] = enable_vision_varlen_attention(model)
     spec = getattr(model_args, "gradient_checkpointing_layers", "auto")
     n = resolve_checkpoint_layers(spec, model, gradient_checkpointing=gradient_checkpointing, device_type=device_type,
                                   batch_tokens=batch_tokens, budget_gib=getattr(model_args, "memory_budget_gib", None),
@@ -532,5 +664,6 @@ def apply_speed_levers(model: nn.Module, model_args: Any, *, gradient_checkpoint
         compile_ = device_type == "cuda"
     if compile_:
         applied["compiled_blocks"] = compile_repeated_blocks(model, dynamic=getattr(model_args, "compile_dynamic", True),
-                                                             backend=getattr(model_args, "compile_backend", "inductor"))
+                                                             backend=getattr(model_args, "compile_backend", "inductor"),
+                                                             mode=getattr(model_args, "compile_mode", None))
     return applied

@@ -1,0 +1,159 @@
+"""Where a training step's time goes: the same model, levers and batches as ``train_speed.py``,
+driven by a plain loop (no HF Trainer), timed phase by phase, with an optional profiler trace.
+
+    python benchmarks/step_anatomy.py --model /tmp/lfbench/model --data /tmp/lfbench/data/bench.json \\
+        --method lora --batch 8 --steps 20 [--without compile] [--trace /tmp/trace.json.gz]
+
+Prints, in ms per step: the steady step (one sync at its end), the CPU time to issue it (before
+that sync: when it equals the step, the CPU is the bottleneck), and each phase run alone between
+syncs (tower forward, whole forward, backward, optimizer). Comparing its step with
+``train_speed.py``'s on the same machine gives the Trainer's own cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from train_speed import LEVERS, bench_config  # noqa: E402
+
+
+def _to(batch: dict[str, Any], device: str) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _timed(fn: Any, n: int) -> float:
+    """Mean ms of ``fn`` run alone (synchronised before and after)."""
+    times = []
+    for _ in range(n):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.mean(times)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--method", default="lora", choices=["lora", "full"])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--without", action="append", default=[], choices=sorted(LEVERS))
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key")
+    ap.add_argument("--clip", type=float, default=1.0, help="gradient clipping as the Trainer does (0: off)")
+    ap.add_argument("--trace", default=None, help="write a chrome trace of 2 steady steps here (.json.gz)")
+    ap.add_argument("--phases", action="store_true", help="also time each phase alone (compiles more variants)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    args.gradient_checkpointing, args.cpu, args.ckpt_layers, args.packing = False, False, None, "off"
+    args.output_dir, args.cutoff_len = "/tmp/mmtune_anatomy", 1024
+
+    from mmtune.data import MultiModalCollator, build_dataset
+    from mmtune.model.composite import get_composite_model
+    from mmtune.model.loader import load_model, load_tokenizer_and_processor
+    from mmtune.model.speed import unwrap_model
+    from mmtune.plugins import get_mm_plugin
+    from mmtune.templates import get_template
+    from mmtune.train import parse_config
+
+    cfg = bench_config(args)
+    for item in args.set:
+        key, _, value = item.partition("=")
+        cfg[key] = value
+    model_args, data_args, ft_args, mm_args, _ = parse_config(None, extra=cfg)
+    tokenizer, processor = load_tokenizer_and_processor(model_args)
+    template = get_template(data_args.template)
+    plugin = get_mm_plugin(mm_args.plugin or template.plugin, media=data_args.media_config())
+    data = build_dataset(data_args, template, plugin, tokenizer, processor)["train"]
+    longest = max(len(x) for x in data[: 4 * args.batch]["input_ids"])
+    model = load_model(model_args, ft_args, is_trainable=True, tokenizer=tokenizer, device_type="cuda",
+                       batch_tokens=args.batch * longest)
+    model.to("cuda").train()
+    collator = MultiModalCollator(plugin, processor, tokenizer, model=model)
+    batches = [_to(collator([data[j] for j in range(i * args.batch, (i + 1) * args.batch)]), "cuda") for i in range(4)]
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    base = unwrap_model(model)
+    entry = get_composite_model(base.config.model_type)
+    keys = [k.split(".") for k in entry.vision_model_keys]
+    common = [parts[0] for parts in zip(*keys) if len(set(parts)) == 1] if len(keys) > 1 else keys[0]
+    tower = base.get_submodule(".".join(common))  # the whole tower (model.visual), not its first part
+
+    def forward(b: dict[str, Any]) -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return model(**b).loss
+
+    def step(i: int) -> torch.Tensor:
+        loss = forward(batches[i % len(batches)])
+        loss.backward()
+        if args.clip:
+            torch.nn.utils.clip_grad_norm_(params, args.clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    for i in range(args.warmup):
+        step(i)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    steps, issue = [], []
+    for i in range(args.steps):
+        start = time.perf_counter()
+        step(i)
+        issued = time.perf_counter()
+        torch.cuda.synchronize()
+        end = time.perf_counter()
+        steps.append(end - start)
+        issue.append(issued - start)
+    b0 = batches[0]
+    print(f"[anatomy] step {1000 * statistics.mean(steps):.1f} ms, issued in {1000 * statistics.mean(issue):.1f} ms",
+          flush=True)
+    row: dict[str, Any] = {
+        "method": args.method, "batch": args.batch, "levers_off": args.without, "set": args.set, "clip": args.clip,
+        "step_ms": round(1000 * statistics.mean(steps), 1), "issue_ms": round(1000 * statistics.mean(issue), 1),
+        "samples_per_s": round(args.batch / statistics.mean(steps), 2),
+        "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+    }
+    if args.trace:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for i in range(2):
+                step(i)
+            torch.cuda.synchronize()
+        prof.export_chrome_trace(args.trace)
+        events = prof.key_averages()
+        gpu = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+        row["gpu_busy_ms"] = round(gpu / 1000 / 2, 1)
+        row["kernels_per_step"] = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA) // 2
+        print(events.table(sort_by="cpu_time_total", row_limit=40, max_name_column_width=60))
+    if args.phases:
+        with torch.no_grad():
+            row["tower_fwd_ms"] = round(_timed(lambda: tower(b0["pixel_values"], grid_thw=b0["image_grid_thw"]), 5), 1)
+        row["forward_ms"] = round(_timed(lambda: forward(b0), 5), 1)
+
+        def fwd_bwd() -> None:
+            forward(b0).backward()
+
+        row["fwd_bwd_ms"] = round(_timed(fwd_bwd, 5), 1)
+        row["optimizer_ms"] = round(_timed(lambda: (opt.step(), opt.zero_grad(set_to_none=False)), 5), 1)
+    print(" | ".join(f"{k}={v}" for k, v in row.items()))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({**row, "device": torch.cuda.get_device_name(), "command": " ".join(sys.argv)}, fh, indent=1)
+    return row
+
+
+if __name__ == "__main__":
+    main()
