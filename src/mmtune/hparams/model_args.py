@@ -32,6 +32,9 @@ class ModelArguments:
     compile_backend: str = "inductor"
     compile_mode: str | None = field(
         default=None, metadata={"help": "torch.compile mode, e.g. reduce-overhead (CUDA graphs); default: inductor's."})
+    compile_cpp_wrapper: bool = field(
+        default=False, metadata={"help": "Inductor's C++ wrapper for compiled blocks: less host time a launch, "
+                                         "longer compiles."})
     vision_varlen_attention: bool | None = field(
         default=None, metadata={"help": "Vision tower attention over all images in one varlen kernel; default: on "
                                         "with CUDA when torch has torch.nn.attention.varlen."})

@@ -486,7 +486,7 @@ def repeated_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def compile_repeated_blocks(model: nn.Module, dynamic: bool | None = True, backend: str = "inductor",
-                            mode: str | None = None) -> int:
+                            mode: str | None = None, cpp_wrapper: bool = False) -> int:
     """``module.compile()`` each repeated block: identical blocks share one compiled graph
     (parameters are graph inputs), dynamic shapes spare recompiles across batch lengths, and
     the state-dict keys do not change. Returns the number of blocks compiled."""
@@ -506,6 +506,10 @@ def compile_repeated_blocks(model: nn.Module, dynamic: bool | None = True, backe
         raise ValueError("compile_mode reduce-overhead (CUDA graphs) does not fit regional compile: identical blocks "
                          "share one graph, whose replays overwrite each other's outputs; use the default mode or "
                          "max-autotune-no-cudagraphs")
+    if cpp_wrapper:
+        import torch._inductor.config
+
+        torch._inductor.config.cpp_wrapper = True  # read when a block first compiles
     for name, block in blocks:
         block.compile(dynamic=dynamic, backend=backend, **({"mode": mode} if mode else {}))
     kinds = sorted({type(b).__name__ for _, b in blocks})
@@ -665,5 +669,6 @@ def apply_speed_levers(model: nn.Module, model_args: Any, *, gradient_checkpoint
     if compile_:
         applied["compiled_blocks"] = compile_repeated_blocks(model, dynamic=getattr(model_args, "compile_dynamic", True),
                                                              backend=getattr(model_args, "compile_backend", "inductor"),
-                                                             mode=getattr(model_args, "compile_mode", None))
+                                                             mode=getattr(model_args, "compile_mode", None),
+                                                             cpp_wrapper=bool(getattr(model_args, "compile_cpp_wrapper", False)))
     return applied

@@ -68,5 +68,8 @@ def parse_config(path: str | None, overrides: list[str] | None = None, extra: di
     training.setdefault("output_dir", "outputs/run")
     training.setdefault("remove_unused_columns", False)
     training.setdefault("report_to", "none")
+    # the filter tests every step's loss for NaN/inf on the host: a GPU sync per step; mmtune logs
+    # a NaN loss as it is instead (set logging_nan_inf_filter: true for the Trainer's filtering)
+    training.setdefault("logging_nan_inf_filter", False)
     parsed = [cls(**v) for cls, v in zip(groups, values)]
     return (*parsed, TrainingArguments(**training))
