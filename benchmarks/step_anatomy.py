@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 import torch
+import yaml
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from train_speed import LEVERS, bench_config  # noqa: E402
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = bench_config(args)
     for item in args.set:
         key, _, value = item.partition("=")
-        cfg[key] = value
+        cfg[key] = yaml.safe_load(value)  # numbers and booleans as YAML reads them
     model_args, data_args, ft_args, mm_args, _ = parse_config(None, extra=cfg)
     tokenizer, processor = load_tokenizer_and_processor(model_args)
     template = get_template(data_args.template)

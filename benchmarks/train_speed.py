@@ -19,6 +19,7 @@ import sys
 import time
 
 import torch
+import yaml
 from transformers import TrainerCallback
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = bench_config(args)
     for item in args.set:
         key, _, value = item.partition("=")
-        cfg[key] = value
+        cfg[key] = yaml.safe_load(value)  # numbers and booleans as YAML reads them
     parsed = parse_config(None, extra=cfg)
     timer = StepTimer()
     timer.warmup = args.warmup
