@@ -65,6 +65,49 @@ def test_image_size_reads_the_header_only(files):
         assert image_size({"path": files["png"]}) == (120, 70)
 
 
+@pytest.mark.parametrize("variant", ["baseline", "progressive", "exif", "cmyk", "grey", "optimized", "restart"])
+def test_jpeg_header_reader_agrees_with_pil(tmp_path, variant):
+    """image_size reads a JPEG's frame header itself (no PIL image object): same size as PIL,
+    from a path, a {"path"} dict and bytes, for the JPEG flavours PIL writes."""
+    from mmtune.media.image import _jpeg_size
+
+    img = make_image(333, 211, seed=5)
+    kwargs = {"baseline": {}, "progressive": {"progressive": True}, "optimized": {"optimize": True},
+              "restart": {"restart_marker_blocks": 2}, "exif": {}, "cmyk": {}, "grey": {}}[variant]
+    if variant == "exif":
+        exif = Image.Exif()
+        exif[0x0112] = 6  # orientation: the stored size is what PIL reports, and what counts
+        exif[0x010E] = "x" * 5000  # a long APP1 segment to skip
+        kwargs["exif"] = exif.tobytes()
+    if variant == "cmyk":
+        img = img.convert("CMYK")
+    if variant == "grey":
+        img = img.convert("L")
+    path = tmp_path / f"{variant}.jpg"
+    img.save(path, format="JPEG", quality=80, **kwargs)
+    raw = path.read_bytes()
+    with open(path, "rb") as fh:
+        assert _jpeg_size(fh) == Image.open(path).size == (333, 211)
+    with no_pixel_decoding():
+        assert image_size(str(path)) == image_size({"path": str(path)}) == image_size({"bytes": raw}) == (333, 211)
+
+
+def test_jpeg_header_reader_leaves_the_rest_to_pil(files, tmp_path):
+    from mmtune.media.image import _jpeg_size
+
+    with open(files["png"], "rb") as fh:
+        assert _jpeg_size(fh) is None  # not a JPEG: PIL answers
+    assert image_size(files["png"]) == (120, 70)
+    cut = tmp_path / "cut.jpg"  # a JPEG cut inside its headers: PIL's error, naming the file
+    cut.write_bytes(open(files["jpg"], "rb").read()[:40])
+    with open(cut, "rb") as fh:
+        assert _jpeg_size(fh) is None
+    with pytest.raises(MediaError, match="cut.jpg"):
+        image_size(str(cut))
+    with pytest.raises(MediaError, match="not found"):
+        image_size(str(tmp_path / "missing.jpg"))
+
+
 @pytest.mark.parametrize("size", [(1000, 300), (301, 173), (64, 900)])
 def test_caps_keep_aspect_ratio(size):
     img = make_image(*size)

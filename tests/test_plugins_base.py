@@ -122,3 +122,71 @@ def test_media_error_is_a_value_error():
     assert issubclass(MediaError, ValueError)
     with sample_context(None, "x.jsonl"):
         assert str(MediaError("bad")) == "x.jsonl: bad"
+
+
+def _family_names():
+    from mmtune.families import load_families
+    from mmtune.testing import FIXTURES
+
+    load_families()  # families with a tokenize of their own (llava_llama's -200) are tested in their file
+    return sorted(name for name, fixture in FIXTURES.items()
+                  if fixture.plugin and type(get_mm_plugin(fixture.plugin)).tokenize is BasePlugin.tokenize)
+
+
+@pytest.mark.parametrize("name", _family_names())
+def test_tokenize_collapses_media_runs_to_the_same_ids(name):
+    """A run of a media token is tokenised as one token and widened back: the ids must be
+    exactly the tokenizer's on the whole text, for every family's tokenizer and tokens."""
+    from mmtune.testing import get_fixture
+
+    fixture = get_fixture(name)
+    processor = load_processor(name)
+    tok = getattr(processor, "tokenizer", processor)
+    plugin = get_mm_plugin(fixture.plugin)
+    tokens = [t for t in (plugin.image_token, plugin.video_token, plugin.audio_token) if t]
+    assert tokens
+    texts = []
+    for t in tokens:
+        texts += [t * 7, f"a{t * 5}b", f" {t * 3} x {t} y\n{t * 2}", f"Look: {t * 4}. Then{t}", f"{t}{t}\n\n{t * 9} end"]
+    if len(tokens) > 1:
+        texts.append(f"one {tokens[0] * 3}{tokens[1] * 2} two {tokens[-1] * 4}{tokens[0]}!")
+    texts.append("no media at all")
+    for text in texts:
+        assert plugin.tokenize(text, tok) == tok(text, add_special_tokens=False)["input_ids"], (name, text[:80])
+
+
+def test_tokenize_runs_are_not_retokenised(qwen):
+    """The Qwen image pad is an added token: a 300-token run reaches the tokenizer as one."""
+    plugin = get_mm_plugin("qwen2_vl")
+    tok = qwen.tokenizer
+    seen = []
+
+    class Recording:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, key):
+            return getattr(self.inner, key)
+
+        def __call__(self, text, **kwargs):
+            seen.append(text)
+            return self.inner(text, **kwargs)
+
+    text = "<|vision_start|>" + "<|image_pad|>" * 300 + "<|vision_end|>What is it?"
+    ids = plugin.tokenize(text, Recording(tok))
+    assert ids == tok(text, add_special_tokens=False)["input_ids"]
+    assert ids.count(tok.convert_tokens_to_ids("<|image_pad|>")) == 300
+    assert seen == [["<|vision_start|><|image_pad|><|vision_end|>What is it?"]]
+    # several pieces: one call, each piece's ids as if tokenised alone
+    pieces = [text, "plain answer<|im_end|>\n", "<|image_pad|>" * 3 + "x" + "<|video_pad|>" * 2]
+    seen.clear()
+    assert plugin.tokenize_many(pieces, Recording(tok)) == [tok(p, add_special_tokens=False)["input_ids"] for p in pieces]
+    assert len(seen) == 1 and len(seen[0]) == 3
+
+
+def test_tokenize_falls_back_for_tokens_the_tokenizer_splits(qwen):
+    """A media token that is no added token (split as text) is never collapsed."""
+    plugin = BasePlugin(image_token="<img>")
+    text = "see <img><img><img> here"
+    assert plugin._media_runs(qwen.tokenizer) is None
+    assert plugin.tokenize(text, qwen.tokenizer) == qwen.tokenizer(text, add_special_tokens=False)["input_ids"]

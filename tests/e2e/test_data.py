@@ -111,3 +111,41 @@ def test_text_only_batch_runs_the_tower_on_a_dummy_with_zero_effect(name):
         loss_fake = model(**with_fake).loss
     assert calls, "the vision tower must run on the dummy"
     assert torch.allclose(loss_plain, loss_fake, atol=1e-6), (loss_plain, loss_fake)
+
+
+@pytest.mark.parametrize("workers", [None, 2])
+def test_build_dataset_in_batches_equals_encode_sample_and_drops_with_a_count(tmp_path, monkeypatch, caplog, workers):
+    """build_dataset maps in batches (a batch size of 3 here: rows cross batch and process
+    borders) with fixed column types; every kept row is exactly encode_sample's, the dropped
+    ones are gone and counted in the log."""
+    import logging
+
+    import mmtune.data.loader as loader
+
+    monkeypatch.setattr(loader, "MAP_BATCH_SIZE", 3)
+    sizes = [(64, 64), (120, 40), (33, 97), (200, 150), (56, 56), (90, 300), (64, 65)]
+    rows = []
+    for i, (w, h) in enumerate(sizes):
+        make_image_file(str(tmp_path / f"{i}.png"), w, h, seed=i)
+        messages = [{"role": "user", "content": f"<image>question {i}?"}]
+        if i not in (2, 5):  # no answer: nothing to train on, dropped
+            messages.append({"role": "assistant", "content": f"answer number {i} " * (i + 1)})
+        rows.append({"messages": messages, "images": [f"{i}.png"]})
+    rows.append({"messages": [{"role": "user", "content": "text only"}, {"role": "assistant", "content": "fine"}]})
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(rows))
+    processor = load_processor("qwen2_vl")
+    plugin, template = get_mm_plugin("qwen2_vl"), get_template("qwen2_vl")
+    args = DataArguments(dataset=str(path), overwrite_cache=True, preprocessing_num_workers=workers)
+    with caplog.at_level(logging.WARNING, logger="mmtune.data.loader"):
+        ds = build_dataset(args, template, plugin, processor.tokenizer, processor)["train"]
+    assert "dropped 2 of 8 samples" in caplog.text
+    kept = [i for i in range(len(rows)) if i not in (2, 5)]
+    assert len(ds) == len(kept)
+    assert ds.features["input_ids"].feature.dtype == "int32" and ds.features["labels"].feature.dtype == "int64"
+    assert ds.features["videos"].feature.dtype == "string"
+    for row, i in zip(ds, kept):
+        sample = normalize_row(rows[i], str(tmp_path))
+        ref = encode_sample(sample, template, plugin, processor.tokenizer, processor, args.cutoff_len)
+        assert list(row["input_ids"]) == ref.input_ids and list(row["labels"]) == ref.labels
+        assert row["images"] == [str(x) for x in sample.images] and row["videos"] == [] and row["audios"] == []

@@ -9,6 +9,8 @@ from mmtune.media import MediaError
 
 from .formats import Sample
 
+IGNORE_INDEX = -100
+
 
 @dataclass
 class EncodeResult:
@@ -43,22 +45,39 @@ def encode_sample(
     be cut after the last media token; a cut through media drops the sample (or raises)."""
     messages = plugin.process_messages(sample.messages, sample.images, sample.videos, sample.audios, processor)
     input_ids, labels = template.encode(tokenizer, messages, sample.system, train_on_prompt, mask_history,
-                                        tokenize=plugin.tokenize)
+                                        tokenize=_pretokenized(template, plugin, tokenizer, messages, sample.system))
     input_ids, labels = plugin.process_token_ids(
         input_ids, labels, sample.images, sample.videos, sample.audios, tokenizer, processor
     )
     if len(input_ids) > cutoff_len:
         media_ids = media_token_ids(plugin, tokenizer)
-        last = max((i for i, t in enumerate(input_ids) if t in media_ids), default=-1)
-        if last >= cutoff_len:
+        if not media_ids.isdisjoint(input_ids[cutoff_len:]):  # a media token would be cut
+            last = max(i for i, t in enumerate(input_ids) if t in media_ids)
             reason = f"{len(input_ids)} tokens with media tokens up to position {last} exceed cutoff_len={cutoff_len}"
             if not drop_overlong:
                 raise MediaError(reason)
             return EncodeResult([], [], dropped=reason)
         full = len(input_ids)
         input_ids, labels = input_ids[:cutoff_len], labels[:cutoff_len]
-        if all(label == -100 for label in labels):
+        if labels.count(IGNORE_INDEX) == len(labels):
             return EncodeResult([], [], dropped=f"{full} tokens: cutoff_len={cutoff_len} cuts away every answer token")
-    if all(label == -100 for label in labels):
+    if labels.count(IGNORE_INDEX) == len(labels):  # count runs in C: no per-token Python loop
         return EncodeResult([], [], dropped="no trainable token (empty answer)")
     return EncodeResult(input_ids, labels)
+
+
+def _pretokenized(template: Any, plugin: Any, tokenizer: Any, messages: list[dict[str, str]],
+                  system: str | None) -> Any:
+    """``template.encode``'s ``tokenize``, with every piece of this sample tokenised beforehand
+    in one call (``plugin.tokenize_many``): one tokenizer call a sample instead of one a piece."""
+    many = getattr(plugin, "tokenize_many", None)
+    if many is None:
+        return plugin.tokenize
+    pieces = list(dict.fromkeys(x for pair in template.render_turns(messages, system) for x in pair if x))
+    done = dict(zip(pieces, many(pieces, tokenizer)))
+
+    def tokenize(text: str, tok: Any) -> list[int]:
+        ids = done.get(text) if tok is tokenizer else None
+        return ids if ids is not None else plugin.tokenize(text, tok)
+
+    return tokenize

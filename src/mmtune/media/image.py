@@ -62,8 +62,68 @@ def _open(obj: ImageInput) -> Image.Image:
     raise MediaError(f"unsupported image input of type {type(obj).__name__}")
 
 
+#: JPEG start-of-frame markers (baseline, extended, progressive, lossless; Huffman or arithmetic)
+_JPEG_SOF = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF))
+
+
+def _jpeg_size(fh: Any) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's start-of-frame segment, walking the marker segments as
+    PIL's JPEG reader does, but without building an image object (a fifth of its cost, which
+    a preprocessing pass pays once per image). None for anything else or anything odd: the
+    caller then asks PIL."""
+    read = fh.read
+    if read(2) != b"\xff\xd8":
+        return None
+    while True:
+        if read(1) != b"\xff":
+            return None
+        marker = read(1)
+        while marker == b"\xff":  # fill bytes
+            marker = read(1)
+        if not marker:
+            return None
+        code = marker[0]
+        if code == 0x01 or 0xD0 <= code <= 0xD8:  # markers without a segment
+            continue
+        if code in (0xD9, 0xDA):  # end of image / start of scan before any frame header
+            return None
+        head = read(2)
+        if len(head) < 2:
+            return None
+        length = (head[0] << 8) | head[1]
+        if code in _JPEG_SOF:
+            frame = read(5)  # precision, height, width
+            if len(frame) < 5:
+                return None
+            height, width = (frame[1] << 8) | frame[2], (frame[3] << 8) | frame[4]
+            return (width, height) if width and height else None
+        if length < 2:
+            return None
+        fh.seek(length - 2, 1)
+
+
+def _fast_size(obj: ImageInput) -> tuple[int, int] | None:
+    """A JPEG file's or JPEG bytes' size without PIL; None where PIL must answer."""
+    if isinstance(obj, dict) and obj.get("bytes") is None:
+        obj = obj.get("path")
+    elif isinstance(obj, dict):
+        obj = obj["bytes"]
+    if isinstance(obj, (bytes, bytearray)):
+        return _jpeg_size(io.BytesIO(obj))
+    if isinstance(obj, (str, os.PathLike)) and not str(obj).startswith("data:"):
+        try:
+            with open(obj, "rb") as fh:
+                return _jpeg_size(fh)
+        except OSError:
+            return None
+    return None
+
+
 def image_size(obj: ImageInput) -> tuple[int, int]:
     """(width, height) from the header, without decoding pixels."""
+    size = _fast_size(obj)
+    if size is not None:
+        return size
     try:
         with _open(obj) if not isinstance(obj, Image.Image) else _nullctx(obj) as img:
             return img.size
