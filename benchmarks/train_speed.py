@@ -32,6 +32,7 @@ class StepTimer(TrainerCallback):
     def __init__(self) -> None:
         self.times: list[float] = []
         self.wait: list[float] = []
+        self.ends: list[float] = []  # synchronised step ends: end-to-end intervals, as the peer's harness times
         self._end = None
         self.samples_per_row = 1.0  # packing: samples a row, averaged over the packed dataset
         self.warmup = 5
@@ -56,6 +57,7 @@ class StepTimer(TrainerCallback):
             torch.cuda.synchronize()
         self._end = time.perf_counter()
         self.times.append(self._end - self._start)
+        self.ends.append(self._end)
 
 
 class StepProfiler(TrainerCallback):
@@ -171,7 +173,9 @@ def main(argv: list[str] | None = None) -> dict:
     wall = time.perf_counter() - start
     gpu_util = util.stop() if util is not None else None
     steady = timer.times[args.warmup:] or timer.times
-    step = statistics.mean(steady)
+    compute_step = statistics.mean(steady)
+    ends = timer.ends[args.warmup:]  # step end to step end: the data fetch and the Trainer's own work included
+    step = (ends[-1] - ends[0]) / (len(ends) - 1) if len(ends) > 1 else compute_step
     samples = args.batch * timer.samples_per_row  # a step's samples (batch = rows when packed)
     data = json.load(open(args.data))
     tokens_per_sample = _tokens_per_sample(parsed, args)
@@ -179,8 +183,9 @@ def main(argv: list[str] | None = None) -> dict:
         "method": args.method, "batch": args.batch, "steps": len(timer.times), "device":
             torch.cuda.get_device_name() if cuda else "cpu",
         "steady_step_s": round(step, 4), "samples_per_s": round(samples / step, 2),
+        "compute_step_s": round(compute_step, 4), "samples_per_s_excluding_wait": round(samples / compute_step, 2),
         "tokens_per_s": round(samples * tokens_per_sample / step, 1), "tokens_per_sample": tokens_per_sample,
-        "dataloader_wait_pct": round(100 * statistics.mean(timer.wait[args.warmup:] or [0.0]) / step, 2),
+        "dataloader_wait_pct": round(100 * statistics.mean(timer.wait[args.warmup:] or [0.0]) / step, 2),  # of the e2e step
         "wall_s": round(wall, 1), "gradient_checkpointing": args.gradient_checkpointing, "samples": len(data),
         "levers_off": args.without, "ckpt_layers": args.ckpt_layers or "auto",
         "packing": args.packing, "samples_per_row": round(timer.samples_per_row, 2),
