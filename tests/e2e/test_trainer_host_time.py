@@ -64,3 +64,31 @@ def test_pinned_batches_are_copied_without_blocking(tmp_path, monkeypatch):
     out = trainer._prepare_input(batch)
     assert out["n"] == 3
     assert sorted(_Recorded.calls) == [("_Pageable", (), {"device": cuda}), ("_Recorded", (cuda,), {"non_blocking": True})]
+
+
+def test_trimmed_train_and_zero_grad_do_what_the_originals_do(tmp_path):
+    import copy
+
+    from mmtune.train.sft import trim_module_walks
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Dropout(0.5), torch.nn.Sequential(torch.nn.Linear(4, 2)))
+    ref = copy.deepcopy(net)
+    trim_module_walks(net)
+    for mode_calls in (["eval"], ["train"], ["train", "train"], ["eval", "eval", "train"]):
+        for call in mode_calls:
+            getattr(net, call)()
+            getattr(ref, call)()
+            assert [m.training for m in net.modules()] == [m.training for m in ref.modules()]
+    net[2][0].eval()  # a submodule switched on its own is switched back, as the original does
+    assert net.train() is net and all(m.training for m in net.modules())
+    x = torch.randn(5, 3)
+    for set_to_none in (True, False):
+        net.eval()
+        net(x).sum().backward()
+        net.zero_grad(set_to_none=set_to_none)
+        grads = [p.grad for p in net.parameters()]
+        assert all(g is None for g in grads) if set_to_none else all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+    # an MMTrainer gives its model the trimmed versions
+    trainer = _trainer(tmp_path, _Tiny())
+    assert "train" in vars(trainer.model) and "zero_grad" in vars(trainer.model)

@@ -23,12 +23,51 @@ from .callbacks import JsonlLogCallback, plot_loss
 logger = logging.getLogger(__name__)
 
 
+def trim_module_walks(model: torch.nn.Module) -> None:
+    """The Trainer calls ``model.train()`` and ``model.zero_grad()`` every step; each walks the
+    whole module tree (2,665 modules on Qwen2-VL-2B with LoRA: ~10 ms of host time a step
+    together). Give ``model`` versions that walk a flat list taken once: ``train(mode)`` does
+    nothing when every module is already in ``mode`` (what the original would leave) and runs
+    the original otherwise; ``zero_grad`` clears the listed parameters' gradients as the
+    original does. The lists are taken here: modules added later are not seen, so this is not
+    for FSDP or DeepSpeed, which swap parameters when the Trainer prepares the model."""
+    if "train" in vars(model) or "zero_grad" in vars(model):
+        return
+    modules = list(model.modules())
+    params = list(model.parameters())
+    original_train = model.train
+
+    def train(mode: bool = True) -> torch.nn.Module:
+        if all(m.training == mode for m in modules):
+            return model
+        return original_train(mode)
+
+    def zero_grad(set_to_none: bool = True) -> None:
+        for p in params:
+            if p.grad is None:
+                continue
+            if set_to_none:
+                p.grad = None
+            else:
+                if p.grad.grad_fn is not None:
+                    p.grad.detach_()
+                else:
+                    p.grad.requires_grad_(False)
+                p.grad.zero_()
+
+    model.train = train
+    model.zero_grad = zero_grad
+
+
 class MMTrainer(Trainer):
-    """HF Trainer with a separate projector learning rate."""
+    """HF Trainer with a separate projector learning rate, and less host time a step."""
 
     def __init__(self, *args: Any, projector_lr: float | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.projector_lr = projector_lr
+        if isinstance(self.model, torch.nn.Module) and not (getattr(self, "is_fsdp_enabled", False)
+                                                             or getattr(self, "is_deepspeed_enabled", False)):
+            trim_module_walks(self.model)  # FSDP and ZeRO replace or partition parameters after this
 
     def floating_point_ops(self, inputs: dict[str, Any]) -> int:
         """The Trainer's FLOP count, with the parameter count taken once: the Trainer recounts
