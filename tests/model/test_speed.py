@@ -306,6 +306,16 @@ def test_regional_compile_inductor_keeps_losses():
     _assert_same(*_compiled_losses("inductor"), rel=1e-4, atol=1e-5)
 
 
+def test_compile_mode_is_passed_on_and_cuda_graphs_are_refused(monkeypatch):
+    model = _model("qwen2_vl")
+    seen = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: seen.append(kw))
+    assert speed.compile_repeated_blocks(model, mode="max-autotune-no-cudagraphs") == 4
+    assert seen == [{"dynamic": True, "backend": "inductor", "mode": "max-autotune-no-cudagraphs"}] * 4
+    with pytest.raises(ValueError, match="reduce-overhead"):
+        speed.compile_repeated_blocks(model, mode="reduce-overhead")
+
+
 def test_repeated_blocks_are_decoder_layers_and_vision_blocks():
     names = [n for n, _ in speed.repeated_blocks(_model("qwen2_vl"))]
     assert names == ["model.visual.blocks.0", "model.visual.blocks.1", "model.language_model.layers.0",

@@ -31,10 +31,8 @@ class ModelArguments:
     compile_dynamic: bool | None = field(default=True, metadata={"help": "Dynamic shapes: no recompile per length."})
     compile_backend: str = "inductor"
     compile_mode: str | None = field(
-        default=None, metadata={"help": "torch.compile mode, e.g. reduce-overhead (CUDA graphs); default: inductor's."})
-    compile_cpp_wrapper: bool = field(
-        default=False, metadata={"help": "Inductor's C++ wrapper for compiled blocks: less host time a launch, "
-                                         "longer compiles."})
+        default=None, metadata={"help": "torch.compile mode of the blocks, e.g. max-autotune-no-cudagraphs; default: "
+                                         "inductor's (reduce-overhead is refused: CUDA graphs do not fit regional compile)."})
     vision_varlen_attention: bool | None = field(
         default=None, metadata={"help": "Vision tower attention over all images in one varlen kernel; default: on "
                                         "with CUDA when torch has torch.nn.attention.varlen."})

@@ -486,10 +486,14 @@ def repeated_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def compile_repeated_blocks(model: nn.Module, dynamic: bool | None = True, backend: str = "inductor",
-                            mode: str | None = None, cpp_wrapper: bool = False) -> int:
+                            mode: str | None = None) -> int:
     """``module.compile()`` each repeated block: identical blocks share one compiled graph
     (parameters are graph inputs), dynamic shapes spare recompiles across batch lengths, and
     the state-dict keys do not change. Returns the number of blocks compiled."""
+    if mode is not None and "reduce-overhead" in mode:
+        raise ValueError("compile_mode reduce-overhead (CUDA graphs) does not fit regional compile: identical blocks "
+                         "share one graph, whose replays overwrite each other's outputs; use the default mode or "
+                         "max-autotune-no-cudagraphs")
     blocks = repeated_blocks(model)
     if not blocks:
         logger.info("regional compile not applied: no repeated blocks found")
@@ -502,14 +506,6 @@ def compile_repeated_blocks(model: nn.Module, dynamic: bool | None = True, backe
     if hasattr(torch._dynamo.config, "accumulated_cache_size_limit"):
         torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit,
                                                                  4 * limit)
-    if mode is not None and "reduce-overhead" in mode:
-        raise ValueError("compile_mode reduce-overhead (CUDA graphs) does not fit regional compile: identical blocks "
-                         "share one graph, whose replays overwrite each other's outputs; use the default mode or "
-                         "max-autotune-no-cudagraphs")
-    if cpp_wrapper:
-        import torch._inductor.config
-
-        torch._inductor.config.cpp_wrapper = True  # read when a block first compiles
     for name, block in blocks:
         block.compile(dynamic=dynamic, backend=backend, **({"mode": mode} if mode else {}))
     kinds = sorted({type(b).__name__ for _, b in blocks})
@@ -669,6 +665,5 @@ def apply_speed_levers(model: nn.Module, model_args: Any, *, gradient_checkpoint
     if compile_:
         applied["compiled_blocks"] = compile_repeated_blocks(model, dynamic=getattr(model_args, "compile_dynamic", True),
                                                              backend=getattr(model_args, "compile_backend", "inductor"),
-                                                             mode=getattr(model_args, "compile_mode", None),
-                                                             cpp_wrapper=bool(getattr(model_args, "compile_cpp_wrapper", False)))
+                                                             mode=getattr(model_args, "compile_mode", None))
     return applied
