@@ -116,6 +116,64 @@ class GpuUtilisation:
         return round(statistics.mean(self.samples), 1) if self.samples else None
 
 
+def find_peer_harness(explicit: str | None = None) -> str:
+    """LLaMA-Factory's harness folder: ``explicit``, else ``.peer/llamafactory`` (carried to the
+    GPU machine), else ``../shared/peers/llamafactory``."""
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for folder in ([explicit] if explicit else [os.path.join(root, ".peer", "llamafactory"),
+                                                  os.path.join(root, "..", "shared", "peers", "llamafactory")]):
+        if os.path.isfile(os.path.join(folder, "lf_train.py")):
+            return folder
+    raise FileNotFoundError(f"no LLaMA-Factory harness (lf_train.py) in {explicit or '.peer/llamafactory'}; copy "
+                            "../shared/peers/llamafactory there (see its README)")
+
+
+def run_peer(args: argparse.Namespace, out_json: str) -> dict:
+    """LLaMA-Factory on the same model folder, data, method, batch and cutoff, through the
+    harness's ``lf_train.py`` (its own per-step timer, synchronised at each step end), in a
+    subprocess whose packages come from ``--peer-site`` (``gpu_run.sh env`` installs them).
+    The data folder must register the dataset as ``bench_mllm`` in its ``dataset_info.json``
+    (``prepare.py`` and ``varsize_data.py --lf-workdir`` write it). Returns its JSON."""
+    import os
+    import subprocess
+
+    harness = find_peer_harness(args.peer_dir)
+    data_dir = os.path.dirname(os.path.abspath(args.data))
+    if not os.path.isfile(os.path.join(data_dir, "dataset_info.json")):
+        raise FileNotFoundError(f"{data_dir}/dataset_info.json is missing: LLaMA-Factory needs the dataset registered "
+                                "as bench_mllm there (benchmarks/varsize_data.py --lf-workdir writes it)")
+    config = os.path.join(harness, "lora.yaml" if args.method == "lora" else "full.yaml")
+    overrides = [f"model_name_or_path={args.model}", f"dataset_dir={data_dir}", f"cutoff_len={args.cutoff_len}",
+                 f"per_device_train_batch_size={args.batch}", f"max_steps={args.peer_steps}",
+                 f"output_dir={args.output_dir}_peer"]
+    if args.method == "freeze":
+        overrides.append("finetuning_type=freeze")
+    env = dict(os.environ, DISABLE_VERSION_CHECK="1", BENCH_JSON=out_json, BENCH_SKIP_SAVE="1", RECORD_VRAM="1",
+               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join(p for p in (args.peer_site, os.environ.get("PYTHONPATH", "")) if p))
+    os.makedirs(os.path.dirname(out_json), exist_ok=True)
+    command = [sys.executable, os.path.join(harness, "lf_train.py"), config, *overrides]
+    print("[peer] " + " ".join(command), flush=True)
+    subprocess.run(command, env=env, check=True)
+    with open(out_json) as fh:
+        return json.load(fh)
+
+
+def peer_columns(row: dict, peer: dict) -> dict:
+    """The peer's figures beside ours, and the ratios (speed; memory)."""
+    speed = peer.get("steady_samples_per_s")
+    memory = peer.get("peak_allocated_gib")
+    out = {"peer": "llamafactory", "peer_samples_per_s": round(speed, 2) if speed else None,
+           "peer_peak_allocated_gib": round(memory, 2) if memory else None}
+    if speed:
+        out["speed_ratio"] = round(row["samples_per_s"] / speed, 2)
+    if memory and row.get("peak_allocated_gib") is not None:
+        out["memory_ratio"] = round(row["peak_allocated_gib"] / memory, 2)
+    return out
+
+
 def bench_config(args: argparse.Namespace) -> dict:
     """The ``mmtune train`` config of a benchmark run (what a user's YAML would say)."""
     cuda = torch.cuda.is_available() and not args.cpu
@@ -151,12 +209,23 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--cutoff-len", type=int, default=1024)
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of 3 steady steps")
     ap.add_argument("--trace", default=None, help="with --profile: also write a chrome trace (.json.gz) here")
+    ap.add_argument("--peer", choices=["llamafactory"], default=None,
+                    help="first run LLaMA-Factory's harness on the same model, data, method and batch, then print "
+                         "the ratios (its packages: --peer-site)")
+    ap.add_argument("--peer-dir", default=None, help="the harness folder (default .peer/llamafactory)")
+    ap.add_argument("--peer-site", default="/tmp/site-lf", help="folder with LLaMA-Factory's packages")
+    ap.add_argument("--peer-steps", type=int, default=60, help="the peer's steps (its first 10 are warm-up)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other config key")
     args = ap.parse_args(argv)
 
     from mmtune.train import parse_config, run_sft
 
     cuda = torch.cuda.is_available() and not args.cpu
+    peer = None
+    if args.peer:  # first, so each run has the GPU to itself
+        import os
+
+        peer = run_peer(args, os.path.join(args.output_dir + "_peer", "bench_peer.json"))
     cfg = bench_config(args)
     for item in args.set:
         key, _, value = item.partition("=")
@@ -201,6 +270,8 @@ def main(argv: list[str] | None = None) -> dict:
     if cuda:
         row["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         row["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+    if peer is not None:
+        row.update(peer_columns(row, peer))
     print(" | ".join(f"{k}={v}" for k, v in row.items()))
     if args.json:
         with open(args.json, "w") as fh:

@@ -102,3 +102,39 @@ def test_preprocess_dataset_benchmark_smoke(workspace, tmp_path):
                        "--json", str(tmp_path / "p.json")])
     assert row["samples"] == 60 and row["samples_per_s"] > 0
     assert json.load(open(tmp_path / "p.json"))["samples"] == 60
+
+
+def test_train_speed_runs_the_peer_first_and_prints_the_ratios(workspace, tmp_path):
+    """``--peer llamafactory`` through a stand-in harness (the real one needs LLaMA-Factory and a
+    GPU): same model, data folder, method, batch and cutoff handed over; ratios computed."""
+    import importlib.util
+    import pathlib
+    import shutil
+
+    path = pathlib.Path(__file__).parents[2] / "benchmarks" / "train_speed.py"
+    spec = importlib.util.spec_from_file_location("train_speed", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    harness = tmp_path / "harness"
+    harness.mkdir()
+    (harness / "lora.yaml").write_text("finetuning_type: lora\n")
+    (harness / "lf_train.py").write_text(
+        "import json, os, sys\n"
+        "json.dump({'steady_samples_per_s': 2.0, 'peak_allocated_gib': 4.0, 'argv': sys.argv[1:],\n"
+        "           'pythonpath': os.environ['PYTHONPATH']}, open(os.environ['BENCH_JSON'], 'w'))\n")
+    data_dir = tmp_path / "data"
+    shutil.copytree(os.path.dirname(workspace["data"]), data_dir)
+    data = str(data_dir / os.path.basename(workspace["data"]))
+    argv = ["--model", workspace["model"], "--data", data, "--cpu", "--steps", "3", "--warmup", "1", "--batch", "2",
+            "--output-dir", str(tmp_path / "o"), "--peer", "llamafactory", "--peer-dir", str(harness),
+            "--peer-site", "/nowhere/site-lf"]
+    with pytest.raises(FileNotFoundError, match="dataset_info.json"):
+        module.main(argv)
+    (data_dir / "dataset_info.json").write_text("{}")
+    row = module.main(argv)
+    peer = json.load(open(tmp_path / "o_peer" / "bench_peer.json"))
+    assert peer["argv"][0] == str(harness / "lora.yaml")
+    assert set(peer["argv"][1:]) >= {f"model_name_or_path={workspace['model']}", f"dataset_dir={data_dir}",
+                                     "per_device_train_batch_size=2", "cutoff_len=1024"}
+    assert peer["pythonpath"].startswith("/nowhere/site-lf")
+    assert row["peer_samples_per_s"] == 2.0 and row["speed_ratio"] == round(row["samples_per_s"] / 2.0, 2)
