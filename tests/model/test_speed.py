@@ -496,3 +496,13 @@ def test_vision_varlen_attention_declines_towers_it_does_not_fit():
     for model_type in ("llava", "gemma3", "qwen2_audio"):
         if model_type in tiny_configs():
             assert speed.enable_vision_varlen_attention(_model(model_type)) == []
+
+
+def test_vision_varlen_attention_is_not_saved_with_the_model(tmp_path):
+    """A checkpoint saved from a model with the lever on loads anywhere: the registered
+    attention name stays out of config.json."""
+    model = copy.deepcopy(tiny_model("qwen2_vl"))
+    assert speed.enable_vision_varlen_attention(model)
+    model.save_pretrained(tmp_path)
+    text = open(tmp_path / "config.json").read()
+    assert speed.VARLEN_ATTENTION not in text
