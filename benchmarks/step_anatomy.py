@@ -30,14 +30,19 @@ def _to(batch: dict[str, Any], device: str) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def _timed(fn: Any, n: int) -> float:
     """Mean ms of ``fn`` run alone (synchronised before and after)."""
     times = []
     for _ in range(n):
-        torch.cuda.synchronize()
+        _sync()
         start = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        _sync()
         times.append(time.perf_counter() - start)
     return 1000 * statistics.mean(times)
 
@@ -56,8 +61,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--trace", default=None, help="write a chrome trace of 2 steady steps here (.json.gz)")
     ap.add_argument("--phases", action="store_true", help="also time each phase alone (compiles more variants)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--cpu", action="store_true", help="smoke test on the CPU (fp32, no autocast)")
     args = ap.parse_args(argv)
-    args.gradient_checkpointing, args.cpu, args.ckpt_layers, args.packing = False, False, None, "off"
+    args.gradient_checkpointing, args.ckpt_layers, args.packing = False, None, "off"
+    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     args.output_dir, args.cutoff_len = "/tmp/mmtune_anatomy", 1024
 
     from mmtune.data import MultiModalCollator, build_dataset
@@ -78,13 +85,13 @@ def main(argv: list[str] | None = None) -> dict:
     plugin = get_mm_plugin(mm_args.plugin or template.plugin, media=data_args.media_config())
     data = build_dataset(data_args, template, plugin, tokenizer, processor)["train"]
     longest = max(len(x) for x in data[: 4 * args.batch]["input_ids"])
-    model = load_model(model_args, ft_args, is_trainable=True, tokenizer=tokenizer, device_type="cuda",
+    model = load_model(model_args, ft_args, is_trainable=True, tokenizer=tokenizer, device_type=device,
                        batch_tokens=args.batch * longest)
-    model.to("cuda").train()
+    model.to(device).train()
     collator = MultiModalCollator(plugin, processor, tokenizer, model=model)
-    batches = [_to(collator([data[j] for j in range(i * args.batch, (i + 1) * args.batch)]), "cuda") for i in range(4)]
+    batches = [_to(collator([data[j] for j in range(i * args.batch, (i + 1) * args.batch)]), device) for i in range(4)]
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=device == "cuda")
     base = unwrap_model(model)
     entry = get_composite_model(base.config.model_type)
     keys = [k.split(".") for k in entry.vision_model_keys]
@@ -92,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
     tower = base.get_submodule(".".join(common))  # the whole tower (model.visual), not its first part
 
     def forward(b: dict[str, Any]) -> torch.Tensor:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
             return model(**b).loss
 
     def step(i: int) -> torch.Tensor:
@@ -106,14 +113,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     for i in range(args.warmup):
         step(i)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    _sync()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     steps, issue = [], []
     for i in range(args.steps):
         start = time.perf_counter()
         step(i)
         issued = time.perf_counter()
-        torch.cuda.synchronize()
+        _sync()
         end = time.perf_counter()
         steps.append(end - start)
         issue.append(issued - start)
@@ -124,15 +132,16 @@ def main(argv: list[str] | None = None) -> dict:
         "method": args.method, "batch": args.batch, "levers_off": args.without, "set": args.set, "clip": args.clip,
         "step_ms": round(1000 * statistics.mean(steps), 1), "issue_ms": round(1000 * statistics.mean(issue), 1),
         "samples_per_s": round(args.batch / statistics.mean(steps), 2),
-        "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
     }
     if args.trace:
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        with profile(activities=activities) as prof:
             for i in range(2):
                 step(i)
-            torch.cuda.synchronize()
+            _sync()
         prof.export_chrome_trace(args.trace)
         events = prof.key_averages()
         gpu = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
@@ -152,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(" | ".join(f"{k}={v}" for k, v in row.items()))
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({**row, "device": torch.cuda.get_device_name(), "command": " ".join(sys.argv)}, fh, indent=1)
+            json.dump({**row, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "command": " ".join(sys.argv)}, fh, indent=1)
     return row
 
 

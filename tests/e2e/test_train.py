@@ -138,3 +138,19 @@ def test_train_speed_runs_the_peer_first_and_prints_the_ratios(workspace, tmp_pa
                                      "per_device_train_batch_size=2", "cutoff_len=1024"}
     assert peer["pythonpath"].startswith("/nowhere/site-lf")
     assert row["peer_samples_per_s"] == 2.0 and row["speed_ratio"] == round(row["samples_per_s"] / 2.0, 2)
+
+
+def test_step_anatomy_benchmark_smoke(workspace, tmp_path):
+    import importlib.util
+    import pathlib
+
+    folder = pathlib.Path(__file__).parents[2] / "benchmarks"
+    spec = importlib.util.spec_from_file_location("step_anatomy", folder / "step_anatomy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    row = module.main(["--model", workspace["model"], "--data", workspace["data"], "--cpu", "--steps", "2",
+                       "--warmup", "1", "--batch", "2", "--phases", "--trace", str(tmp_path / "t.json.gz"),
+                       "--json", str(tmp_path / "r.json")])
+    assert row["step_ms"] > 0 and row["issue_ms"] > 0 and row["tower_fwd_ms"] > 0 and row["optimizer_ms"] > 0
+    assert (tmp_path / "t.json.gz").stat().st_size > 0
+    assert json.load(open(tmp_path / "r.json"))["device"] == "cpu"
