@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-IGNORE_INDEX = -100
+from mmtune.constants import IGNORE_INDEX
 
 
 def _find_rope_index(model: Any) -> Any:
@@ -64,6 +64,17 @@ class MultiModalCollator:
         first["images"] = [dummy]
         return [first, *features[1:]], [real, len(first["input_ids"])]
 
+    @property
+    def pad_id(self) -> int:
+        """The tokenizer's pad id (0 when it has none)."""
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    def padded_length(self, longest: int) -> int:
+        """``longest`` rounded up to ``pad_to_multiple_of`` (when set)."""
+        if self.pad_to_multiple_of:
+            return -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        return longest
+
     def media_inputs(self, features: list[dict[str, Any]], ids: list[list[int]]) -> dict[str, Any]:
         """The plugin's tensors for the samples' media (flattened in sample order); {} if none."""
         media = {kind: [m for f in features for m in f.get(kind) or []] for kind in ("images", "videos", "audios")}
@@ -80,11 +91,8 @@ class MultiModalCollator:
             features, fake_span = self._fake_image(features)
         ids = [list(f["input_ids"]) for f in features]
         labels = [list(f.get("labels", f["input_ids"])) for f in features]
-        length = max(len(x) for x in ids)
-        if self.pad_to_multiple_of:
-            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        input_ids = torch.full((len(ids), length), pad_id, dtype=torch.long)
+        length = self.padded_length(max(len(x) for x in ids))
+        input_ids = torch.full((len(ids), length), self.pad_id, dtype=torch.long)
         label_t = torch.full((len(ids), length), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((len(ids), length), dtype=torch.long)
         for i, (x, y) in enumerate(zip(ids, labels)):

@@ -184,11 +184,8 @@ class PackingCollator(MultiModalCollator):
             if y:
                 y[0] = IGNORE_INDEX
         row_lens = [sum(len(s["input_ids"]) for s in r) for r in rows]
-        length = max(row_lens)
-        if self.pad_to_multiple_of:
-            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+        length = self.padded_length(max(row_lens))
+        input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
         labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
         text_pos = torch.zeros((len(rows), length), dtype=torch.long)
         spans: list[tuple[int, int, int]] = []  # (row, start, length) of every sample, in order
@@ -228,8 +225,7 @@ class PackingCollator(MultiModalCollator):
         if not any(k in batch for k in ("image_grid_thw", "video_grid_thw")):
             return out  # text only: the rope index is the text position on all three axes
         longest = max(len(x) for x in sub_ids)
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        ids = torch.full((len(sub_ids), longest), pad_id, dtype=torch.long)
+        ids = torch.full((len(sub_ids), longest), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(sub_ids), longest), dtype=torch.long)
         for i, x in enumerate(sub_ids):
             ids[i, :len(x)] = torch.tensor(x, dtype=torch.long)

@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from mmtune.constants import IGNORE_INDEX
 from mmtune.media import MediaError
 
 from .formats import Sample
 
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -45,7 +45,7 @@ def encode_sample(
     be cut after the last media token; a cut through media drops the sample (or raises)."""
     messages = plugin.process_messages(sample.messages, sample.images, sample.videos, sample.audios, processor)
     input_ids, labels = template.encode(tokenizer, messages, sample.system, train_on_prompt, mask_history,
-                                        tokenize=_pretokenized(template, plugin, tokenizer, messages, sample.system))
+                                        tokenize_many=plugin.tokenize_many)
     input_ids, labels = plugin.process_token_ids(
         input_ids, labels, sample.images, sample.videos, sample.audios, tokenizer, processor
     )
@@ -65,19 +65,3 @@ def encode_sample(
         return EncodeResult([], [], dropped="no trainable token (empty answer)")
     return EncodeResult(input_ids, labels)
 
-
-def _pretokenized(template: Any, plugin: Any, tokenizer: Any, messages: list[dict[str, str]],
-                  system: str | None) -> Any:
-    """``template.encode``'s ``tokenize``, with every piece of this sample tokenised beforehand
-    in one call (``plugin.tokenize_many``): one tokenizer call a sample instead of one a piece."""
-    many = getattr(plugin, "tokenize_many", None)
-    if many is None:
-        return plugin.tokenize
-    pieces = list(dict.fromkeys(x for pair in template.render_turns(messages, system) for x in pair if x))
-    done = dict(zip(pieces, many(pieces, tokenizer)))
-
-    def tokenize(text: str, tok: Any) -> list[int]:
-        ids = done.get(text) if tok is tokenizer else None
-        return ids if ids is not None else plugin.tokenize(text, tok)
-
-    return tokenize

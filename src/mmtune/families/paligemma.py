@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from mmtune.constants import IGNORE_INDEX
 from mmtune.model.composite import CompositeModel, register_composite_model
 from mmtune.plugins import IMAGE_PLACEHOLDER, BasePlugin, Message, register_mm_plugin
 from mmtune.templates import Template, register_template
@@ -14,7 +15,6 @@ from mmtune.testing import FamilyFixture, register_fixture
 
 from .gemma3 import build_gemma_tokenizer
 
-IGNORE_INDEX = -100
 
 
 class PaliGemmaPlugin(BasePlugin):

@@ -1,6 +1,6 @@
 """Token constants of the LLaVA codebase (kept numerically identical for checkpoint and data compatibility)."""
 
-IGNORE_INDEX = -100
+from mmtune.constants import IGNORE_INDEX  # noqa: F401  (re-exported, LLaVA's name)
 #: the id an ``<image>`` placeholder takes in ``input_ids``; replaced by the image's features in forward
 IMAGE_TOKEN_INDEX = -200
 DEFAULT_IMAGE_TOKEN = "<image>"

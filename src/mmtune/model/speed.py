@@ -34,11 +34,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mmtune.constants import IGNORE_INDEX
+
 from .composite import get_composite_model
 
 logger = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -404,10 +404,9 @@ def varlen_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
                              is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """A transformers attention function for packed, non-causal vision attention: one kernel
     over every image instead of one sdpa call (and one host sync) per image and block.
-    Anything else (a mask, causal, no ``cu_seq_lens``) goes to transformers' sdpa."""
-    if (cu_seq_lens_q is None or attention_mask is not None or is_causal or query.shape[0] != 1
-            or cu_seq_lens_k is not None and cu_seq_lens_k is not cu_seq_lens_q
-            and not torch.equal(cu_seq_lens_k, cu_seq_lens_q)):
+    Anything else (a mask, causal, no ``cu_seq_lens``) goes to transformers' sdpa. Segments
+    are self-attention: queries and keys share ``cu_seq_lens_q``, as vision blocks pass them."""
+    if cu_seq_lens_q is None or attention_mask is not None or is_causal or query.shape[0] != 1:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
@@ -453,10 +452,14 @@ def enable_vision_varlen_attention(model: nn.Module) -> list[str]:
             tower = base.get_submodule(key)
         except AttributeError:
             continue
-        configs = {}
+        configs, fits = {}, {}
         for module in tower.modules():
             config = getattr(module, "config", None)
-            if config is not None and hasattr(config, "_attn_implementation") and _vision_attention_takes_varlen(module):
+            if config is None or not hasattr(config, "_attn_implementation"):
+                continue
+            if type(module) not in fits:  # one source read a class, not one a block
+                fits[type(module)] = _vision_attention_takes_varlen(module)
+            if fits[type(module)]:
                 configs[id(config)] = config
         if not configs or any("flash" in str(c._attn_implementation) for c in configs.values()):
             continue

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-IGNORE_INDEX = -100
+from mmtune.constants import IGNORE_INDEX
 
 
 @dataclass(frozen=True)
@@ -93,17 +93,26 @@ class Template:
         train_on_prompt: bool = False,
         mask_history: bool = False,
         tokenize: Any = None,
+        tokenize_many: Any = None,
     ) -> tuple[list[int], list[int]]:
         """Token ids and labels; each piece is tokenised on its own so the prompt/answer
         boundary is exact (special tokens are single tokens, so no merge crosses it).
-        ``tokenize(text, tokenizer)`` replaces plain tokenisation (a plugin's own rule)."""
-        if tokenize is None:
+        ``tokenize(text, tokenizer)`` replaces plain tokenisation (a plugin's own rule);
+        ``tokenize_many(texts, tokenizer)`` does the same for all of a sample's pieces in one
+        call (a plugin's :meth:`~mmtune.plugins.BasePlugin.tokenize_many`)."""
+        turns = self.render_turns(messages, system)
+        if tokenize_many is not None:
+            pieces = list(dict.fromkeys(text for turn in turns for text in turn if text))
+            done = dict(zip(pieces, tokenize_many(pieces, tokenizer)))
+
+            def tokenize(text: str, tok: Any) -> list[int]:
+                return done[text]
+        elif tokenize is None:
             def tokenize(text: str, tok: Any) -> list[int]:
                 return tok(text, add_special_tokens=False)["input_ids"]
 
         input_ids: list[int] = []
         labels: list[int] = []
-        turns = self.render_turns(messages, system)
         for i, (prompt, answer) in enumerate(turns):
             p_ids = tokenize(prompt, tokenizer) if prompt else []
             a_ids = tokenize(answer, tokenizer) if answer else []
