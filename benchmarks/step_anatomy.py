@@ -24,6 +24,7 @@ import yaml
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from train_speed import LEVERS, bench_config  # noqa: E402
+from mmtune.train.sft import clip_grad_norm_one_device  # noqa: E402
 
 
 def _to(batch: dict[str, Any], device: str) -> dict[str, Any]:
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
         loss = forward(batches[i % len(batches)])
         loss.backward()
         if args.clip:
-            torch.nn.utils.clip_grad_norm_(params, args.clip)
+            clip_grad_norm_one_device(params, args.clip)  # as MMTrainer clips
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss

@@ -92,3 +92,68 @@ def test_trimmed_train_and_zero_grad_do_what_the_originals_do(tmp_path):
     # an MMTrainer gives its model the trimmed versions
     trainer = _trainer(tmp_path, _Tiny())
     assert "train" in vars(trainer.model) and "zero_grad" in vars(trainer.model)
+
+
+# ------------------------------------------------------------------ clipping on one device
+def _grads(seed):
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.zeros(s, dtype=d)) for s, d in
+              [((7, 5), torch.float32), ((3,), torch.bfloat16), ((4, 4), torch.float32), ((9,), torch.bfloat16)]]
+    params.append(torch.nn.Parameter(torch.zeros(2)))  # no gradient: skipped by both
+    for p in params[:-1]:
+        p.grad = (torch.randn(p.shape, generator=g) * 3).to(p.dtype)
+    return params
+
+
+def test_one_device_clipping_equals_torchs_bit_for_bit():
+    from mmtune.train.sft import clip_grad_norm_one_device
+
+    for norm_type in (2.0, 1.0, float("inf")):
+        for max_norm in (0.5, 1e6):  # clipping, and a no-op clip
+            ref, new = _grads(0), _grads(0)
+            ref_norm = torch.nn.utils.clip_grad_norm_(ref, max_norm, norm_type=norm_type)
+            new_norm = clip_grad_norm_one_device(iter(new), max_norm, norm_type)  # a generator, as the Trainer gives
+            assert torch.equal(ref_norm, new_norm), (norm_type, max_norm)
+            for a, b in zip(ref, new):
+                assert (a.grad is None and b.grad is None) or torch.equal(a.grad, b.grad)
+    assert float(clip_grad_norm_one_device([torch.nn.Parameter(torch.zeros(2))], 1.0)) == 0.0
+
+
+def test_one_device_clipping_hands_other_layouts_to_torch(monkeypatch):
+    from mmtune.train import sft
+
+    params = _grads(1)
+    params[0].grad = params[0].grad.to_sparse()
+    seen = []
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda p, m, norm_type=2.0: seen.append(len(p)) or 7)
+    assert sft.clip_grad_norm_one_device(params, 1.0) == 7 and seen == [4]
+
+
+def test_trainer_clips_through_the_one_device_path_with_the_same_result(tmp_path, monkeypatch):
+    from mmtune.train import sft
+
+    trainer = _trainer(tmp_path, _Tiny())
+    assert "clip_grad_norm_" in vars(trainer.accelerator)
+    assert not sft.use_one_device_clipping(trainer.accelerator)  # routed once
+    used = []
+    real = sft.clip_grad_norm_one_device
+    monkeypatch.setattr(sft, "clip_grad_norm_one_device", lambda *a: used.append(1) or real(*a))
+    ref, new = _grads(2), _grads(2)
+    expected = torch.nn.utils.clip_grad_norm_(ref, 1.0)
+    assert torch.equal(trainer.accelerator.clip_grad_norm_(new, 1.0), expected) and used == [1]
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(ref[:-1], new[:-1]))
+
+
+def test_fsdp_and_deepspeed_keep_accelerates_clipping():
+    from accelerate.utils import DistributedType
+
+    from mmtune.train.sft import use_one_device_clipping
+
+    class _Acc:
+        def __init__(self, kind):
+            self.distributed_type = kind
+
+    for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.XLA):
+        acc = _Acc(kind)
+        assert not use_one_device_clipping(acc) and "clip_grad_norm_" not in vars(acc)
+    assert use_one_device_clipping(_Acc(DistributedType.MULTI_GPU))

@@ -33,6 +33,13 @@ class ModelArguments:
     compile_mode: str | None = field(
         default=None, metadata={"help": "torch.compile mode of the blocks, e.g. max-autotune-no-cudagraphs; default: "
                                          "inductor's (reduce-overhead is refused: CUDA graphs do not fit regional compile)."})
+    compile_cpp_wrapper: bool | None = field(
+        default=None, metadata={"help": "inductor's C++ wrapper for the compiled decoder layers (less host time a "
+                                        "kernel launch); default: on when training on CUDA."})
+    compile_lean_guards: bool | None = field(
+        default=None, metadata={"help": "Check only the guards a training run can change (training flags, "
+                                        "inputs, global state) on each compiled block call; default: on when "
+                                        "training on CUDA. Turn off for code that edits module attributes."})
     vision_varlen_attention: bool | None = field(
         default=None, metadata={"help": "Vision tower attention over all images in one varlen kernel; default: on "
                                         "with CUDA when torch has torch.nn.attention.varlen."})

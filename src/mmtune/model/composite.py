@@ -6,7 +6,7 @@ Each family file registers a :class:`CompositeModel` per transformers ``model_ty
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +22,9 @@ class CompositeModel:
     vision_model_keys: list[str] = field(default_factory=list)
     language_model_keys: list[str] = field(default_factory=list)
     lora_conflict_keys: list[str] = field(default_factory=list)
+    # called once before a model of this type is built or loaded (e.g. to mend a transformers
+    # release's bug in that architecture); it must be idempotent
+    prepare: Callable[[], Any] | None = field(default=None, compare=False)
 
     def get_projector(self, module: nn.Module) -> nn.Module:
         """The projector submodule of ``module`` (a PEFT wrapper is looked through)."""

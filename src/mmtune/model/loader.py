@@ -9,7 +9,7 @@ from typing import Any
 
 
 from .adapters import init_adapter, prepare_quantization
-from .composite import autocast_projector_dtype, configure_visual_model, projector_override
+from .composite import autocast_projector_dtype, configure_visual_model, get_composite_model, projector_override
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,9 @@ def model_class_for(config: Any) -> Any:
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
     model_type = getattr(config, "model_type", "")
+    entry = get_composite_model(model_type)
+    if entry is not None and entry.prepare is not None:
+        entry.prepare()
     if model_type in AUDIO_CLASSES:
         return getattr(transformers, AUDIO_CLASSES[model_type])
     if model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:

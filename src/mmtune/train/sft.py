@@ -59,6 +59,47 @@ def trim_module_walks(model: torch.nn.Module) -> None:
     model.zero_grad = zero_grad
 
 
+def clip_grad_norm_one_device(parameters: Any, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` for gradients that all live on one device as plain
+    tensors (one GPU, DDP): the same ``_foreach_norm`` per dtype, stacked and clipped, without
+    torch's ``norm.to(device)`` per parameter (338 calls, ~3.5 ms of host time a step on a
+    full fine-tune of Qwen2-VL-2B). Anything else (several devices, DTensor, sparse) goes to
+    torch's own function. Returns the total norm, as torch's does."""
+    params = [p for p in parameters if p.grad is not None]
+    grads = [p.grad for p in params]
+    if not grads:
+        return torch.tensor(0.0)
+    device = grads[0].device
+    if any(type(g) is not torch.Tensor or g.is_sparse or g.device != device for g in grads):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type=norm_type)
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    norms = [n for group in by_dtype.values() for n in torch._foreach_norm(group, norm_type)]
+    total = torch.linalg.vector_norm(torch.stack(norms), norm_type)
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total
+
+
+def use_one_device_clipping(accelerator: Any) -> bool:
+    """Route ``accelerator.clip_grad_norm_`` through :func:`clip_grad_norm_one_device` where
+    the gradients are plain tensors on one device (no distribution, or DDP); FSDP, DeepSpeed
+    and XLA keep accelerate's own path. Returns whether it was routed."""
+    from accelerate.utils import DistributedType
+
+    if accelerator is None or "clip_grad_norm_" in vars(accelerator):
+        return False
+    if accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_GPU):
+        return False
+
+    def clip_grad_norm_(parameters: Any, max_norm: float, norm_type: float = 2) -> torch.Tensor:
+        accelerator.unscale_gradients()
+        return clip_grad_norm_one_device(parameters, max_norm, norm_type)
+
+    accelerator.clip_grad_norm_ = clip_grad_norm_
+    return True
+
+
 class MMTrainer(Trainer):
     """HF Trainer with a separate projector learning rate, and less host time a step."""
 
@@ -68,6 +109,7 @@ class MMTrainer(Trainer):
         if isinstance(self.model, torch.nn.Module) and not (getattr(self, "is_fsdp_enabled", False)
                                                              or getattr(self, "is_deepspeed_enabled", False)):
             trim_module_walks(self.model)  # FSDP and ZeRO replace or partition parameters after this
+        use_one_device_clipping(getattr(self, "accelerator", None))
 
     def floating_point_ops(self, inputs: dict[str, Any]) -> int:
         """The Trainer's FLOP count, with the parameter count taken once: the Trainer recounts
