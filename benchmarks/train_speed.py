@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -89,31 +90,42 @@ class StepProfiler(TrainerCallback):
 
 
 class GpuUtilisation:
-    """``nvidia-smi`` utilisation sampled every 0.5 s in a thread (mean over the samples)."""
+    """GPU utilisation from one ``nvidia-smi -lms 500`` child started before training (a thread
+    reads its lines), averaged over the samples taken between ``start`` and ``stop``. One child,
+    forked once: running ``nvidia-smi`` anew every 0.5 s forked the training process each time,
+    which stalled its host thread (measured: 95.7 ms steps with it, see benchmarks/README.md)."""
 
-    def __init__(self) -> None:
+    def __init__(self, command: list[str] | None = None) -> None:
         import shutil
+        import subprocess
         import threading
 
         self.samples: list[float] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True) if shutil.which("nvidia-smi") else None
+        self._recording = False
+        self._proc = None
+        if command is None and shutil.which("nvidia-smi"):
+            command = ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "500",
+                       "-i", os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]]
+        if command:
+            self._proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            threading.Thread(target=self._read, daemon=True).start()
 
-    def _poll(self) -> None:
-        import subprocess
-
-        while not self._stop.wait(0.5):
-            out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-i",
-                                  str(torch.cuda.current_device())], capture_output=True, text=True)
-            if out.returncode == 0 and out.stdout.strip():
-                self.samples.append(float(out.stdout.split()[0]))
+    def _read(self) -> None:
+        for line in self._proc.stdout:
+            if self._recording:
+                try:
+                    self.samples.append(float(line.split(",")[0]))
+                except ValueError:
+                    continue
 
     def start(self) -> None:
-        if self._thread is not None:
-            self._thread.start()
+        self._recording = True
 
     def stop(self) -> float | None:
-        self._stop.set()
+        self._recording = False
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.wait()
         return round(statistics.mean(self.samples), 1) if self.samples else None
 
 
@@ -234,9 +246,9 @@ def main(argv: list[str] | None = None) -> dict:
     parsed = parse_config(None, extra=cfg)
     timer = StepTimer()
     timer.warmup = args.warmup
+    util = GpuUtilisation() if cuda else None  # its one child is forked before CUDA starts here
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    util = GpuUtilisation() if cuda else None
     timer.on_warm = util.start if util is not None else None  # sampled over the steady steps only
     start = time.perf_counter()
     run_sft(*parsed, callbacks=[timer, *([StepProfiler(trace=args.trace)] if args.profile and cuda else [])])

@@ -154,3 +154,29 @@ def test_step_anatomy_benchmark_smoke(workspace, tmp_path):
     assert row["step_ms"] > 0 and row["issue_ms"] > 0 and row["tower_fwd_ms"] > 0 and row["optimizer_ms"] > 0
     assert (tmp_path / "t.json.gz").stat().st_size > 0
     assert json.load(open(tmp_path / "r.json"))["device"] == "cpu"
+
+
+def test_gpu_utilisation_reads_one_sampler_child_over_the_recorded_span():
+    """One child started up front (not one ``nvidia-smi`` fork a sample); only the lines read
+    between start() and stop() count; stop() ends the child."""
+    import importlib.util
+    import pathlib
+    import sys
+    import time
+
+    path = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "train_speed.py"
+    spec = importlib.util.spec_from_file_location("train_speed_util", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    script = "import time\nfor i in range(1000):\n    print(f'{50 + i % 2}, x', flush=True)\n    time.sleep(0.01)"
+    util = module.GpuUtilisation([sys.executable, "-u", "-c", script])
+    time.sleep(0.5)
+    assert util.samples == []  # not recording yet
+    util.start()
+    deadline = time.time() + 10
+    while len(util.samples) < 5 and time.time() < deadline:
+        time.sleep(0.05)
+    mean = util.stop()
+    assert len(util.samples) >= 5 and 50 <= mean <= 51
+    assert util._proc.poll() is not None  # the child is gone
+    assert module.GpuUtilisation([]).stop() is None  # no sampler: no figure

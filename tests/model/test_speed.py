@@ -272,12 +272,12 @@ def _tiny_lm():
                                         num_attention_heads=2, num_key_value_heads=1))
 
 
-def _compiled_losses(backend):
+def _compiled_losses(backend, **levers):
     import torch._dynamo
 
     torch._dynamo.reset()
     ref, model = _tiny_lm(), _tiny_lm()
-    assert speed.compile_repeated_blocks(model, dynamic=True, backend=backend) == 2
+    assert speed.compile_repeated_blocks(model, dynamic=True, backend=backend, **levers) == 2
     batches = []
     for length in (12, 9, 15):  # new lengths must not recompile
         ids = torch.randint(0, 64, (2, length), generator=torch.Generator().manual_seed(length))
@@ -304,6 +304,86 @@ def test_regional_compile_keeps_losses_without_recompiles():
 def test_regional_compile_inductor_keeps_losses():
     """The real backend (CUDA's default): inductor's C++ build costs ~60 s on 2 CPU cores."""
     _assert_same(*_compiled_losses("inductor"), rel=1e-4, atol=1e-5)
+
+
+def test_cpp_wrapper_and_lean_guards_keep_losses(monkeypatch):
+    """CUDA's defaults: inductor's C++ wrapper (forward and backward graphs) and lean guards;
+    the same losses and gradients, still no recompile across lengths (~60 s on 2 CPU cores)."""
+    import torch._functorch.config
+    import torch._inductor.config
+    import torch._inductor.graph as graph
+
+    wrappers = []
+    init = graph.GraphLowering.__init__
+
+    def recording_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        wrappers.append((bool(kwargs.get("is_backward")), self.cpp_wrapper))
+
+    monkeypatch.setattr(graph.GraphLowering, "__init__", recording_init)
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)  # a cache hit lowers nothing
+    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
+    _assert_same(*_compiled_losses("inductor", cpp_wrapper=True, lean_guard_checks=True), rel=1e-4, atol=1e-5)
+    assert {False, True} <= {bw for bw, _ in wrappers} and all(cpp for _, cpp in wrappers), wrappers
+
+
+def test_cpp_wrapper_goes_to_decoder_layers_only(monkeypatch):
+    """Vision blocks keep the Python wrapper (the varlen op's list arguments); a mode is merged
+    into the options (torch.compile takes one of the two)."""
+    import torch._inductor
+
+    model = _model("qwen2_vl")
+    seen = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: seen.append((type(self).__name__, kw)))
+    assert speed.compile_repeated_blocks(model, cpp_wrapper=True, lean_guard_checks=True) == 4
+    vision = [kw for name, kw in seen if "Vision" in name]
+    layers = [kw for name, kw in seen if "Decoder" in name]
+    assert len(vision) == 2 and len(layers) == 2
+    assert all(kw["options"] == {"guard_filter_fn": speed.lean_guards} for kw in vision)
+    assert all(kw["options"] == {"cpp_wrapper": True, "guard_filter_fn": speed.lean_guards} for kw in layers)
+    seen.clear()
+    speed.compile_repeated_blocks(model, mode="max-autotune-no-cudagraphs", cpp_wrapper=True)
+    mode_options = torch._inductor.list_mode_options("max-autotune-no-cudagraphs")
+    assert [kw["options"] for name, kw in seen if "Decoder" in name] == [{**mode_options, "cpp_wrapper": True}] * 2
+    assert all("mode" not in kw for name, kw in seen if "Decoder" in name)
+    assert [kw for name, kw in seen if "Vision" in name] == [{"dynamic": True, "backend": "inductor",
+                                                               "mode": "max-autotune-no-cudagraphs"}] * 2
+    seen.clear()
+    speed.compile_repeated_blocks(model, backend="aot_eager", cpp_wrapper=True)  # inductor's option only
+    assert all("options" not in kw for _, kw in seen)
+
+
+def test_lean_guards_drop_module_guards_but_keep_the_training_flag():
+    """eval() after train() still recompiles (dropout, checkpointing read ``training``); fewer
+    guards are checked a call."""
+    import torch._dynamo
+
+    kept = {}
+
+    def counting(name):
+        def fn(entries):
+            flags = speed.lean_guards(entries) if name == "lean" else [True] * len(entries)
+            kept[name] = (sum(flags), [e.name for e, f in zip(entries, flags) if f and e.name.endswith(".training")])
+            return flags
+        return fn
+
+    for name in ("all", "lean"):
+        torch._dynamo.reset()
+        model = _tiny_lm()
+        model.model.layers[0].compile(backend="eager", options={"guard_filter_fn": counting(name)})
+        ids = torch.randint(0, 64, (2, 6))
+        model.train()
+        ref = model(input_ids=ids).logits
+        torch._dynamo.config.error_on_recompile = True
+        try:
+            assert torch.equal(model(input_ids=ids).logits, ref)  # the guards pass: no recompile
+            model.eval()
+            with pytest.raises(Exception, match="[Rr]ecompil"):
+                model(input_ids=ids)
+        finally:
+            torch._dynamo.config.error_on_recompile = False
+    assert kept["lean"][0] < kept["all"][0]
+    assert kept["lean"][1]  # the training flags stay
 
 
 def test_compile_mode_is_passed_on_and_cuda_graphs_are_refused(monkeypatch):
