@@ -48,6 +48,41 @@ def _timed(fn: Any, n: int) -> float:
     return 1000 * statistics.mean(times)
 
 
+LOADER_VARIANTS = [  # (name, workers, pinned memory, host intra-op threads or None: as they are)
+    ("workers4_pinned", 4, True, None), ("workers4_pageable", 4, False, None), ("workers0_pinned", 0, True, None),
+    ("workers4_pinned_1thread", 4, True, 1)]
+
+
+def time_loaders(data: Any, collator: Any, batch: int, device: str, train_on: Any, steps: int,
+                 variants: list[tuple[str, int, bool, int | None]] | None = None, warmup: int = 3) -> dict[str, float]:
+    """Mean synchronised step (ms) with batches drawn from a ``DataLoader`` per variant: the
+    host-side cost of the Trainer's data path (worker processes, the pinning thread, the copy),
+    beside the cached on-GPU batches of the main measurement."""
+    from torch.utils.data import DataLoader
+
+    out = {}
+    for name, workers, pinned, threads in variants or LOADER_VARIANTS:
+        before = torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(threads)
+        loader = DataLoader(data, batch_size=batch, collate_fn=collator, num_workers=workers, drop_last=True,
+                            pin_memory=pinned and device == "cuda")
+        it = iter(loader)
+        times = []
+        for i in range(warmup + steps):
+            _sync()
+            start = time.perf_counter()
+            train_on(_to(next(it), device))
+            _sync()
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+        del it, loader
+        torch.set_num_threads(before)
+        out[name] = round(1000 * statistics.mean(times), 1)
+        print(f"[anatomy] loader {name}: step {out[name]} ms", flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
@@ -61,6 +96,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--clip", type=float, default=1.0, help="gradient clipping as the Trainer does (0: off)")
     ap.add_argument("--trace", default=None, help="write a chrome trace of 2 steady steps here (.json.gz)")
     ap.add_argument("--phases", action="store_true", help="also time each phase alone (compiles more variants)")
+    ap.add_argument("--loaders", action="store_true",
+                    help="also time steps fed by a DataLoader (workers, pinned memory, host threads) as the Trainer "
+                         "feeds them, one variant after another in this process")
     ap.add_argument("--json", default=None)
     ap.add_argument("--cpu", action="store_true", help="smoke test on the CPU (fp32, no autocast)")
     args = ap.parse_args(argv)
@@ -103,14 +141,17 @@ def main(argv: list[str] | None = None) -> dict:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
             return model(**b).loss
 
-    def step(i: int) -> torch.Tensor:
-        loss = forward(batches[i % len(batches)])
+    def train_on(b: dict[str, Any]) -> torch.Tensor:
+        loss = forward(b)
         loss.backward()
         if args.clip:
             clip_grad_norm_one_device(params, args.clip)  # as MMTrainer clips
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
+
+    def step(i: int) -> torch.Tensor:
+        return train_on(batches[i % len(batches)])
 
     for i in range(args.warmup):
         step(i)
@@ -149,6 +190,8 @@ def main(argv: list[str] | None = None) -> dict:
         row["gpu_busy_ms"] = round(gpu / 1000 / 2, 1)
         row["kernels_per_step"] = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA) // 2
         print(events.table(sort_by="cpu_time_total", row_limit=40, max_name_column_width=60))
+    if args.loaders:
+        row["loaders"] = time_loaders(data, collator, args.batch, device, train_on, steps=args.steps)
     if args.phases:
         with torch.no_grad():
             row["tower_fwd_ms"] = round(_timed(lambda: tower(b0["pixel_values"], grid_thw=b0["image_grid_thw"]), 5), 1)

@@ -39,6 +39,7 @@ class StepTimer(TrainerCallback):
         self.samples_per_row = 1.0  # packing: samples a row, averaged over the packed dataset
         self.warmup = 5
         self.on_warm = None  # called once the warm-up steps are done
+        self.on_done = None  # called when training ends (before the final save)
 
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):  # type: ignore[no-untyped-def]
         self.samples_per_row = getattr(getattr(train_dataloader, "dataset", None), "samples_per_row", 1.0)
@@ -53,6 +54,10 @@ class StepTimer(TrainerCallback):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self._start = time.perf_counter()
+
+    def on_train_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        if self.on_done is not None:
+            self.on_done()
 
     def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         if torch.cuda.is_available():
@@ -120,6 +125,9 @@ class GpuUtilisation:
 
     def start(self) -> None:
         self._recording = True
+
+    def pause(self) -> None:
+        self._recording = False
 
     def stop(self) -> float | None:
         self._recording = False
@@ -249,7 +257,8 @@ def main(argv: list[str] | None = None) -> dict:
     util = GpuUtilisation() if cuda else None  # its one child is forked before CUDA starts here
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    timer.on_warm = util.start if util is not None else None  # sampled over the steady steps only
+    timer.on_warm = util.start if util is not None else None  # sampled over the steady steps only,
+    timer.on_done = util.pause if util is not None else None  # not over the final save
     start = time.perf_counter()
     run_sft(*parsed, callbacks=[timer, *([StepProfiler(trace=args.trace)] if args.profile and cuda else [])])
     wall = time.perf_counter() - start

@@ -150,8 +150,9 @@ def test_step_anatomy_benchmark_smoke(workspace, tmp_path):
     spec.loader.exec_module(module)
     row = module.main(["--model", workspace["model"], "--data", workspace["data"], "--cpu", "--steps", "2",
                        "--warmup", "1", "--batch", "2", "--phases", "--trace", str(tmp_path / "t.json.gz"),
-                       "--json", str(tmp_path / "r.json")])
+                       "--loaders", "--json", str(tmp_path / "r.json")])
     assert row["step_ms"] > 0 and row["issue_ms"] > 0 and row["tower_fwd_ms"] > 0 and row["optimizer_ms"] > 0
+    assert set(row["loaders"]) == {name for name, *_ in module.LOADER_VARIANTS} and min(row["loaders"].values()) > 0
     assert (tmp_path / "t.json.gz").stat().st_size > 0
     assert json.load(open(tmp_path / "r.json"))["device"] == "cpu"
 
@@ -176,7 +177,11 @@ def test_gpu_utilisation_reads_one_sampler_child_over_the_recorded_span():
     deadline = time.time() + 10
     while len(util.samples) < 5 and time.time() < deadline:
         time.sleep(0.05)
+    util.pause()
+    count = len(util.samples)
+    time.sleep(0.3)
+    assert len(util.samples) == count  # paused: the final save is not sampled
     mean = util.stop()
-    assert len(util.samples) >= 5 and 50 <= mean <= 51
+    assert count >= 5 and 50 <= mean <= 51
     assert util._proc.poll() is not None  # the child is gone
     assert module.GpuUtilisation([]).stop() is None  # no sampler: no figure
