@@ -185,3 +185,18 @@ def test_gpu_utilisation_reads_one_sampler_child_over_the_recorded_span():
     assert count >= 5 and 50 <= mean <= 51
     assert util._proc.poll() is not None  # the child is gone
     assert module.GpuUtilisation([]).stop() is None  # no sampler: no figure
+
+
+def test_run_sft_trains_with_the_asked_host_threads(workspace, tmp_path):
+    import torch
+    from transformers import TrainerCallback
+
+    seen = []
+
+    class Threads(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            seen.append(torch.get_num_threads())
+
+    before = torch.get_num_threads()
+    run_sft(*_config(workspace, tmp_path / "o", max_steps=2, save_strategy="no", host_threads=1), callbacks=[Threads()])
+    assert seen == [1, 1] and torch.get_num_threads() == before  # restored after training

@@ -1,5 +1,6 @@
 """MMTrainer's host-time trims change nothing the Trainer reports or computes."""
 
+import pytest
 import torch
 from transformers import Trainer, TrainingArguments
 
@@ -157,3 +158,25 @@ def test_fsdp_and_deepspeed_keep_accelerates_clipping():
         acc = _Acc(kind)
         assert not use_one_device_clipping(acc) and "clip_grad_norm_" not in vars(acc)
     assert use_one_device_clipping(_Acc(DistributedType.MULTI_GPU))
+
+
+def test_host_threads_default_to_one_on_cuda_with_workers_only():
+    from mmtune.train.sft import set_host_threads
+
+    before = torch.get_num_threads()
+    try:
+        assert set_host_threads(None, "cpu", 4) is None and torch.get_num_threads() == before
+        assert set_host_threads(None, "cuda", 0) is None and torch.get_num_threads() == before  # batches built here
+        assert set_host_threads(None, "cuda", 4) == 1 and torch.get_num_threads() == 1
+        assert set_host_threads(2, "cpu", 0) == 2 and torch.get_num_threads() == 2  # asked for: set anywhere
+        with pytest.raises(ValueError, match="host_threads"):
+            set_host_threads(0, "cuda", 4)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_host_threads_is_a_config_key():
+    from mmtune.train import parse_config
+
+    assert parse_config(None, extra={"host_threads": 3})[3].host_threads == 3
+    assert parse_config(None)[3].host_threads is None

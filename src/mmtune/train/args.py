@@ -27,6 +27,10 @@ class MMTrainingArguments:
     fake_media_for_text_only: bool | None = field(
         default=None, metadata={"help": "Dummy image in text-only batches; default: on when training on several ranks."}
     )
+    host_threads: int | None = field(
+        default=None, metadata={"help": "torch's intra-op CPU threads in the training process; default: 1 when "
+                                        "training on CUDA with dataloader workers (the host then only launches GPU "
+                                        "work), torch's own count otherwise."})
     config_dict: dict[str, Any] | None = None  # for a model built from a config (tests, benchmarks, demo)
 
 

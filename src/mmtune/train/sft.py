@@ -100,6 +100,25 @@ def use_one_device_clipping(accelerator: Any) -> bool:
     return True
 
 
+def set_host_threads(requested: int | None, device_type: str, dataloader_workers: int) -> int | None:
+    """Set torch's intra-op thread count for the training process; returns the count set, or
+    None when torch's own is kept. By default one thread when training on CUDA with dataloader
+    workers: batches are then built in the workers, and the host only launches GPU work, so
+    OpenMP threads woken by the odd small CPU op and left spinning only take cores from the
+    launching thread of a host-bound step (H200, full fine-tune of Qwen2-VL-2B sizes: 42.5
+    samples/s with one thread against 40.6 with sixteen, in one device call)."""
+    if requested is None:
+        if device_type != "cuda" or dataloader_workers <= 0:
+            return None
+        requested = 1
+    if requested < 1:
+        raise ValueError(f"host_threads must be >= 1, not {requested}")
+    if torch.get_num_threads() != requested:
+        logger.info("host threads: %d (was %d)", requested, torch.get_num_threads())
+        torch.set_num_threads(requested)
+    return requested
+
+
 class MMTrainer(Trainer):
     """HF Trainer with a separate projector learning rate, and less host time a step."""
 
@@ -253,6 +272,8 @@ def run_sft(model_args: Any, data_args: Any, finetuning_args: Any, mm_args: Any,
                                   fake_media_for_text_only=bool(fake) and processor is not None)
     train_dataset, collator = maybe_pack(datasets["train"], collator, model, data_args.packing, data_args.packing_max_len,
                                          training_args.per_device_train_batch_size)
+    threads_before = torch.get_num_threads()
+    set_host_threads(mm_args.host_threads, training_args.device.type, training_args.dataloader_num_workers)
     trainer = MMTrainer(
         model=model,
         args=training_args,
@@ -262,7 +283,10 @@ def run_sft(model_args: Any, data_args: Any, finetuning_args: Any, mm_args: Any,
         callbacks=[JsonlLogCallback(), *(callbacks or [])],
         projector_lr=mm_args.projector_lr,
     )
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    try:
+        result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    finally:
+        torch.set_num_threads(threads_before)  # the caller's count again
     gather_fsdp_state_dict(trainer)
     trainer.save_model(training_args.output_dir)
     if trainer.is_world_process_zero():
