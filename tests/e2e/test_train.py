@@ -152,7 +152,7 @@ def test_step_anatomy_benchmark_smoke(workspace, tmp_path):
                        "--warmup", "1", "--batch", "2", "--phases", "--trace", str(tmp_path / "t.json.gz"),
                        "--loaders", "--json", str(tmp_path / "r.json")])
     assert row["step_ms"] > 0 and row["issue_ms"] > 0 and row["tower_fwd_ms"] > 0 and row["optimizer_ms"] > 0
-    assert set(row["loaders"]) == {name for name, *_ in module.LOADER_VARIANTS} and min(row["loaders"].values()) > 0
+    assert len(row["loaders"]) == len(module.LOADER_VARIANTS) and min(row["loaders"].values()) > 0
     assert (tmp_path / "t.json.gz").stat().st_size > 0
     assert json.load(open(tmp_path / "r.json"))["device"] == "cpu"
 

@@ -353,6 +353,24 @@ def test_cpp_wrapper_goes_to_decoder_layers_only(monkeypatch):
     assert all("options" not in kw for _, kw in seen)
 
 
+def test_cpp_wrapper_falls_back_without_a_compiler(monkeypatch, caplog):
+    import logging
+
+    import torch._inductor.cpp_builder as builder
+
+    def missing():
+        raise builder.exc.InvalidCxxCompiler()
+
+    monkeypatch.setattr(builder, "get_cpp_compiler", missing)
+    assert not speed.cpp_compiler_available()
+    model = _model("qwen2_vl")
+    seen = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: seen.append(kw))
+    with caplog.at_level(logging.WARNING, logger="mmtune.model.speed"):
+        assert speed.compile_repeated_blocks(model, cpp_wrapper=True) == 4
+    assert seen == [{"dynamic": True, "backend": "inductor"}] * 4 and "no C++ compiler" in caplog.text
+
+
 def test_lean_guards_drop_module_guards_but_keep_the_training_flag():
     """eval() after train() still recompiles (dropout, checkpointing read ``training``); fewer
     guards are checked a call."""

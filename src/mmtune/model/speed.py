@@ -498,6 +498,17 @@ def lean_guards(entries: list[Any]) -> list[bool]:
             for e in entries]
 
 
+def cpp_compiler_available() -> bool:
+    """Whether inductor finds the C++ compiler its C++ wrapper is built with."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except Exception:  # inductor raises its own InvalidCxxCompiler, or an import fails
+        return False
+    return True
+
+
 def _compile_options(mode: str | None, cpp_wrapper: bool, guard_filter: Any) -> dict[str, Any]:
     """``block.compile`` keywords: ``mode`` alone, or (torch.compile takes one of the two) the
     mode's inductor options merged with the C++ wrapper and the guard filter."""
@@ -543,6 +554,10 @@ def compile_repeated_blocks(model: nn.Module, dynamic: bool | None = True, backe
         torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit,
                                                                  4 * limit)
     cpp_wrapper = cpp_wrapper and backend == "inductor"
+    if cpp_wrapper and not cpp_compiler_available():
+        logger.warning("compile_cpp_wrapper: no C++ compiler found (set CXX); decoder layers keep inductor's Python "
+                       "wrapper")
+        cpp_wrapper = False
     lm_layers = {id(m) for m in decoder_layers(model)} if cpp_wrapper else set()
     guard_filter = lean_guards if lean_guard_checks else None
     for name, block in blocks:
