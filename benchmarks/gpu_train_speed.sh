@@ -1,0 +1,65 @@
+#!/bin/bash
+# Issue 7's training-speed acceptance in one device call: LLaMA-Factory 0.9.5 and mmtune on the same model folder
+# and data (Qwen2-VL-2B sizes, 563 tokens a sample), full fine-tuning at batch 4 and LoRA at batch 8, each mmtune
+# run right after the peer's. From the repo root, with mmtune's wheels (.whl) and the peer (.peer: llamafactory/
+# and lfwhl/) carried:
+#     bash benchmarks/gpu_train_speed.sh [full] [lora] [anatomy]      (default: full lora)
+# Writes $OUT/log (every line stamped with seconds since start) and one JSON row per part under $OUT, with the
+# peer's figures and the ratios (train_speed.py --peer llamafactory runs the peer's lf_train.py first). A step
+# that needs more than the time left before DEADLINE_S is skipped. The first mmtune run of a fresh machine
+# compiles (~60 s more with the C++ wrapper): the limits below allow for it.
+# Env: DEADLINE_S (570), OUT (/tmp/tsout), STEPS (40).
+set -u
+OUT=${OUT:-/tmp/tsout}
+mkdir -p "$OUT"
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT" || exit 1
+DEADLINE_S=${DEADLINE_S:-570}; STEPS=${STEPS:-40}
+PARTS=${*:-full lora}
+START=$(date +%s)
+MM=(env PYTHONPATH=/tmp/site2:src python3)
+DATA=(--model /tmp/lfbench/model --data /tmp/lfbench/data/bench.json)
+
+left() { echo $((DEADLINE_S - ($(date +%s) - START))); }
+
+step() {  # step NAME NEED_S LIMIT_S CMD...: run CMD if NEED_S seconds are left, under min(LIMIT_S, time left - 5)
+  local name=$1 need=$2 limit=$3
+  shift 3
+  if [ "$(left)" -lt "$need" ]; then echo "== skip $name: $(left)s left, it needs $need"; return 1; fi
+  [ "$limit" -gt $(( $(left) - 5 )) ] && limit=$(( $(left) - 5 ))
+  echo "== step $name (timeout ${limit}s, $(left)s left)"
+  timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
+  local rc=$?
+  tail -1 "$OUT/$name.txt"
+  echo "== step $name exit $rc after $(( $(date +%s) - START ))s"
+  return "$rc"
+}
+
+main() {
+  export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+  nproc; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  timeout 120 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site2 .whl/*.whl || return 1
+  # the peer into /tmp/site-lf, the model folder and data into /tmp/lfbench
+  OUT=$OUT/lf_setup WHL=.peer/lfwhl SITE=/tmp/site-lf DEADLINE_S=200 timeout 240 bash .peer/llamafactory/gpu_run.sh env prep \
+    > "$OUT/lf_setup.txt" 2>&1
+  [ -f /tmp/lfbench/data/bench.json ] || { echo "no data: see $OUT/lf_setup.txt"; return 1; }
+  for part in $PARTS; do
+    case $part in
+      full)  # the peer first, then mmtune, then the ratios (train_speed.py --peer)
+        step full 150 300 "${MM[@]}" benchmarks/train_speed.py "${DATA[@]}" --method full --batch 4 --steps "$STEPS" \
+          --peer llamafactory --output-dir /tmp/ts_full --json "$OUT/full.json"
+        ;;
+      lora)
+        step lora 180 320 "${MM[@]}" benchmarks/train_speed.py "${DATA[@]}" --method lora --batch 8 --steps "$STEPS" \
+          --peer llamafactory --output-dir /tmp/ts_lora --json "$OUT/lora.json"
+        ;;
+      anatomy)  # the plain loop, then the same loop fed by the Trainer's data-path variants
+        step anatomy 90 200 "${MM[@]}" benchmarks/step_anatomy.py "${DATA[@]}" --method full --batch 4 --steps 15 \
+          --loaders --json "$OUT/anatomy.json"
+        ;;
+      *) echo "unknown part $part" ;;
+    esac
+  done
+}
+
+main 2>&1 | while IFS= read -r line; do printf '[+%s] %s\n' "$(( $(date +%s) - START ))" "$line"; done | tee "$OUT/log"
