@@ -20,20 +20,9 @@ START=$(date +%s)
 MM=(env PYTHONPATH=/tmp/site2:src python3)
 DATA=(--model /tmp/lfbench/model --data /tmp/lfbench/data/bench.json)
 
-left() { echo $((DEADLINE_S - ($(date +%s) - START))); }
-
-step() {  # step NAME NEED_S LIMIT_S CMD...: run CMD if NEED_S seconds are left, under min(LIMIT_S, time left - 5)
-  local name=$1 need=$2 limit=$3
-  shift 3
-  if [ "$(left)" -lt "$need" ]; then echo "== skip $name: $(left)s left, it needs $need"; return 1; fi
-  [ "$limit" -gt $(( $(left) - 5 )) ] && limit=$(( $(left) - 5 ))
-  echo "== step $name (timeout ${limit}s, $(left)s left)"
-  timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
-  local rc=$?
-  tail -1 "$OUT/$name.txt"
-  echo "== step $name exit $rc after $(( $(date +%s) - START ))s"
-  return "$rc"
-}
+STEP_DIR=$OUT
+# shellcheck source=gpu_steps.sh
+source "$ROOT/benchmarks/gpu_steps.sh"
 
 main() {
   export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1

@@ -23,19 +23,9 @@ LF=(env PYTHONPATH=/tmp/site-lf OMP_NUM_THREADS=1 HF_DATASETS_CACHE=/tmp/hfds-lf
 MMARGS=(benchmarks/preprocess_dataset.py --model "$W/model" --data "$W/data/varsize.json" --workers "$WORKERS"
         --image-max-pixels 200704 --cutoff-len 1024 --no-repeat)
 
-left() { echo $((DEADLINE_S - ($(date +%s) - START))); }
-
-step() {  # step NAME NEED_S LIMIT_S CMD...: run CMD if NEED_S seconds are left, under min(LIMIT_S, time left - 5)
-  local name=$1 need=$2 limit=$3
-  shift 3
-  if [ "$(left)" -lt "$need" ]; then echo "== skip $name: $(left)s left, it needs $need"; return 1; fi
-  [ "$limit" -gt $(( $(left) - 5 )) ] && limit=$(( $(left) - 5 ))
-  echo "== step $name (timeout ${limit}s, $(left)s left)"
-  timeout "$limit" "$@" 2>&1 | tee "$R/$name.txt"
-  local rc=${PIPESTATUS[0]}
-  echo "== step $name exit $rc after $(( $(date +%s) - START ))s"
-  return "$rc"
-}
+STEP_DIR=$R
+# shellcheck source=gpu_steps.sh
+source "$ROOT/benchmarks/gpu_steps.sh"
 
 main() {
   set -x
