@@ -543,7 +543,7 @@ def test_varlen_attention_calls_the_kernel_once_and_falls_back_to_sdpa(monkeypat
         calls.append((tuple(q.shape), cu_q.dtype, max_q))
         return speed.segment_attention(q, k, v, cu_q, scale)
 
-    monkeypatch.setattr(speed, "_varlen_kernel_for", lambda q: fake_kernel)
+    monkeypatch.setattr(speed, "_varlen_kernel_for", lambda q, aten=False: fake_kernel)
     torch.manual_seed(0)
     cu = torch.tensor([0, 16, 40], dtype=torch.int64)
     q, k, v = (torch.randn(1, 4, 40, 8) for _ in range(3))  # as transformers hands them: (1, heads, tokens, dim)
@@ -558,6 +558,57 @@ def test_varlen_attention_calls_the_kernel_once_and_falls_back_to_sdpa(monkeypat
     causal, _ = speed.varlen_attention_forward(module, q, k, v, None, scaling=0.5, is_causal=True)
     expected = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.5).transpose(1, 2)
     assert len(calls) == 1 and torch.allclose(causal, expected, atol=1e-6)
+
+
+def test_aten_varlen_kernel_is_chosen_where_the_cpp_wrapper_runs_the_block(monkeypatch):
+    """``compile_cpp_wrapper: all``: the varlen kernel as the aten op (C shim, autograd), picked
+    per attention module; its plumbing checked on meta tensors (the kernel itself is CUDA's)."""
+    import types
+
+    q = torch.empty(100, 4, 64, device="meta", dtype=torch.bfloat16)
+    cu = torch.tensor([0, 40, 100], dtype=torch.int32, device="meta")
+    assert speed.aten_flash_varlen(q, q, q, cu, cu, 60, 60, scale=0.125).shape == (100, 4, 64)
+    cuda_like = types.SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)
+    assert speed._varlen_kernel_for(cuda_like, aten=True) is speed.aten_flash_varlen
+    assert speed._varlen_kernel_for(cuda_like) is speed._torch_varlen_attn()
+    assert speed._varlen_kernel_for(types.SimpleNamespace(is_cuda=True, dtype=torch.float32), aten=True) is None
+    assert speed._varlen_kernel_for(torch.zeros(2, 2, dtype=torch.bfloat16), aten=True) is None  # CPU: reference
+    seen = []
+    monkeypatch.setattr(speed, "_varlen_kernel_for", lambda q, aten=False: seen.append(aten))
+    module = torch.nn.Module()
+    setattr(module, speed.ATEN_VARLEN_FLAG, True)
+    x = torch.randn(1, 2, 10, 4)
+    cu = torch.tensor([0, 4, 10])
+    speed.varlen_attention_forward(module, x, x, x, None, scaling=0.5, cu_seq_lens_q=cu, cu_seq_lens_k=cu)
+    speed.varlen_attention_forward(torch.nn.Module(), x, x, x, None, scaling=0.5, cu_seq_lens_q=cu, cu_seq_lens_k=cu)
+    assert seen == [True, False]
+
+
+def test_cpp_wrapper_all_takes_the_vision_blocks_and_their_attention(monkeypatch):
+    model = _model("qwen2_vl")
+    assert speed.enable_vision_varlen_attention(model)
+    seen = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: seen.append(kw))
+    flagged = lambda: sorted({getattr(m, speed.ATEN_VARLEN_FLAG) for m in model.modules()  # noqa: E731
+                              if hasattr(m, speed.ATEN_VARLEN_FLAG)})
+    assert speed.compile_repeated_blocks(model, cpp_wrapper="all") == 4
+    assert all(kw["options"] == {"cpp_wrapper": True} for kw in seen) and flagged() == [True]
+    seen.clear()
+    assert speed.compile_repeated_blocks(model, cpp_wrapper=True) == 4
+    assert sum("options" in kw for kw in seen) == 2 and flagged() == [False]  # decoder layers only
+    with pytest.raises(ValueError, match="compile_cpp_wrapper"):
+        speed.compile_repeated_blocks(model, cpp_wrapper="vision")
+
+
+def test_cpp_wrapper_setting_from_the_config():
+    import types
+
+    setting = lambda v, device: speed._cpp_wrapper_setting(types.SimpleNamespace(compile_cpp_wrapper=v), device)  # noqa
+    assert setting(None, "cuda") is True and setting(None, "cpu") is False
+    assert setting("all", "cpu") == "all" and setting("ALL", "cuda") == "all" and setting(False, "cuda") is False
+    from mmtune.train import parse_config
+
+    assert parse_config(None, extra={"compile_cpp_wrapper": "all"})[0].compile_cpp_wrapper == "all"
 
 
 def _varlen_types():
@@ -575,7 +626,7 @@ def test_vision_varlen_attention_keeps_losses_and_grads(model_type, monkeypatch)
         calls.append(max_q)
         return speed.segment_attention(q, k, v, cu_q, scale)
 
-    monkeypatch.setattr(speed, "_varlen_kernel_for", lambda q: counting_kernel)
+    monkeypatch.setattr(speed, "_varlen_kernel_for", lambda q, aten=False: counting_kernel)
 
     def build(lever):
         model = _model(model_type, "full", freeze_vision_tower=False)

@@ -33,9 +33,11 @@ class ModelArguments:
     compile_mode: str | None = field(
         default=None, metadata={"help": "torch.compile mode of the blocks, e.g. max-autotune-no-cudagraphs; default: "
                                          "inductor's (reduce-overhead is refused: CUDA graphs do not fit regional compile)."})
-    compile_cpp_wrapper: bool | None = field(
+    compile_cpp_wrapper: bool | str | None = field(
         default=None, metadata={"help": "inductor's C++ wrapper for the compiled decoder layers (less host time a "
-                                        "kernel launch); default: on when training on CUDA."})
+                                        "kernel launch); default: on when training on CUDA. 'all': the vision "
+                                        "blocks too, their varlen attention called as an aten op (not yet "
+                                        "measured on a GPU)."})
     compile_lean_guards: bool | None = field(
         default=None, metadata={"help": "Check only the guards a training run can change (training flags, "
                                         "inputs, global state) on each compiled block call; default: on when "

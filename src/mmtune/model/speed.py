@@ -354,6 +354,7 @@ def run_frozen_towers_without_grad(model: nn.Module) -> list[str]:
 VARLEN_ATTENTION = "mmtune_flash_varlen"  # "flash" in the name routes transformers' vision blocks to varlen
 
 
+ATEN_VARLEN_FLAG = "mmtune_aten_varlen"  # set on attention modules whose block runs through the C++ wrapper
 _VARLEN_KERNEL: list[Any] = []  # [kernel or None] once looked up (a plain global: compiled code reads it cheaply)
 
 
@@ -368,12 +369,23 @@ def _torch_varlen_attn() -> Any:
     return _VARLEN_KERNEL[0]
 
 
-def _varlen_kernel_for(query: torch.Tensor) -> Any:
-    """The varlen kernel for ``query``'s device and dtype, or None (CPU, fp32: the reference)."""
-    kernel = _VARLEN_KERNEL[0] if _VARLEN_KERNEL else _torch_varlen_attn()
-    if kernel is not None and query.is_cuda and query.dtype in (torch.bfloat16, torch.float16):
-        return kernel
-    return None
+def aten_flash_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seq_q: torch.Tensor,
+                      cu_seq_k: torch.Tensor, max_q: int, max_k: int, scale: float | None = None) -> torch.Tensor:
+    """The flash varlen kernel called as the aten op ``_flash_attention_forward`` (differentiable,
+    and with a C shim, so inductor's C++ wrapper can launch it), with ``varlen_attn``'s
+    arguments; no dropout, not causal. Returns (tokens, heads, dim)."""
+    return torch.ops.aten._flash_attention_forward(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, 0.0, False,
+                                                   False, scale=scale)[0]
+
+
+def _varlen_kernel_for(query: torch.Tensor, aten: bool = False) -> Any:
+    """The varlen kernel for ``query``'s device and dtype, or None (CPU, fp32: the reference).
+    ``aten``: the aten op (:func:`aten_flash_varlen`) instead of torch's ``varlen_attn``."""
+    if not (query.is_cuda and query.dtype in (torch.bfloat16, torch.float16)):
+        return None
+    if aten:
+        return aten_flash_varlen
+    return _VARLEN_KERNEL[0] if _VARLEN_KERNEL else _torch_varlen_attn()
 
 
 def segment_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor,
@@ -412,7 +424,7 @@ def varlen_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       is_causal=is_causal, **kwargs)
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (1, heads, tokens, dim) -> (tokens, heads, dim)
-    kernel = _varlen_kernel_for(q)
+    kernel = _varlen_kernel_for(q, aten=getattr(module, ATEN_VARLEN_FLAG, False))
     if kernel is not None:
         if max_length_q is None:
             max_length_q = int((cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).max())
@@ -527,7 +539,8 @@ def _compile_options(mode: str | None, cpp_wrapper: bool, guard_filter: Any) -> 
 
 
 def compile_repeated_blocks(model: nn.Module, dynamic: bool | None = True, backend: str = "inductor",
-                            mode: str | None = None, cpp_wrapper: bool = False, lean_guard_checks: bool = False) -> int:
+                            mode: str | None = None, cpp_wrapper: bool | str = False,
+                            lean_guard_checks: bool = False) -> int:
     """``module.compile()`` each repeated block: identical blocks share one compiled graph
     (parameters are graph inputs), dynamic shapes spare recompiles across batch lengths, and
     the state-dict keys do not change. Returns the number of blocks compiled.
@@ -535,8 +548,12 @@ def compile_repeated_blocks(model: nn.Module, dynamic: bool | None = True, backe
     ``cpp_wrapper`` (inductor backend): the language model's decoder layers launch their
     kernels from inductor's C++ wrapper instead of generated Python, forward and backward: less
     host time a launch, where a small model's step is host-bound. Vision blocks keep the Python
-    wrapper (the C++ one does not take the varlen attention op's list arguments).
-    ``lean_guard_checks``: :func:`lean_guards` on every block."""
+    wrapper (the C++ one does not take the varlen attention op's list arguments), unless
+    ``cpp_wrapper == "all"``: then every block takes it, and the vision attention that runs
+    through :func:`varlen_attention_forward` calls the kernel as an aten op
+    (:func:`aten_flash_varlen`). ``lean_guard_checks``: :func:`lean_guards` on every block."""
+    if cpp_wrapper not in (False, True, "layers", "all"):
+        raise ValueError(f"compile_cpp_wrapper must be true, false, 'layers' or 'all', not {cpp_wrapper!r}")
     if mode is not None and "reduce-overhead" in mode:
         raise ValueError("compile_mode reduce-overhead (CUDA graphs) does not fit regional compile: identical blocks "
                          "share one graph, whose replays overwrite each other's outputs; use the default mode or "
@@ -553,20 +570,25 @@ def compile_repeated_blocks(model: nn.Module, dynamic: bool | None = True, backe
     if hasattr(torch._dynamo.config, "accumulated_cache_size_limit"):
         torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit,
                                                                  4 * limit)
-    cpp_wrapper = cpp_wrapper and backend == "inductor"
+    cpp_wrapper = cpp_wrapper if backend == "inductor" else False
     if cpp_wrapper and not cpp_compiler_available():
-        logger.warning("compile_cpp_wrapper: no C++ compiler found (set CXX); decoder layers keep inductor's Python "
-                       "wrapper")
+        logger.warning("compile_cpp_wrapper: no C++ compiler found (set CXX); blocks keep inductor's Python wrapper")
         cpp_wrapper = False
-    lm_layers = {id(m) for m in decoder_layers(model)} if cpp_wrapper else set()
+    if cpp_wrapper == "all":
+        wrapped = {id(block) for _, block in blocks}
+    else:
+        wrapped = {id(m) for m in decoder_layers(model)} if cpp_wrapper else set()
     guard_filter = lean_guards if lean_guard_checks else None
     for name, block in blocks:
-        block.compile(dynamic=dynamic, backend=backend,
-                      **_compile_options(mode, id(block) in lm_layers, guard_filter))
+        block.compile(dynamic=dynamic, backend=backend, **_compile_options(mode, id(block) in wrapped, guard_filter))
+        for module in block.modules():  # varlen vision attention: the kernel as an aten op where the C++ wrapper runs
+            config = getattr(module, "config", None)
+            if getattr(config, "_attn_implementation", None) == VARLEN_ATTENTION:
+                setattr(module, ATEN_VARLEN_FLAG, id(block) in wrapped)
     kinds = sorted({type(b).__name__ for _, b in blocks})
-    logger.info("regional compile on: %d blocks (%s), backend %s, dynamic=%s, mode %s, C++ wrapper on %d decoder "
-                "layers, %s guards", len(blocks), ", ".join(kinds), backend, dynamic, mode or "default",
-                len(lm_layers), "lean" if lean_guard_checks else "all")
+    logger.info("regional compile on: %d blocks (%s), backend %s, dynamic=%s, mode %s, C++ wrapper on %d of them, "
+                "%s guards", len(blocks), ", ".join(kinds), backend, dynamic, mode or "default", len(wrapped),
+                "lean" if lean_guard_checks else "all")
     return len(blocks)
 
 
@@ -695,6 +717,15 @@ def _default_on(model_args: Any, name: str, device_type: str) -> bool:
     return device_type == "cuda" if value is None else bool(value)
 
 
+def _cpp_wrapper_setting(model_args: Any, device_type: str) -> bool | str:
+    """``compile_cpp_wrapper``: None (the default) is the decoder layers on CUDA, off elsewhere;
+    true is the decoder layers; ``all`` adds the vision blocks."""
+    value = getattr(model_args, "compile_cpp_wrapper", None)
+    if isinstance(value, str) and value.strip().lower() in ("all", "layers"):
+        return value.strip().lower()
+    return _default_on(model_args, "compile_cpp_wrapper", device_type)
+
+
 def apply_speed_levers(model: nn.Module, model_args: Any, *, gradient_checkpointing: bool = False,
                        device_type: str | None = None, batch_tokens: int | None = None) -> dict[str, Any]:
     """Apply the switched-on levers to a model ready to train; returns what was applied."""
@@ -728,8 +759,7 @@ def apply_speed_levers(model: nn.Module, model_args: Any, *, gradient_checkpoint
         applied["compiled_blocks"] = compile_repeated_blocks(model, dynamic=getattr(model_args, "compile_dynamic", True),
                                                              backend=getattr(model_args, "compile_backend", "inductor"),
                                                              mode=getattr(model_args, "compile_mode", None),
-                                                             cpp_wrapper=_default_on(model_args, "compile_cpp_wrapper",
-                                                                                     device_type),
+                                                             cpp_wrapper=_cpp_wrapper_setting(model_args, device_type),
                                                              lean_guard_checks=_default_on(
                                                                  model_args, "compile_lean_guards", device_type))
     return applied
