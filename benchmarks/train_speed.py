@@ -96,9 +96,9 @@ class StepProfiler(TrainerCallback):
 
 class GpuUtilisation:
     """GPU utilisation from one ``nvidia-smi -lms 500`` child started before training (a thread
-    reads its lines), averaged over the samples taken between ``start`` and ``stop``. One child,
-    forked once: running ``nvidia-smi`` anew every 0.5 s forked the training process each time,
-    which stalled its host thread (measured: 95.7 ms steps with it, see benchmarks/README.md)."""
+    reads its lines), averaged over the samples taken between ``start`` and ``pause``. One child,
+    forked once, instead of an ``nvidia-smi`` run (a fork of the training process) every 0.5 s;
+    the step times with either were within the spread between device calls."""
 
     def __init__(self, command: list[str] | None = None) -> None:
         import shutil

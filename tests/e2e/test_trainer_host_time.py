@@ -118,6 +118,9 @@ def test_one_device_clipping_equals_torchs_bit_for_bit():
             for a, b in zip(ref, new):
                 assert (a.grad is None and b.grad is None) or torch.equal(a.grad, b.grad)
     assert float(clip_grad_norm_one_device([torch.nn.Parameter(torch.zeros(2))], 1.0)) == 0.0
+    ref, new = _grads(3)[0], _grads(3)[0]  # one tensor, as torch's function also takes
+    assert torch.equal(torch.nn.utils.clip_grad_norm_(ref, 0.5), clip_grad_norm_one_device(new, 0.5))
+    assert torch.equal(ref.grad, new.grad)
 
 
 def test_one_device_clipping_hands_other_layouts_to_torch(monkeypatch):

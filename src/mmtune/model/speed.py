@@ -719,9 +719,10 @@ def _default_on(model_args: Any, name: str, device_type: str) -> bool:
 
 def _cpp_wrapper_setting(model_args: Any, device_type: str) -> bool | str:
     """``compile_cpp_wrapper``: None (the default) is the decoder layers on CUDA, off elsewhere;
-    true is the decoder layers; ``all`` adds the vision blocks."""
+    true is the decoder layers; a word (``layers``, ``all``) goes on as written, for
+    :func:`compile_repeated_blocks` to take or refuse."""
     value = getattr(model_args, "compile_cpp_wrapper", None)
-    if isinstance(value, str) and value.strip().lower() in ("all", "layers"):
+    if isinstance(value, str):
         return value.strip().lower()
     return _default_on(model_args, "compile_cpp_wrapper", device_type)
 
@@ -731,10 +732,7 @@ def apply_speed_levers(model: nn.Module, model_args: Any, *, gradient_checkpoint
     """Apply the switched-on levers to a model ready to train; returns what was applied."""
     device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
     applied: dict[str, Any] = {}
-    liger = getattr(model_args, "liger_kernels", None)
-    if liger is None:
-        liger = device_type == "cuda"
-    if liger:
+    if _default_on(model_args, "liger_kernels", device_type):
         applied["liger_kernels"] = apply_liger_kernels(model)
     fused = getattr(model_args, "fused_cross_entropy", True)
     if fused:
@@ -752,10 +750,7 @@ def apply_speed_levers(model: nn.Module, model_args: Any, *, gradient_checkpoint
                                   fused_ce=bool(applied.get("fused_cross_entropy")))
     if n or gradient_checkpointing:
         applied["checkpointed_layers"] = set_checkpointed_layers(model, n)
-    compile_ = getattr(model_args, "compile", None)
-    if compile_ is None:
-        compile_ = device_type == "cuda"
-    if compile_:
+    if _default_on(model_args, "compile", device_type):
         applied["compiled_blocks"] = compile_repeated_blocks(model, dynamic=getattr(model_args, "compile_dynamic", True),
                                                              backend=getattr(model_args, "compile_backend", "inductor"),
                                                              mode=getattr(model_args, "compile_mode", None),

@@ -65,6 +65,8 @@ def clip_grad_norm_one_device(parameters: Any, max_norm: float, norm_type: float
     torch's ``norm.to(device)`` per parameter (338 calls, ~3.5 ms of host time a step on a
     full fine-tune of Qwen2-VL-2B). Anything else (several devices, DTensor, sparse) goes to
     torch's own function. Returns the total norm, as torch's does."""
+    if isinstance(parameters, torch.Tensor):  # torch's function takes a single tensor too
+        parameters = [parameters]
     params = [p for p in parameters if p.grad is not None]
     grads = [p.grad for p in params]
     if not grads:
