@@ -40,31 +40,23 @@ def test_floating_point_ops_equal_the_trainers_and_count_parameters_once(tmp_pat
     assert trainer.floating_point_ops({"pixel_values": torch.zeros(1)}) == 0
 
 
-class _Recorded(torch.Tensor):
-    calls: list = []
-    pinned = True
+@pytest.mark.parametrize("given, expected", [
+    ({}, True),  # the default: pinned batches, copied without blocking
+    ({"accelerator_config": {"non_blocking": False}}, False),  # the user's word stands
+    ({"accelerator_config": {"split_batches": False}}, True),
+    ({"dataloader_pin_memory": False}, False),  # pageable batches: a copy blocks whatever it is told
+])
+def test_batches_go_to_the_device_without_blocking_by_default(tmp_path, given, expected):
+    from torch.utils.data import DataLoader
 
-    def is_pinned(self, *args, **kwargs):
-        return type(self).pinned
+    from mmtune.train import parse_config
 
-    def to(self, *args, **kwargs):
-        _Recorded.calls.append((type(self).__name__, args, kwargs))
-        return torch.Tensor(self)
-
-
-class _Pageable(_Recorded):
-    pinned = False
-
-
-def test_pinned_batches_are_copied_without_blocking(tmp_path, monkeypatch):
-    trainer = _trainer(tmp_path, _Tiny())
-    cuda = torch.device("cuda")
-    monkeypatch.setattr(type(trainer.args), "device", property(lambda self: cuda))
-    batch = {"pinned": torch.Tensor._make_subclass(_Recorded, torch.zeros(2)),
-             "pageable": torch.Tensor._make_subclass(_Pageable, torch.zeros(2)), "n": 3}
-    out = trainer._prepare_input(batch)
-    assert out["n"] == 3
-    assert sorted(_Recorded.calls) == [("_Pageable", (), {"device": cuda}), ("_Recorded", (cuda,), {"non_blocking": True})]
+    *_, args = parse_config(None, extra={"output_dir": str(tmp_path), "use_cpu": True, **given})
+    trainer = MMTrainer(model=_Tiny(), args=args)
+    assert trainer.accelerator.dataloader_config.non_blocking is expected
+    loader = trainer.accelerator.prepare(DataLoader([{"input_ids": torch.zeros(3, dtype=torch.long)}] * 2))
+    assert loader._non_blocking is expected  # what accelerate's DataLoaderShard hands to send_to_device
+    assert next(iter(loader))["input_ids"].shape == (1, 3)
 
 
 def test_trimmed_train_and_zero_grad_do_what_the_originals_do(tmp_path):

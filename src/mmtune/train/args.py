@@ -42,6 +42,19 @@ def _coerce(value: str) -> Any:
     return yaml.safe_load(value)
 
 
+def _default_non_blocking(training: dict[str, Any]) -> None:
+    """Pinned batches go to the GPU without blocking the host: accelerate places every batch with
+    ``non_blocking=False`` unless told otherwise, and a blocking copy waits for all the GPU work
+    queued before it (a host sync at every step). Kept as the user set it; off with pageable batches."""
+    if not training.get("dataloader_pin_memory", True):
+        return
+    config = training.get("accelerator_config")
+    if config is None:
+        training["accelerator_config"] = {"non_blocking": True}
+    elif isinstance(config, dict):
+        config.setdefault("non_blocking", True)
+
+
 def parse_config(path: str | None, overrides: list[str] | None = None, extra: dict[str, Any] | None = None) -> tuple:
     """(model_args, data_args, finetuning_args, mm_args, training_args) from YAML + overrides."""
     from transformers import TrainingArguments
@@ -75,5 +88,6 @@ def parse_config(path: str | None, overrides: list[str] | None = None, extra: di
     # the filter tests every step's loss for NaN/inf on the host: a GPU sync per step; mmtune logs
     # a NaN loss as it is instead (set logging_nan_inf_filter: true for the Trainer's filtering)
     training.setdefault("logging_nan_inf_filter", False)
+    _default_non_blocking(training)
     parsed = [cls(**v) for cls, v in zip(groups, values)]
     return (*parsed, TrainingArguments(**training))

@@ -143,14 +143,6 @@ class MMTrainer(Trainer):
             self._mmtune_num_parameters = self.model.num_parameters(exclude_embeddings=True)
         return 6 * inputs[main_input].numel() * self._mmtune_num_parameters
 
-    def _prepare_input(self, data: Any) -> Any:
-        """Pinned batches go to the GPU without blocking the host (the stream orders the copy
-        before the forward; the pinned block is not reused until the copy is done)."""
-        if (isinstance(data, torch.Tensor) and data.device.type == "cpu" and self.args.device.type == "cuda"
-                and not getattr(self, "is_deepspeed_enabled", False) and data.is_pinned()):
-            return data.to(self.args.device, non_blocking=True)
-        return super()._prepare_input(data)
-
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False):
