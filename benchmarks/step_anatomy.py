@@ -85,6 +85,40 @@ def time_loaders(data: Any, collator: Any, batch: int, device: str, train_on: An
     return out
 
 
+def check_block_graphs(tower: Any, batches: list[dict[str, Any]]) -> dict[str, Any]:
+    """The tower's outputs with its blocks replayed from CUDA graphs (frozen_block_cuda_graphs)
+    against the same blocks run as usual, compared bit for bit, and the tower's forward time
+    both ways (ms, all batches, synchronised)."""
+    from torch.utils._pytree import tree_flatten
+
+    from mmtune.model.graphs import BlockGraphs
+
+    wrappers = [m._compiled_call_impl for m in tower.modules()
+                if isinstance(getattr(m, "_compiled_call_impl", None), BlockGraphs)]
+
+    def outputs() -> list[torch.Tensor]:
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            out = [tower(b["pixel_values"], grid_thw=b["image_grid_thw"]) for b in batches]
+        return [x for x in tree_flatten([o.to_tuple() if hasattr(o, "to_tuple") else o for o in out])[0]
+                if torch.is_tensor(x)]
+
+    for _ in range(2):  # every signature seen twice: captured
+        outputs()
+    graphed, graphed_ms = outputs(), _timed(outputs, 5)
+    for wrapper in wrappers:  # run as usual
+        wrapper.block_ref()._compiled_call_impl = wrapper.call
+    plain, plain_ms = outputs(), _timed(outputs, 5)
+    for wrapper in wrappers:
+        wrapper.block_ref()._compiled_call_impl = wrapper
+    share = wrappers[0].share if wrappers else None
+    result = {"blocks": len(wrappers), "bitwise_equal": len(graphed) == len(plain) and all(
+        torch.equal(a, b) for a, b in zip(graphed, plain)), "tower_ms_graphed": round(graphed_ms, 2),
+        "tower_ms_plain": round(plain_ms, 2), "captures": share.captures if share else 0,
+        "replays": share.replays if share else 0}
+    print(f"[anatomy] block graphs: {result}", flush=True)
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
@@ -101,6 +135,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--loaders", action="store_true",
                     help="also time steps fed by a DataLoader (workers, pinned memory, host threads) as the Trainer "
                          "feeds them, one variant after another in this process")
+    ap.add_argument("--check-graphs", action="store_true",
+                    help="turn frozen_block_cuda_graphs on and compare the frozen tower's outputs with and without "
+                         "its blocks' CUDA graphs, bit for bit")
     ap.add_argument("--json", default=None)
     ap.add_argument("--cpu", action="store_true", help="smoke test on the CPU (fp32, no autocast)")
     args = ap.parse_args(argv)
@@ -117,6 +154,8 @@ def main(argv: list[str] | None = None) -> dict:
     from mmtune.train import parse_config
 
     cfg = bench_config(args)
+    if args.check_graphs:
+        cfg["frozen_block_cuda_graphs"] = True  # opt-in lever: on for the comparison
     for item in args.set:
         key, _, value = item.partition("=")
         cfg[key] = yaml.safe_load(value)  # numbers and booleans as YAML reads them
@@ -192,6 +231,8 @@ def main(argv: list[str] | None = None) -> dict:
         row["gpu_busy_ms"] = round(gpu / 1000 / 2, 1)
         row["kernels_per_step"] = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA) // 2
         print(events.table(sort_by="cpu_time_total", row_limit=40, max_name_column_width=60))
+    if args.check_graphs and device == "cuda":
+        row["block_graphs"] = check_block_graphs(tower, batches)
     if args.loaders:
         row["loaders"] = time_loaders(data, collator, args.batch, device, train_on, steps=args.steps)
     if args.phases:

@@ -1,0 +1,240 @@
+"""CUDA graphs for repeated blocks that run without autograd (the blocks of a frozen tower).
+
+A frozen vision tower's forward is a long run of small kernels (32 blocks of ~20 launches on
+Qwen2-VL), each block call also paying Dynamo's cache lookup and the compiled wrapper's Python:
+~0.5-0.9 ms of host time a block on an H200 host against ~0.4 ms of GPU work, so the GPU waits
+on the host for the whole tower. Replayed from a CUDA graph, a block costs a few copies and
+one graph launch.
+
+How it works (:class:`BlockGraphs`, one per block, installed as the block's call):
+- a call is *graphable* when autograd is off (or the block's forward turns it off: a frozen
+  tower's), every tensor argument is on CUDA and needs no gradient, nothing is being captured
+  or compiled, and no dropout is active; any other call runs the block as usual;
+- calls are grouped by *signature*: the argument structure, each tensor's shape, stride and
+  dtype, every non-tensor argument's value (``max_seqlen``, flags) and the autocast state, so a
+  graph is only replayed on inputs its kernels were launched for;
+- a signature is captured on its second call (data whose shapes never repeat, such as packed
+  rows of variable-size images, is not captured at all), at most ``max_signatures`` of them for
+  the model (:class:`GraphShare`); later signatures run as usual;
+- the graphs of one model share a memory pool and, per signature, their static input and
+  output buffers: the tensors of a call are copied into the inputs (the ones every block
+  receives alike, such as rotary tables and ``cu_seqlens``, only when they change), the graph
+  is replayed, and the caller gets copies of the outputs, so nothing it holds is overwritten
+  by a later replay.
+
+The replay runs the very kernels the capture recorded, on the same inputs: the same results.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+logger = logging.getLogger(__name__)
+
+_SCALARS = (int, float, bool, str, type(None), torch.dtype, torch.device)
+
+
+def _rng_modules(block: nn.Module) -> list[nn.Module]:
+    """The parts of ``block`` that draw random numbers while training: dropout modules with
+    p > 0, and attention modules whose ``attention_dropout`` is above 0."""
+    found = []
+    for module in block.modules():
+        rate = getattr(module, "p", 0.0) if isinstance(module, nn.modules.dropout._DropoutNd) else \
+            getattr(module, "attention_dropout", 0.0)
+        if isinstance(rate, (int, float)) and rate > 0:
+            found.append(module)
+    return found
+
+
+def _spec_key(spec: Any) -> Any:
+    try:
+        hash(spec)
+    except TypeError:  # an older TreeSpec with a list context
+        return str(spec)
+    return spec
+
+
+def signature(leaves: list[Any], spec: Any, device_type: str = "cuda") -> tuple | None:
+    """The key a graph is replayed under (``leaves`` and ``spec`` from flattening a call's
+    ``(args, kwargs)``), or None when the call cannot be graphed: a tensor off ``device_type``
+    or needing gradients, an argument that is neither a tensor nor a plain scalar."""
+    parts: list[Any] = []
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            if leaf.device.type != device_type or leaf.requires_grad:
+                return None
+            parts.append((tuple(leaf.shape), leaf.stride(), leaf.dtype, leaf.device))
+        elif isinstance(leaf, _SCALARS):
+            parts.append(("value", type(leaf), leaf))
+        else:
+            return None
+    autocast = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+    return (_spec_key(spec), tuple(parts), autocast)
+
+
+class CudaGraphs:
+    """Capture and replay on CUDA (the backend of :class:`GraphShare`)."""
+
+    device_type = "cuda"
+
+    def __init__(self) -> None:
+        self._pool: Any = None
+
+    def ready(self) -> bool:
+        return torch.cuda.is_available() and not torch.cuda.is_current_stream_capturing()
+
+    def warm_up(self, run: Callable[[], Any]) -> Any:
+        """``run()`` on a side stream (lazy initialisation, a first compile stay out of the capture)."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            out = run()
+        torch.cuda.current_stream().wait_stream(side)
+        return out
+
+    def capture(self, run: Callable[[], None]) -> Any:
+        """A graph of ``run()``, in the pool every graph of the share uses; ``.replay()`` runs it."""
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the dataloader's pinning thread may call into CUDA meanwhile
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            run()
+        return graph
+
+
+@dataclass
+class _Buffers:
+    """A signature's static tensors, shared by every block's graph of that signature."""
+
+    inputs: list[torch.Tensor]
+    sources: list[Any]  # per input: (weakref to the tensor last copied in, its version), or None
+    outputs: list[Any] | None = None  # the output leaves: static tensors, and non-tensor values as returned
+    out_spec: Any = None
+
+
+@dataclass
+class GraphShare:
+    """What the graphed blocks of one model share: the backend (its memory pool), the buffers
+    per signature, the cap on signatures, and counters (``captures``, ``replays``)."""
+
+    max_signatures: int = 8
+    capture_on_call: int = 2
+    backend: Any = field(default_factory=CudaGraphs)
+    buffers: dict[tuple, _Buffers] = field(default_factory=dict)
+    captures: int = 0
+    replays: int = 0
+    _warned_full: bool = False
+
+    def buffers_for(self, sig: tuple, tensors: list[torch.Tensor]) -> _Buffers | None:
+        found = self.buffers.get(sig)
+        if found is None:
+            if len(self.buffers) >= self.max_signatures:
+                if not self._warned_full:
+                    logger.info("CUDA graphs of frozen blocks: %d input signatures captured, the cap; blocks run "
+                                "as usual on new ones", self.max_signatures)
+                    self._warned_full = True
+                return None
+            found = _Buffers([t.clone() for t in tensors], [None] * len(tensors))
+            self.buffers[sig] = found
+        return found
+
+
+def _load_inputs(buffers: _Buffers, tensors: list[torch.Tensor]) -> None:
+    """Copy the call's tensors into the static inputs, skipping a tensor already copied there
+    and unchanged since (the rotary tables and ``cu_seqlens`` every block of a forward gets)."""
+    for i, (static, tensor) in enumerate(zip(buffers.inputs, tensors)):
+        source = buffers.sources[i]
+        if source is not None and source[0]() is tensor and source[1] == tensor._version:
+            continue
+        static.copy_(tensor)
+        buffers.sources[i] = (weakref.ref(tensor), tensor._version)
+
+
+class BlockGraphs:
+    """A block's call, replayed from graphs where the call is graphable (module docstring).
+    ``call`` is what the block ran before (its compiled call, or ``Module._call_impl``)."""
+
+    def __init__(self, block: nn.Module, call: Callable[..., Any], share: GraphShare,
+                 runs_without_grad: bool = False) -> None:
+        self.block_ref = weakref.ref(block)
+        self.call = call
+        self.share = share
+        self.runs_without_grad = runs_without_grad  # its forward turns autograd off itself (a frozen tower's)
+        self.rng_modules = _rng_modules(block)
+        self.seen: dict[tuple, int] = {}
+        self.graphs: dict[tuple, Any] = {}
+
+    def graphable(self) -> bool:
+        block = self.block_ref()
+        return (block is not None and (self.runs_without_grad or not torch.is_grad_enabled())
+                and not torch.compiler.is_compiling()
+                and not (self.rng_modules and block.training) and self.share.backend.ready())
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.graphable():
+            return self.call(*args, **kwargs)
+        leaves, spec = tree_flatten((args, kwargs))
+        sig = signature(leaves, spec, self.share.backend.device_type)
+        if sig is None:
+            return self.call(*args, **kwargs)
+        tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+        graph = self.graphs.get(sig)
+        if graph is None:
+            self.seen[sig] = self.seen.get(sig, 0) + 1
+            buffers = self.share.buffers_for(sig, tensors) if self.seen[sig] >= self.share.capture_on_call else None
+            if buffers is None:
+                return self.call(*args, **kwargs)
+            _load_inputs(buffers, tensors)
+            graph = self._capture(sig, buffers, leaves, spec)
+        else:
+            buffers = self.share.buffers[sig]
+            _load_inputs(buffers, tensors)
+        graph.replay()
+        self.share.replays += 1
+        outputs = [x.clone() if isinstance(x, torch.Tensor) else x for x in buffers.outputs]
+        return tree_unflatten(outputs, buffers.out_spec)
+
+    def _capture(self, sig: tuple, buffers: _Buffers, leaves: list[Any], spec: Any) -> Any:
+        statics = iter(buffers.inputs)
+        args, kwargs = tree_unflatten([next(statics) if isinstance(x, torch.Tensor) else x for x in leaves], spec)
+        warm = self.share.backend.warm_up(lambda: self.call(*args, **kwargs))
+        if buffers.outputs is None:
+            out_leaves, buffers.out_spec = tree_flatten(warm)
+            buffers.outputs = [torch.empty_like(x) if isinstance(x, torch.Tensor) else x for x in out_leaves]
+        del warm
+
+        def run() -> None:  # the block on the static inputs, its outputs copied into the shared ones
+            result = tree_flatten(self.call(*args, **kwargs))[0]
+            for static, value in zip(buffers.outputs, result):
+                if isinstance(static, torch.Tensor):
+                    static.copy_(value)
+            # the result's own memory goes back to the pool here: only the shared outputs live on
+
+        graph = self.share.backend.capture(run)
+        self.graphs[sig] = graph
+        self.share.captures += 1
+        return graph
+
+
+def graph_blocks(blocks: list[nn.Module], share: GraphShare | None = None,
+                 runs_without_grad: bool = False) -> GraphShare:
+    """Install :class:`BlockGraphs` as the call of each of ``blocks`` (after ``module.compile()``:
+    it wraps the compiled call); state-dict keys and the blocks' classes do not change.
+    ``runs_without_grad``: the blocks' forwards turn autograd off themselves (a frozen tower's,
+    :func:`mmtune.model.speed.run_frozen_towers_without_grad`), so their calls are graphable
+    whatever the caller's grad mode."""
+    share = share or GraphShare()
+    for block in blocks:
+        if isinstance(block._compiled_call_impl, BlockGraphs):
+            continue
+        call = block._compiled_call_impl or block._call_impl
+        block._compiled_call_impl = BlockGraphs(block, call, share, runs_without_grad)
+    return share

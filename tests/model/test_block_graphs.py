@@ -1,0 +1,253 @@
+"""CUDA graphs of frozen blocks (mmtune.model.graphs): the buffer and signature logic, run on the
+CPU through a backend whose "graph" re-runs the captured function on the static buffers, as a
+replay re-runs the recorded kernels on them. The CUDA backend itself needs a GPU: see
+benchmarks/README.md for the device check (same tower outputs, same losses)."""
+
+import pytest
+import torch
+
+from mmtune.hparams import ModelArguments
+from mmtune.model import speed
+from mmtune.model.graphs import BlockGraphs, GraphShare, graph_blocks, signature
+
+from .test_speed import _assert_same, _batch, _model, _train
+
+
+class _Replay:
+    def __init__(self, run):
+        self.run, self.replays = run, 0
+
+    def replay(self):
+        self.replays += 1
+        self.run()
+
+
+class FakeGraphs:
+    """The CUDA backend's contract on the CPU: ``capture(run)`` records ``run``, ``replay()``
+    runs it again (on the same static buffers, as a CUDA graph's kernels would)."""
+
+    device_type = "cpu"
+
+    def __init__(self):
+        self.warm_ups = 0
+
+    def ready(self):
+        return True
+
+    def warm_up(self, run):
+        self.warm_ups += 1
+        return run()
+
+    def capture(self, run):
+        run()  # a capture records without computing; running here must not matter either
+        return _Replay(run)
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, dropout=0.0):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        self.drop = torch.nn.Dropout(dropout)
+        self.calls = 0
+
+    def forward(self, x, cu_seqlens=None, max_seqlen=None, position_embeddings=None):
+        self.calls += 1
+        cos, sin = position_embeddings
+        return self.drop(self.lin(x) * cos + sin + (max_seqlen or 0) + cu_seqlens.sum())
+
+
+def _args(n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, 4, generator=g),), {
+        "cu_seqlens": torch.tensor([0, n], dtype=torch.int32), "max_seqlen": n,
+        "position_embeddings": (torch.randn(n, 4, generator=g), torch.randn(n, 4, generator=g))}
+
+
+def _graphed(*blocks, **share_kw):
+    share = GraphShare(backend=FakeGraphs(), **share_kw)
+    graph_blocks(list(blocks), share)
+    return share
+
+
+@torch.no_grad()
+def test_a_signature_is_captured_on_its_second_call_and_replayed_after():
+    torch.manual_seed(0)
+    block = _Block()
+    share = _graphed(block)
+    args, kwargs = _args()
+    expected = block.forward(*args, **kwargs)
+    outs = [block(*args, **kwargs) for _ in range(4)]
+    for out in outs:
+        assert torch.equal(out, expected)
+    wrapper = block._compiled_call_impl
+    assert isinstance(wrapper, BlockGraphs) and share.captures == 1 and share.replays == 3
+    (graph,) = wrapper.graphs.values()
+    assert graph.replays == 3  # call 2 right after its capture, then calls 3 and 4
+    # results are copies: a later replay does not change what an earlier call returned
+    outs[1].add_(1.0)
+    assert torch.equal(block(*args, **kwargs), expected)
+
+
+@torch.no_grad()
+def test_new_inputs_of_one_signature_are_copied_in():
+    torch.manual_seed(0)
+    block = _Block()
+    _graphed(block)
+    for seed in range(4):  # same shapes, new values every call (the rotary tables too)
+        args, kwargs = _args(seed=seed)
+        assert torch.equal(block(*args, **kwargs), block.forward(*args, **kwargs))
+    args, kwargs = _args(seed=9)
+    block(*args, **kwargs)
+    kwargs["position_embeddings"][0].mul_(2.0)  # the same tensor object, changed in place
+    assert torch.equal(block(*args, **kwargs), block.forward(*args, **kwargs))
+
+
+@torch.no_grad()
+def test_blocks_share_buffers_and_skip_unchanged_inputs():
+    torch.manual_seed(0)
+    blocks = [_Block(), _Block(), _Block()]
+    share = _graphed(*blocks)
+    copies = []
+    original = torch.Tensor.copy_
+
+    def spy(self, src, *a, **kw):
+        copies.append(src.shape)
+        return original(self, src, *a, **kw)
+
+    for step in range(3):
+        args, kwargs = _args(seed=step)
+        x_ref, x = args[0], args[0]
+        for block in blocks:
+            x_ref = block.forward(x_ref, **kwargs)
+        torch.Tensor.copy_ = spy
+        try:
+            for block in blocks:
+                x = block(x, **kwargs)
+        finally:
+            torch.Tensor.copy_ = original
+        assert torch.equal(x, x_ref)
+    assert len(share.buffers) == 1 and share.captures == 3  # one signature; a graph per block
+    # the last forward (all replays): copied in, the hidden state for each block but cos, sin
+    # and cu_seqlens once; plus each replay's copy of its result into the shared output
+    last = copies[-(3 + 3 + 3):]
+    assert sorted(map(tuple, last)) == sorted([(2,)] + [(3, 4)] * (3 + 2 + 3))
+    assert len(copies) == 3 + 3 + 3 + (3 + 3 + 3 + 3)  # + the second forward: copies in, captures' copies out
+
+
+@torch.no_grad()
+def test_signatures_follow_shapes_and_values_and_are_capped():
+    torch.manual_seed(0)
+    block = _Block()
+    share = _graphed(block, max_signatures=2)
+    for n in (3, 3, 5, 5, 7, 7, 7):  # a third signature is over the cap: it runs as usual
+        args, kwargs = _args(n)
+        assert torch.equal(block(*args, **kwargs), block.forward(*args, **kwargs))
+    assert share.captures == 2 and len(share.buffers) == 2
+    from torch.utils._pytree import tree_flatten
+
+    args, kwargs = _args(3)
+    other = dict(kwargs, max_seqlen=2)  # a value the kernels were launched with: its own signature
+    assert signature(*tree_flatten((args, kwargs)), "cpu") != signature(*tree_flatten((args, other)), "cpu")
+
+
+def test_calls_that_cannot_be_graphed_run_as_usual():
+    torch.manual_seed(0)
+    block = _Block()
+    share = _graphed(block)
+    args, kwargs = _args()
+    for _ in range(3):  # autograd on: never graphed
+        out = block(*args, **kwargs)
+        assert out.requires_grad
+    assert share.captures == 0
+    from torch.utils._pytree import tree_flatten
+
+    with torch.no_grad():
+        leaves, spec = tree_flatten((args, kwargs))
+        assert signature(leaves, spec, "cuda") is None  # a tensor off the backend's device
+        assert signature([*leaves, object()], spec, "cpu") is None  # an argument that is no scalar
+        needs_grad = [torch.zeros(2, requires_grad=True)]
+        assert signature(needs_grad, spec, "cpu") is None
+        assert signature(leaves, spec, "cpu") == signature(*tree_flatten(_args()), "cpu")  # same shapes, same key
+
+
+def test_autocast_state_is_part_of_the_signature():
+    from torch.utils._pytree import tree_flatten
+
+    leaves, spec = tree_flatten(_args())
+    plain = signature(leaves, spec, "cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert signature(leaves, spec, "cpu") != plain
+
+
+def test_dropout_while_training_runs_as_usual():
+    torch.manual_seed(0)
+    block = _Block(dropout=0.5)
+    share = _graphed(block)
+    args, kwargs = _args()
+    with torch.no_grad():
+        block.train()
+        for _ in range(3):
+            block(*args, **kwargs)
+        assert share.captures == 0
+        block.eval()
+        for _ in range(3):
+            assert torch.equal(block(*args, **kwargs), block.forward(*args, **kwargs))
+        assert share.captures == 1
+
+
+def test_frozen_tower_blocks_graphed_keep_losses_and_grads():
+    """The tiny Qwen2-VL trained with its frozen tower's blocks graphed: the losses and
+    gradients of the tower run as usual, and every later step replays the blocks."""
+    batches = [_batch("qwen2_vl", seed=s) for s in (0, 1)]
+
+    def build(graphs):
+        model = _model("qwen2_vl", "full")
+        keys = speed.run_frozen_towers_without_grad(model)
+        share = GraphShare(backend=FakeGraphs())
+        if graphs:
+            assert speed.graph_frozen_blocks(model, keys, share=share) == 2  # the two vision blocks
+        return model, share
+
+    ref, _ = build(False)
+    model, share = build(True)
+    keys_before = list(_model("qwen2_vl", "full").state_dict())
+    _assert_same(_train(ref, batches, steps=6), _train(model, batches, steps=6))
+    assert list(model.state_dict()) == keys_before  # state-dict keys unchanged
+    assert len(share.buffers) == 1  # both batches' images have the same sizes: one signature
+    assert share.captures == 2 and share.replays == 2 * 5  # captured at step 2, replayed from then on
+
+
+def test_the_lever_is_opt_in_with_cuda_for_frozen_towers(monkeypatch):
+    seen = []
+    monkeypatch.setattr(speed, "graph_frozen_blocks", lambda model, keys: seen.append(keys) or 2)
+    monkeypatch.setattr(speed, "resolve_checkpoint_layers", lambda *a, **k: 0)
+    levers = dict(compile=False, liger_kernels=False, vision_varlen_attention=False)
+    on = ModelArguments(frozen_block_cuda_graphs=True, **levers)
+    applied = speed.apply_speed_levers(_model("qwen2_vl", "full"), on, device_type="cuda")
+    assert applied["graphed_blocks"] == 2 and seen == [["model.visual.patch_embed", "model.visual.blocks"]]
+    default = ModelArguments(**levers)
+    assert "graphed_blocks" not in speed.apply_speed_levers(_model("qwen2_vl", "full"), default, device_type="cuda")
+    assert "graphed_blocks" not in speed.apply_speed_levers(_model("qwen2_vl", "full"), on, device_type="cpu")
+    # a tower that trains runs with autograd: nothing to graph
+    trains = _model("qwen2_vl", "full", freeze_vision_tower=False)
+    assert "graphed_blocks" not in speed.apply_speed_levers(trains, on, device_type="cuda")
+    assert len(seen) == 1
+
+
+def test_graphing_wraps_the_compiled_call(monkeypatch):
+    block = _Block()
+    compiled = []
+
+    def fake_compiled(*args, **kwargs):
+        compiled.append(1)
+        return block._call_impl(*args, **kwargs)
+
+    block._compiled_call_impl = fake_compiled
+    _graphed(block)
+    _graphed(block)  # twice: wrapped once
+    assert block._compiled_call_impl.call is fake_compiled
+    with torch.no_grad():
+        block(*_args()[0], **_args()[1])
+    assert compiled == [1]
+    with pytest.raises(AttributeError):
+        block._compiled_call_impl.call.call  # noqa: B018 (not wrapped twice)
