@@ -86,13 +86,16 @@ class CudaGraphs:
 
     def __init__(self) -> None:
         self._pool: Any = None
+        self._side: Any = None  # one warm-up stream for every capture (a stream's freed blocks serve only it)
 
     def ready(self) -> bool:
         return torch.cuda.is_available() and not torch.cuda.is_current_stream_capturing()
 
     def warm_up(self, run: Callable[[], Any]) -> Any:
         """``run()`` on a side stream (lazy initialisation, a first compile stay out of the capture)."""
-        side = torch.cuda.Stream()
+        if self._side is None:
+            self._side = torch.cuda.Stream()
+        side = self._side
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             out = run()
