@@ -3,7 +3,8 @@
 # and data (Qwen2-VL-2B sizes, 563 tokens a sample), full fine-tuning at batch 4 and LoRA at batch 8, each mmtune
 # run right after the peer's. From the repo root, with mmtune's wheels (.whl) and the peer (.peer: llamafactory/
 # and lfwhl/) carried:
-#     bash benchmarks/gpu_train_speed.sh [full] [lora] [full_all] [anatomy]      (default: full lora)
+#     bash benchmarks/gpu_train_speed.sh [full] [lora] [full_all] [graphs] [check_graphs] [anatomy]
+#     (default: full lora; "full graphs" is the same-call A/B of frozen_block_cuda_graphs)
 # Writes $OUT/log (every line stamped with seconds since start) and one JSON row per part under $OUT, with the
 # peer's figures and the ratios (train_speed.py --peer llamafactory runs the peer's lf_train.py first). A step
 # that needs more than the time left before DEADLINE_S is skipped. The first mmtune run of a fresh machine
@@ -45,6 +46,14 @@ main() {
       full_all)  # full fine-tuning with the C++ wrapper on the vision blocks too (compile_cpp_wrapper: all)
         step full_all 90 200 "${MM[@]}" benchmarks/train_speed.py "${DATA[@]}" --method full --batch 4 --steps "$STEPS" \
           --set compile_cpp_wrapper=all --output-dir /tmp/ts_full_all --json "$OUT/full_all.json"
+        ;;
+      graphs)  # full fine-tuning with the frozen tower's blocks replayed from CUDA graphs (opt-in lever)
+        step graphs 90 200 "${MM[@]}" benchmarks/train_speed.py "${DATA[@]}" --method full --batch 4 --steps "$STEPS" \
+          --set frozen_block_cuda_graphs=true --output-dir /tmp/ts_graphs --json "$OUT/graphs.json"
+        ;;
+      check_graphs)  # the tower's outputs with and without the block graphs, bit for bit, and its forward time
+        step check_graphs 90 200 "${MM[@]}" benchmarks/step_anatomy.py "${DATA[@]}" --method full --batch 4 --steps 10 \
+          --check-graphs --json "$OUT/check_graphs.json"
         ;;
       anatomy)  # the plain loop, then the same loop fed by the Trainer's data-path variants
         step anatomy 90 200 "${MM[@]}" benchmarks/step_anatomy.py "${DATA[@]}" --method full --batch 4 --steps 15 \
