@@ -251,3 +251,41 @@ def test_graphing_wraps_the_compiled_call(monkeypatch):
     assert compiled == [1]
     with pytest.raises(AttributeError):
         block._compiled_call_impl.call.call  # noqa: B018 (not wrapped twice)
+
+
+class _FailingCapture(FakeGraphs):
+    def capture(self, run):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+
+@torch.no_grad()
+def test_a_failed_capture_leaves_the_block_running_as_usual(caplog):
+    import logging
+
+    torch.manual_seed(0)
+    block = _Block()
+    share = GraphShare(backend=_FailingCapture())
+    graph_blocks([block], share)
+    args, kwargs = _args()
+    with caplog.at_level(logging.WARNING, logger="mmtune.model.graphs"):
+        outs = [block(*args, **kwargs) for _ in range(4)]
+    assert all(torch.equal(o, block.forward(*args, **kwargs)) for o in outs)
+    assert share.captures == 0 and block._compiled_call_impl.failed
+    assert caplog.text.count("capturing a _Block failed") == 1  # tried once, then left alone
+
+
+class _Other(_Block):
+    def forward(self, x, **kwargs):
+        return super().forward(x, **kwargs)[:, :2]  # same inputs, another output shape
+
+
+@torch.no_grad()
+def test_blocks_of_different_classes_keep_their_own_buffers():
+    torch.manual_seed(0)
+    a, b = _Block(), _Other()
+    share = _graphed(a, b)
+    args, kwargs = _args()
+    for _ in range(3):
+        assert torch.equal(a(*args, **kwargs), a.forward(*args, **kwargs))
+        assert torch.equal(b(*args, **kwargs), b.forward(*args, **kwargs))
+    assert len(share.buffers) == 2 and share.captures == 2

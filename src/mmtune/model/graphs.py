@@ -15,9 +15,10 @@ How it works (:class:`BlockGraphs`, one per block, installed as the block's call
   graph is only replayed on inputs its kernels were launched for;
 - a signature is captured on its second call (data whose shapes never repeat, such as packed
   rows of variable-size images, is not captured at all), at most ``max_signatures`` of them for
-  the model (:class:`GraphShare`); later signatures run as usual;
-- the graphs of one model share a memory pool and, per signature, their static input and
-  output buffers: the tensors of a call are copied into the inputs (the ones every block
+  the model (:class:`GraphShare`); later signatures run as usual, and so does a block whose
+  capture failed (one that syncs with the host, say: a warning names it);
+- the graphs of one model share a memory pool and, per block class and signature, their
+  static input and output buffers: the tensors of a call are copied into the inputs (the ones every block
   receives alike, such as rotary tables and ``cu_seqlens``, only when they change), the graph
   is replayed, and the caller gets copies of the outputs, so nothing it holds is overwritten
   by a later replay.
@@ -172,12 +173,14 @@ class BlockGraphs:
         self.share = share
         self.runs_without_grad = runs_without_grad  # its forward turns autograd off itself (a frozen tower's)
         self.rng_modules = _rng_modules(block)
+        self.kind = type(block)  # buffers are shared between blocks of one class only (same outputs)
         self.seen: dict[tuple, int] = {}
         self.graphs: dict[tuple, Any] = {}
+        self.failed = False  # a capture failed (the block syncs with the host, say): run as usual from then on
 
     def graphable(self) -> bool:
         block = self.block_ref()
-        return (block is not None and (self.runs_without_grad or not torch.is_grad_enabled())
+        return (block is not None and not self.failed and (self.runs_without_grad or not torch.is_grad_enabled())
                 and not torch.compiler.is_compiling()
                 and not (self.rng_modules and block.training) and self.share.backend.ready())
 
@@ -188,6 +191,7 @@ class BlockGraphs:
         sig = signature(leaves, spec, self.share.backend.device_type)
         if sig is None:
             return self.call(*args, **kwargs)
+        sig = (self.kind, sig)
         tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
         graph = self.graphs.get(sig)
         if graph is None:
@@ -197,6 +201,8 @@ class BlockGraphs:
                 return self.call(*args, **kwargs)
             _load_inputs(buffers, tensors)
             graph = self._capture(sig, buffers, leaves, spec)
+            if graph is None:
+                return self.call(*args, **kwargs)
         else:
             buffers = self.share.buffers[sig]
             _load_inputs(buffers, tensors)
@@ -221,7 +227,13 @@ class BlockGraphs:
                     static.copy_(value)
             # the result's own memory goes back to the pool here: only the shared outputs live on
 
-        graph = self.share.backend.capture(run)
+        try:
+            graph = self.share.backend.capture(run)
+        except Exception as err:  # noqa: BLE001 (whatever the capture met, the block still runs as usual)
+            self.failed = True
+            logger.warning("CUDA graphs of frozen blocks: capturing a %s failed (%s: %s); it runs as usual",
+                           self.kind.__name__, type(err).__name__, err)
+            return None
         self.graphs[sig] = graph
         self.share.captures += 1
         return graph
