@@ -88,6 +88,33 @@ def test_train_speed_benchmark_smoke(workspace, tmp_path):
                        "--warmup", "1", "--batch", "2", "--output-dir", str(tmp_path / "o"), "--json", str(tmp_path / "r.json")])
     assert row["samples_per_s"] > 0 and row["tokens_per_sample"] > 0 and row["gflop_per_sample"] > 0
     assert json.load(open(tmp_path / "r.json"))["steps"] == 3
+    assert row["step_sync"] == "every step end"
+
+
+def test_train_speed_times_one_span_without_step_syncs(workspace, tmp_path, monkeypatch):
+    import importlib.util
+    import pathlib
+    import time
+
+    path = pathlib.Path(__file__).parents[2] / "benchmarks" / "train_speed.py"
+    spec = importlib.util.spec_from_file_location("train_speed", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    spans = []
+    on_train_end = module.StepTimer.on_train_end
+
+    def recording(self, *a, **kw):
+        before = time.perf_counter()
+        on_train_end(self, *a, **kw)
+        spans.append((self._steady_start, before, self.steady_span))
+
+    monkeypatch.setattr(module.StepTimer, "on_train_end", recording)
+    row = module.main(["--model", workspace["model"], "--data", workspace["data"], "--cpu", "--steps", "4",
+                       "--warmup", "1", "--batch", "2", "--output-dir", str(tmp_path / "o"), "--no-step-sync"])
+    ((start, end, (seconds, steps)),) = spans
+    assert row["step_sync"] == "none (one span)" and steps == 3  # the steps after the warm-up
+    assert start < end and seconds >= end - start  # from the first steady step's start to the end
+    assert row["steady_step_s"] == pytest.approx(seconds / steps, abs=1e-4)
 
 
 def test_preprocess_dataset_benchmark_smoke(workspace, tmp_path):
