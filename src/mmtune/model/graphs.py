@@ -24,6 +24,8 @@ How it works (:class:`BlockGraphs`, one per block, installed as the block's call
   by a later replay.
 
 The replay runs the very kernels the capture recorded, on the same inputs: the same results.
+A block that changed one of its input tensors in place would change the static copy instead of
+the caller's tensor; transformers' blocks do not, and a frozen tower's blocks have no reason to.
 """
 
 from __future__ import annotations
