@@ -18,10 +18,10 @@ How it works (:class:`BlockGraphs`, one per block, installed as the block's call
   the model (:class:`GraphShare`); later signatures run as usual, and so does a block whose
   capture failed (one that syncs with the host, say: a warning names it);
 - the graphs of one model share a memory pool and, per block class and signature, their
-  static input and output buffers: the tensors of a call are copied into the inputs (the ones every block
-  receives alike, such as rotary tables and ``cu_seqlens``, only when they change), the graph
-  is replayed, and the caller gets copies of the outputs, so nothing it holds is overwritten
-  by a later replay.
+  static input and output buffers: the tensors of a call are copied into the inputs (the ones
+  every block receives alike, such as rotary tables and ``cu_seqlens``, only when they change),
+  the graph is replayed, and the caller gets copies of the outputs, so nothing it holds is
+  overwritten by a later replay.
 
 The replay runs the very kernels the capture recorded, on the same inputs: the same results.
 A block that changed one of its input tensors in place would change the static copy instead of
@@ -135,6 +135,7 @@ class GraphShare:
     capture_on_call: int = 2
     backend: Any = field(default_factory=CudaGraphs)
     buffers: dict[tuple, _Buffers] = field(default_factory=dict)
+    graphs_per_signature: dict[tuple, int] = field(default_factory=dict)
     captures: int = 0
     replays: int = 0
     _warned_full: bool = False
@@ -151,6 +152,11 @@ class GraphShare:
             found = _Buffers([t.clone() for t in tensors], [None] * len(tensors))
             self.buffers[sig] = found
         return found
+
+    def release(self, sig: tuple) -> None:
+        """Drop a signature's buffers that no graph reads (its only capture failed)."""
+        if not self.graphs_per_signature.get(sig):
+            self.buffers.pop(sig, None)
 
 
 def _load_inputs(buffers: _Buffers, tensors: list[torch.Tensor]) -> None:
@@ -233,10 +239,12 @@ class BlockGraphs:
             graph = self.share.backend.capture(run)
         except Exception as err:  # noqa: BLE001 (whatever the capture met, the block still runs as usual)
             self.failed = True
+            self.share.release(sig)
             logger.warning("CUDA graphs of frozen blocks: capturing a %s failed (%s: %s); it runs as usual",
                            self.kind.__name__, type(err).__name__, err)
             return None
         self.graphs[sig] = graph
+        self.share.graphs_per_signature[sig] = self.share.graphs_per_signature.get(sig, 0) + 1
         self.share.captures += 1
         return graph
 

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from mmtune.constants import IGNORE_INDEX
 
-from .composite import get_composite_model
+from .composite import get_composite_model, has_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -720,7 +720,6 @@ def graph_frozen_blocks(model: nn.Module, tower_keys: list[str], share: Any = No
     """Replay the repeated blocks under ``tower_keys`` (towers that run without autograd) from
     CUDA graphs (:func:`mmtune.model.graphs.graph_blocks`, after regional compile: it wraps
     the compiled call). Returns the number of blocks graphed."""
-    from .composite import has_prefix
     from .graphs import GraphShare, graph_blocks
 
     blocks = [block for name, block in repeated_blocks(model) if has_prefix(name, tower_keys)]
