@@ -3,7 +3,7 @@
 # and data (Qwen2-VL-2B sizes, 563 tokens a sample), full fine-tuning at batch 4 and LoRA at batch 8, each mmtune
 # run right after the peer's. From the repo root, with mmtune's wheels (.whl) and the peer (.peer: llamafactory/
 # and lfwhl/) carried:
-#     bash benchmarks/gpu_train_speed.sh [full] [lora] [full_all] [graphs] [check_graphs] [anatomy]
+#     bash benchmarks/gpu_train_speed.sh [full] [lora] [full_all] [graphs] [check_graphs] [syncs] [anatomy]
 #     (default: full lora; "full graphs" is the same-call A/B of frozen_block_cuda_graphs)
 # Writes $OUT/log (every line stamped with seconds since start) and one JSON row per part under $OUT, with the
 # peer's figures and the ratios (train_speed.py --peer llamafactory runs the peer's lf_train.py first). A step
@@ -54,6 +54,10 @@ main() {
       check_graphs)  # the tower's outputs with and without the block graphs, bit for bit, and its forward time
         step check_graphs 90 200 "${MM[@]}" benchmarks/step_anatomy.py "${DATA[@]}" --method full --batch 4 --steps 10 \
           --check-graphs --json "$OUT/check_graphs.json"
+        ;;
+      syncs)  # the plain LoRA loop: its host syncs a step by call site, and its steps with and without a sync each
+        step syncs 90 200 "${MM[@]}" benchmarks/step_anatomy.py "${DATA[@]}" --method lora --batch 8 --steps 15 \
+          --syncs --json "$OUT/syncs.json"
         ;;
       anatomy)  # the plain loop, then the same loop fed by the Trainer's data-path variants
         step anatomy 90 200 "${MM[@]}" benchmarks/step_anatomy.py "${DATA[@]}" --method full --batch 4 --steps 15 \

@@ -29,7 +29,9 @@ from mmtune.train.sft import clip_grad_norm_one_device  # noqa: E402
 
 
 def _to(batch: dict[str, Any], device: str) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    from accelerate.utils import send_to_device
+
+    return send_to_device(batch, device, non_blocking=True)  # nested entries too, as the Trainer's loader does
 
 
 def _sync() -> None:
@@ -47,6 +49,38 @@ def _timed(fn: Any, n: int) -> float:
         _sync()
         times.append(time.perf_counter() - start)
     return 1000 * statistics.mean(times)
+
+
+def list_syncs(fn: Any) -> list[dict[str, Any]]:
+    """The host syncs ``fn`` makes on the GPU, grouped by call site (the innermost frames
+    outside torch), most frequent first: torch's sync debug mode warns at each one."""
+    import traceback
+    import warnings
+
+    sites: dict[str, int] = {}
+    torch_dir = os.path.dirname(torch.__file__) + os.sep
+
+    def note(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        if "synchroniz" not in str(message):
+            return
+        frames = [f for f in traceback.extract_stack()[:-1] if not f.filename.startswith(torch_dir)
+                  and "/warnings.py" not in f.filename and "step_anatomy" not in f.filename]
+        where = " <- ".join(f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno} {f.name}" for f in frames[::-1][:4])
+        where = where or "(no Python frame outside torch: autograd's engine or the optimizer)"
+        sites[where] = sites.get(where, 0) + 1
+
+    _sync()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        old, warnings.showwarning = warnings.showwarning, note
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+            warnings.showwarning = old
+    _sync()
+    return [{"where": w, "count": n} for w, n in sorted(sites.items(), key=lambda kv: -kv[1])]
 
 
 LOADER_VARIANTS = [  # (workers, pinned memory, host intra-op threads or None: as they are)
@@ -138,6 +172,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--check-graphs", action="store_true",
                     help="turn frozen_block_cuda_graphs on and compare the frozen tower's outputs with and without "
                          "its blocks' CUDA graphs, bit for bit")
+    ap.add_argument("--syncs", action="store_true",
+                    help="list the host syncs of one steady step (torch.cuda.set_sync_debug_mode), by call site")
     ap.add_argument("--json", default=None)
     ap.add_argument("--cpu", action="store_true", help="smoke test on the CPU (fp32, no autocast)")
     args = ap.parse_args(argv)
@@ -148,6 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
     from mmtune.data import MultiModalCollator, build_dataset
     from mmtune.model.composite import get_composite_model
     from mmtune.model.loader import load_model, load_tokenizer_and_processor
+    from mmtune.model.precompute import find_precompute
     from mmtune.model.speed import unwrap_model
     from mmtune.plugins import get_mm_plugin
     from mmtune.templates import get_template
@@ -168,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = load_model(model_args, ft_args, is_trainable=True, tokenizer=tokenizer, device_type=device,
                        batch_tokens=args.batch * longest)
     model.to(device).train()
-    collator = MultiModalCollator(plugin, processor, tokenizer, model=model)
+    collator = MultiModalCollator(plugin, processor, tokenizer, model=model, precompute=find_precompute(model))
     batches = [_to(collator([data[j] for j in range(i * args.batch, (i + 1) * args.batch)]), device) for i in range(4)]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=device == "cuda")
@@ -208,13 +245,21 @@ def main(argv: list[str] | None = None) -> dict:
         end = time.perf_counter()
         steps.append(end - start)
         issue.append(issued - start)
+    _sync()
+    start = time.perf_counter()
+    for i in range(args.steps):  # the same steps with one sync at the end: the host may run ahead
+        step(i)
+    _sync()
+    span = (time.perf_counter() - start) / args.steps
     b0 = batches[0]
+    print(f"[anatomy] unsynced steps {1000 * span:.1f} ms each", flush=True)
     print(f"[anatomy] step {1000 * statistics.mean(steps):.1f} ms, issued in {1000 * statistics.mean(issue):.1f} ms",
           flush=True)
     row: dict[str, Any] = {
         "method": args.method, "batch": args.batch, "levers_off": args.without, "set": args.set, "clip": args.clip,
         "step_ms": round(1000 * statistics.mean(steps), 1), "issue_ms": round(1000 * statistics.mean(issue), 1),
         "samples_per_s": round(args.batch / statistics.mean(steps), 2),
+        "unsynced_step_ms": round(1000 * span, 1), "unsynced_samples_per_s": round(args.batch / span, 2),
         "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
     }
     if args.trace:
@@ -231,6 +276,11 @@ def main(argv: list[str] | None = None) -> dict:
         row["gpu_busy_ms"] = round(gpu / 1000 / 2, 1)
         row["kernels_per_step"] = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA) // 2
         print(events.table(sort_by="cpu_time_total", row_limit=40, max_name_column_width=60))
+    if args.syncs and device == "cuda":
+        row["syncs"] = list_syncs(lambda: step(0))
+        print(f"[anatomy] {sum(s['count'] for s in row['syncs'])} host syncs a step:", flush=True)
+        for site in row["syncs"]:
+            print(f"  {site['count']} x {site['where']}", flush=True)
     if args.check_graphs and device == "cuda":
         row["block_graphs"] = check_block_graphs(tower, batches)
     if args.loaders:

@@ -2,7 +2,8 @@
 
 M-RoPE position ids (Qwen family, GLM-4V, Omni) are built here, on the CPU in the dataloader
 worker, through the model's own ``get_rope_index``: building them inside forward costs host
-syncs on the GPU every step.
+syncs on the GPU every step. So are the vision tower's own inputs and the rest of what
+``mmtune.model.precompute`` lists, when the model has a ``ForwardPrecompute``.
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ class MultiModalCollator:
     #: give text-only batches one dummy image so every rank runs the vision tower (ZeRO-3 / FSDP
     #: otherwise deadlock when ranks disagree); its tokens are masked out and carry no label
     fake_media_for_text_only: bool = False
+    #: the model's :class:`~mmtune.model.precompute.ForwardPrecompute` (``sync_free_forward``):
+    #: adds what the forward would otherwise derive on the GPU with host syncs
+    precompute: Any = None
 
     def _fake_image(self, features: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[int]]:
         """Append one dummy image's tokens to the end of sample 0 (after every real token, so
@@ -115,7 +119,10 @@ class MultiModalCollator:
         if self.build_position_ids and self.model is not None and ("image_grid_thw" in batch or "video_grid_thw" in batch
                                                                    or key == "mm_token_type_ids"):
             self._add_rope_positions(batch)
-        return batch
+        return self._precompute(batch)
+
+    def _precompute(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return self.precompute(batch) if self.precompute is not None else batch
 
     def _add_rope_positions(self, batch: dict[str, Any]) -> None:
         rope = _find_rope_index(self.model)

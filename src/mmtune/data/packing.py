@@ -215,7 +215,7 @@ class PackingCollator(MultiModalCollator):
             batch["position_ids"] = text_pos
         else:
             batch["position_ids"] = torch.cat([text_pos[None], self._packed_rope(batch, sub_ids, spans, text_pos)])
-        return batch
+        return self._precompute(batch)
 
     def _packed_rope(self, batch: dict[str, Any], sub_ids: list[list[int]], spans: list[tuple[int, int, int]],
                      text_pos: torch.Tensor) -> torch.Tensor:

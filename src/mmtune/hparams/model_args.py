@@ -45,6 +45,10 @@ class ModelArguments:
     vision_varlen_attention: bool | None = field(
         default=None, metadata={"help": "Vision tower attention over all images in one varlen kernel; default: on "
                                         "with CUDA when torch has torch.nn.attention.varlen."})
+    sync_free_forward: bool = field(
+        default=True, metadata={"help": "Build in the collator, on the CPU, what the forward would derive on the GPU "
+                                        "with host syncs (vision tower positions and cu_seqlens, placeholder "
+                                        "checks, an all-ones mask, the loss rows); changes no result."})
     frozen_tower_no_grad: bool = field(
         default=True, metadata={"help": "Run a fully frozen vision/audio tower without autograd."})
     frozen_block_cuda_graphs: bool = field(

@@ -19,6 +19,10 @@ logs when it is applied and each has a CPU test comparing losses with the lever 
 - **packed vision attention** (``vision_varlen_attention``): the vision tower's attention over
   all images of a batch in one varlen kernel (torch's flash varlen) instead of one sdpa call
   and one host sync per image and block.
+- **sync-free forward** (``sync_free_forward``): what the forward would derive on the GPU with
+  host syncs (the vision tower's rotary positions, ``cu_seqlens``, ``max_seqlen``, the split
+  per image, the placeholder check, an all-ones mask, the loss rows) is built in the collator
+  (:mod:`mmtune.model.precompute`), so the host can queue work ahead of the GPU.
 - **Liger kernels** (``liger_kernels``): RMSNorm / SwiGLU / rotary via liger-kernel, if installed.
 - **CUDA graphs of frozen blocks** (``frozen_block_cuda_graphs``, opt-in): the repeated blocks
   of a tower that runs without autograd are replayed from CUDA graphs, one per input signature
@@ -147,6 +151,7 @@ def fused_linear_cross_entropy(
     softcap: float | None = None,
     chunk_size: int | None = None,
     use_liger: bool = True,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``cross_entropy(softcap(hidden @ weight.T + bias), target)`` without the full logits.
 
@@ -154,16 +159,22 @@ def fused_linear_cross_entropy(
     ``ForCausalLMLoss``: the sum over valid targets divided by ``num_items_in_batch`` when
     given (gradient accumulation), their mean otherwise. Only rows with a valid target are
     projected (prompt and image tokens cost nothing); a batch without any gives a zero loss
-    (transformers' mean gives NaN there).
+    (transformers' mean gives NaN there). ``rows``: the flat indices of the valid targets when
+    the caller knows them (built on the CPU: no host sync here).
     """
     hidden = hidden.reshape(-1, hidden.shape[-1])
     target = target.reshape(-1).to(hidden.device)
-    rows = (target != ignore_index).nonzero().squeeze(1)
+    if rows is None:
+        rows = (target != ignore_index).nonzero().squeeze(1)
+    rows = rows.to(hidden.device)
     count = rows.numel()
     if count == 0:
         return hidden.sum() * 0.0
-    denom = count if num_items_in_batch is None else num_items_in_batch
-    denom = torch.as_tensor(denom, device=hidden.device).to(torch.float32)
+    if torch.is_tensor(num_items_in_batch):
+        denom = num_items_in_batch.to(hidden.device, torch.float32)
+    else:  # a fill, not a copy from host memory (which would sync)
+        denom = torch.full((), count if num_items_in_batch is None else num_items_in_batch, dtype=torch.float32,
+                           device=hidden.device)
     dtype = _compute_dtype(weight)
     h = hidden.index_select(0, rows).to(dtype)
     t = target.index_select(0, rows)
@@ -187,6 +198,9 @@ class _FusedHead:
     verified: bool = False
     hidden: torch.Tensor | None = None
     handles: list[Any] = field(default_factory=list)
+    #: the labelled rows of this call's labels and their shape, from the collator (sync-free forward)
+    loss_rows: torch.Tensor | None = None
+    loss_rows_shape: tuple[int, ...] | None = None
 
     def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
         """Keep the head's input; let it project only the last position (for the check below)."""
@@ -211,11 +225,14 @@ class _FusedHead:
         hidden, self.hidden, self.called = self.hidden, None, True
         if not self.verified:
             self._verify(hidden, logits)
+        rows = None
         if shift_labels is None:
             shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+            if self.loss_rows is not None and self.loss_rows_shape == tuple(labels.shape) and ignore_index == IGNORE_INDEX:
+                rows = self.loss_rows  # the same labels, shifted the same way, on the CPU
         return fused_linear_cross_entropy(hidden, self.head.weight, shift_labels, self.head.bias,
                                           ignore_index=ignore_index, num_items_in_batch=num_items_in_batch,
-                                          softcap=self.softcap)
+                                          softcap=self.softcap, rows=rows)
 
     @torch.no_grad()
     def _verify(self, hidden: torch.Tensor, logits: torch.Tensor) -> None:
@@ -777,6 +794,10 @@ def apply_speed_levers(model: nn.Module, model_args: Any, *, gradient_checkpoint
                                                              cpp_wrapper=_cpp_wrapper_setting(model_args, device_type),
                                                              lean_guard_checks=_default_on(
                                                                  model_args, "compile_lean_guards", device_type))
+    if getattr(model_args, "sync_free_forward", True):
+        from .precompute import enable_sync_free_forward
+
+        applied["sync_free_forward"] = enable_sync_free_forward(model) is not None
     frozen = applied.get("frozen_tower_no_grad") or []
     if frozen and device_type == "cuda" and getattr(model_args, "frozen_block_cuda_graphs", False):
         applied["graphed_blocks"] = graph_frozen_blocks(model, frozen)

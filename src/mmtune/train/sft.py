@@ -15,6 +15,7 @@ from mmtune.data import MultiModalCollator, build_dataset
 from mmtune.data.packing import dataset_lengths, maybe_pack
 from mmtune.model.composite import get_composite_model, has_prefix
 from mmtune.model.loader import load_model, load_tokenizer_and_processor
+from mmtune.model.precompute import find_precompute
 from mmtune.plugins import get_mm_plugin
 from mmtune.templates import get_template
 
@@ -265,7 +266,8 @@ def run_sft(model_args: Any, data_args: Any, finetuning_args: Any, mm_args: Any,
     if fake is None:
         fake = training_args.world_size > 1
     collator = MultiModalCollator(plugin, processor, tokenizer, model=model if mm_args.build_rope_in_collator else None,
-                                  fake_media_for_text_only=bool(fake) and processor is not None)
+                                  fake_media_for_text_only=bool(fake) and processor is not None,
+                                  precompute=find_precompute(model))
     train_dataset, collator = maybe_pack(datasets["train"], collator, model, data_args.packing, data_args.packing_max_len,
                                          training_args.per_device_train_batch_size)
     threads_before = torch.get_num_threads()
