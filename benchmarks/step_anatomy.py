@@ -63,10 +63,10 @@ def list_syncs(fn: Any) -> list[dict[str, Any]]:
     def note(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
         if "synchroniz" not in str(message):
             return
-        frames = [f for f in traceback.extract_stack()[:-1] if not f.filename.startswith(torch_dir)
-                  and "/warnings.py" not in f.filename and "step_anatomy" not in f.filename]
+        stack = [f for f in traceback.extract_stack()[:-1] if "/warnings.py" not in f.filename]
+        frames = [f for f in stack if not f.filename.startswith(torch_dir) and "step_anatomy" not in f.filename]
+        frames = frames or [f for f in stack if "step_anatomy" not in f.filename] or stack  # torch's own, then
         where = " <- ".join(f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno} {f.name}" for f in frames[::-1][:4])
-        where = where or "(no Python frame outside torch: autograd's engine or the optimizer)"
         sites[where] = sites.get(where, 0) + 1
 
     _sync()

@@ -290,3 +290,31 @@ def test_train_packed_equals_padded_over_steps(tmp_path, caplog):
     assert len(losses[True]) == len(losses[False]) == 2
     for (loss_a, norm_a), (loss_b, norm_b) in zip(losses[False], losses[True]):
         assert loss_b == pytest.approx(loss_a, rel=1e-4) and norm_b == pytest.approx(norm_a, rel=1e-3)
+
+
+def test_sync_free_forward_keeps_packed_and_padded_losses(qwen):
+    """Images and a video, padded and packed rows: with the tower's inputs, the placeholder
+    check, the loss rows (and, for the packed rows, the 4-row positions) handled by the
+    collator's ForwardPrecompute, the losses and gradients are those of the plain model."""
+    import copy
+
+    from mmtune.model import speed
+    from mmtune.model.precompute import HOST_KEY, PRECOMPUTED_KEY, enable_sync_free_forward
+
+    feats, plugin, processor, model = qwen
+    fast = copy.deepcopy(model)
+    assert speed.enable_fused_cross_entropy(fast)
+    pre = enable_sync_free_forward(fast)
+    assert pre is not None and pre.grid_on_host
+    plain = PackingCollator(plugin, processor, processor.tokenizer, model=model)
+    col = PackingCollator(plugin, processor, processor.tokenizer, model=fast, precompute=pre)
+    for features in (feats, [{"packed": feats[:2]}, {"packed": feats[2:]}]):
+        ref, batch = plain(features), col(features)
+        assert set(batch[PRECOMPUTED_KEY]) == {"image", "video", "loss_rows"}
+        assert "drop_attention_mask" not in batch[HOST_KEY].values  # padded, or packed (4-row positions)
+        loss_a, grads_a = _loss_and_grads(model, ref)
+        loss_b, grads_b = _loss_and_grads(fast, batch)
+        assert torch.allclose(loss_a, loss_b, rtol=1e-5, atol=1e-6), (loss_a, loss_b)
+        assert grads_a.keys() == grads_b.keys()
+        for name, g in grads_a.items():
+            assert torch.allclose(g, grads_b[name], rtol=1e-4, atol=1e-6), name

@@ -457,7 +457,7 @@ def test_liger_absence_is_logged(caplog, monkeypatch):
 def test_mmtune_train_with_levers_gives_the_losses_of_levers_off(tmp_path, caplog):
     """The real path (dataset on disk, collator, HF Trainer with gradient accumulation, so
     num_items_in_batch): fused cross-entropy + frozen tower without autograd + one of two
-    layers checkpointed log the losses of all levers off, step for step."""
+    layers checkpointed + the sync-free forward log the losses of all levers off, step for step."""
     import json
 
     from transformers import set_seed
@@ -480,12 +480,13 @@ def test_mmtune_train_with_levers_gives_the_losses_of_levers_off(tmp_path, caplo
         rows = [json.loads(line) for line in open(out / "trainer_log.jsonl")]
         return [r["loss"] for r in rows if "loss" in r]
 
-    off = losses("off", fused_cross_entropy=False, frozen_tower_no_grad=False, gradient_checkpointing_layers="auto")
+    off = losses("off", fused_cross_entropy=False, frozen_tower_no_grad=False, gradient_checkpointing_layers="auto",
+                 sync_free_forward=False)
     caplog.clear()
-    with caplog.at_level("INFO", logger="mmtune.model.speed"):
+    with caplog.at_level("INFO", logger="mmtune.model"):
         on = losses("on", gradient_checkpointing_layers=1)
     for applied in ("fused linear cross-entropy on", "frozen tower runs without autograd",
-                    "activation checkpointing: 1 of 2 decoder layers"):
+                    "activation checkpointing: 1 of 2 decoder layers", "sync-free forward on"):
         assert applied in caplog.text
     assert len(off) == 4 and on == pytest.approx(off, rel=1e-5, abs=1e-6)
 

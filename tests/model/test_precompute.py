@@ -1,0 +1,153 @@
+"""The sync-free forward (mmtune.model.precompute) changes no result: what the collator
+builds on the CPU is what the model would have built on the GPU, and is really used."""
+
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn as nn
+
+from mmtune.model import speed
+from mmtune.model.precompute import (HOST_KEY, PRECOMPUTED_KEY, ForwardPrecompute, HostSide, _tower_calls,
+                                     enable_sync_free_forward, find_precompute)
+
+from .conftest import tiny_configs
+from .test_speed import _assert_same, _batch, _model, _train
+
+
+def _types():
+    from mmtune.testing import FIXTURES
+
+    return [t for t in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v") if t in tiny_configs() and t in FIXTURES]
+
+
+def _fast(model_type, method="lora"):
+    model = _model(model_type, method)
+    assert speed.enable_fused_cross_entropy(model)
+    pre = enable_sync_free_forward(model)
+    assert pre is not None and find_precompute(model) is pre
+    return model, pre
+
+
+@pytest.mark.parametrize("model_type", _types())
+def test_sync_free_forward_keeps_losses_and_grads(model_type):
+    batches = [_batch(model_type, seed=s) for s in (0, 1)]
+    ref = _train(speed.enable_fused_cross_entropy(m := _model(model_type)) and m, batches)
+    model, pre = _fast(model_type)
+    fast = [pre(dict(b)) for b in batches]
+    assert pre.grid_on_host == (model_type != "glm4v")  # GLM-4V's tower reads the grid for its embeddings too
+    host = fast[0][HOST_KEY].values
+    if pre.grid_on_host:
+        assert torch.equal(host["image_grid_thw"], batches[0]["image_grid_thw"])
+    assert host["labels_shape"] == tuple(batches[0]["labels"].shape)
+    rows = fast[0][PRECOMPUTED_KEY]["loss_rows"]
+    shifted = torch.nn.functional.pad(batches[0]["labels"], (0, 1), value=-100)[..., 1:].reshape(-1)
+    assert torch.equal(rows, (shifted != -100).nonzero().squeeze(1))
+    _assert_same(ref, _train(model, fast))
+
+
+@pytest.mark.parametrize("model_type", _types())
+def test_the_precomputed_tower_inputs_are_the_ones_used(model_type):
+    """Spoil the precomputed cu_seqlens (one segment over all images): the tower's output
+    moves, so the tower took them instead of computing its own."""
+    model, pre = _fast(model_type, "full")
+    batch = pre(_batch(model_type))
+    outputs = []
+    hook = pre.tower.register_forward_hook(lambda m, a, out: outputs.append(out.last_hidden_state.clone()))
+    with torch.no_grad():
+        model.eval()
+        model(**copy.deepcopy(batch))
+        image = batch[PRECOMPUTED_KEY]["image"]
+        assert {"position_ids", "cu_seqlens"} <= set(image)
+        image["cu_seqlens"] = image["cu_seqlens"][[0, -1]]
+        if image.get("max_seqlen") is not None:
+            image["max_seqlen"] = int(image["cu_seqlens"][-1])
+        model(**batch)
+    hook.remove()
+    assert len(outputs) == 2 and not torch.allclose(outputs[0], outputs[1])
+
+
+def test_collator_checks_placeholder_counts_on_the_cpu():
+    model, pre = _fast("qwen2_vl")
+    batch = _batch("qwen2_vl")
+    token = model.config.image_token_id
+    ids = batch["input_ids"].clone()
+    ids[0, (ids[0] == token).nonzero()[0]] = 0  # one image token fewer than the features
+    with pytest.raises(ValueError, match="media tokens and media do not match"):
+        pre({**batch, "input_ids": ids})
+
+
+def test_an_unpadded_batch_passes_no_mask_and_the_same_loss():
+    """Equal rows with M-RoPE positions from the collator: the all-ones mask is dropped (the
+    model would drop it after testing it on the GPU), the loss is unchanged."""
+    from mmtune.data import MultiModalCollator
+    from mmtune.plugins import get_mm_plugin
+    from mmtune.testing import load_processor
+
+    model, pre = _fast("qwen2_vl")
+    processor = load_processor("qwen2_vl")
+    batch = _batch("qwen2_vl", answer_lens=(4, 4))
+    row = {k: v[:1] for k, v in batch.items() if k in ("input_ids", "labels")}
+    image = {k: batch[k][:1] for k in ("image_grid_thw",)}
+    n = int(image["image_grid_thw"].prod())
+    feats = [{"input_ids": row["input_ids"][0].tolist(), "labels": row["labels"][0].tolist()}] * 2
+    collator = MultiModalCollator(get_mm_plugin("qwen2_vl"), processor, processor.tokenizer, model=model,
+                                  precompute=pre)
+    collator.media_inputs = lambda features, ids: {"pixel_values": batch["pixel_values"][:n].repeat(2, 1),
+                                                   "image_grid_thw": image["image_grid_thw"].repeat(2, 1)}
+    fast = collator(feats)
+    assert fast[HOST_KEY].values.get("drop_attention_mask") is True and bool(fast["attention_mask"].all())
+    seen = []
+    inner = model.get_base_model()
+    hook = inner.model.language_model.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw.get("attention_mask")), with_kwargs=True)
+    ref = {k: v for k, v in fast.items() if k not in (HOST_KEY, PRECOMPUTED_KEY)}
+    with torch.no_grad():
+        model.eval()
+        a = model(**copy.deepcopy(fast)).loss
+        hook.remove()
+        b = model(**ref).loss
+    assert seen == [None]
+    assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_host_side_stays_on_the_host_and_pickles():
+    from accelerate.utils import send_to_device
+
+    host = HostSide({"image_grid_thw": torch.tensor([[1, 4, 4]])})
+    batch = {"input_ids": torch.ones(1, 3), PRECOMPUTED_KEY: {"image": {"cu_seqlens": torch.tensor([0, 16])}},
+             HOST_KEY: host}
+    moved = send_to_device(batch, "cpu", non_blocking=True)
+    assert moved[HOST_KEY] is host and not hasattr(host, "to")
+    assert torch.equal(pickle.loads(pickle.dumps(host)).values["image_grid_thw"], host.values["image_grid_thw"])
+
+
+class _Unknown(nn.Module):
+    def forward(self, hidden_states, grid_thw, **kwargs):
+        ids = mystery(grid_thw, kwargs=kwargs)  # noqa: F821 - a kwargs-taking call mmtune does not know
+        return hidden_states + ids
+
+
+class _NoPrecompute(nn.Module):
+    def forward(self, hidden_states, grid_thw, **kwargs):
+        return hidden_states
+
+
+def test_towers_mmtune_cannot_read_are_left_alone():
+    assert _tower_calls(_Unknown()) is None and _tower_calls(_NoPrecompute()) is None
+    for model_type in ("llava", "gemma3"):
+        if model_type in tiny_configs():
+            model = _model(model_type)
+            assert enable_sync_free_forward(model) is None and find_precompute(model) is None
+
+
+def test_the_lever_is_on_by_default_and_switchable():
+    from mmtune.hparams import ModelArguments
+
+    assert ModelArguments().sync_free_forward is True
+    model = _model("qwen2_vl")
+    speed.apply_speed_levers(model, ModelArguments(sync_free_forward=False, compile=False), device_type="cpu")
+    assert find_precompute(model) is None
+    applied = speed.apply_speed_levers(model, ModelArguments(compile=False), device_type="cpu")
+    assert applied["sync_free_forward"] is True and isinstance(find_precompute(model), ForwardPrecompute)
