@@ -47,9 +47,9 @@ main() {
         step full_all 90 200 "${MM[@]}" benchmarks/train_speed.py "${DATA[@]}" --method full --batch 4 --steps "$STEPS" \
           --set compile_cpp_wrapper=all --output-dir /tmp/ts_full_all --json "$OUT/full_all.json"
         ;;
-      graphs)  # full fine-tuning with the frozen tower's blocks replayed from CUDA graphs (opt-in lever)
+      graphs)  # full fine-tuning without the frozen tower's CUDA graphs (on by default): the A/B with "full"
         step graphs 90 200 "${MM[@]}" benchmarks/train_speed.py "${DATA[@]}" --method full --batch 4 --steps "$STEPS" \
-          --set frozen_block_cuda_graphs=true --output-dir /tmp/ts_graphs --json "$OUT/graphs.json"
+          --set frozen_block_cuda_graphs=false --output-dir /tmp/ts_graphs --json "$OUT/graphs.json"
         ;;
       check_graphs)  # the tower's outputs with and without the block graphs, bit for bit, and its forward time
         step check_graphs 90 200 "${MM[@]}" benchmarks/step_anatomy.py "${DATA[@]}" --method full --batch 4 --steps 10 \

@@ -217,7 +217,7 @@ def test_frozen_tower_blocks_graphed_keep_losses_and_grads():
     assert share.captures == 2 and share.replays == 2 * 5  # captured at step 2, replayed from then on
 
 
-def test_the_lever_is_opt_in_with_cuda_for_frozen_towers(monkeypatch):
+def test_the_lever_is_on_by_default_with_cuda_for_frozen_towers(monkeypatch):
     seen = []
     monkeypatch.setattr(speed, "graph_frozen_blocks", lambda model, keys: seen.append(keys) or 2)
     monkeypatch.setattr(speed, "resolve_checkpoint_layers", lambda *a, **k: 0)
@@ -226,12 +226,15 @@ def test_the_lever_is_opt_in_with_cuda_for_frozen_towers(monkeypatch):
     applied = speed.apply_speed_levers(_model("qwen2_vl", "full"), on, device_type="cuda")
     assert applied["graphed_blocks"] == 2 and seen == [["model.visual.patch_embed", "model.visual.blocks"]]
     default = ModelArguments(**levers)
-    assert "graphed_blocks" not in speed.apply_speed_levers(_model("qwen2_vl", "full"), default, device_type="cuda")
-    assert "graphed_blocks" not in speed.apply_speed_levers(_model("qwen2_vl", "full"), on, device_type="cpu")
+    assert default.frozen_block_cuda_graphs is None
+    assert speed.apply_speed_levers(_model("qwen2_vl", "full"), default, device_type="cuda")["graphed_blocks"] == 2
+    off = ModelArguments(frozen_block_cuda_graphs=False, **levers)
+    assert "graphed_blocks" not in speed.apply_speed_levers(_model("qwen2_vl", "full"), off, device_type="cuda")
+    assert "graphed_blocks" not in speed.apply_speed_levers(_model("qwen2_vl", "full"), default, device_type="cpu")
     # a tower that trains runs with autograd: nothing to graph
     trains = _model("qwen2_vl", "full", freeze_vision_tower=False)
     assert "graphed_blocks" not in speed.apply_speed_levers(trains, on, device_type="cuda")
-    assert len(seen) == 1
+    assert len(seen) == 2
 
 
 def test_graphing_wraps_the_compiled_call(monkeypatch):

@@ -51,11 +51,11 @@ class ModelArguments:
                                         "checks, an all-ones mask, the loss rows); changes no result."})
     frozen_tower_no_grad: bool = field(
         default=True, metadata={"help": "Run a fully frozen vision/audio tower without autograd."})
-    frozen_block_cuda_graphs: bool = field(
-        default=False, metadata={"help": "Replay the blocks of a tower that runs without autograd from CUDA graphs, "
-                                         "one per input signature seen twice (at most 8); CUDA only. Opt-in: "
-                                         "bit-identical, the tower's forward -20% on an H200, but no training-step "
-                                         "gain measured yet and ~1 GiB more peak memory in the one run that had it."})
+    frozen_block_cuda_graphs: bool | None = field(
+        default=None, metadata={"help": "Replay the blocks of a tower that runs without autograd from CUDA graphs, "
+                                        "one per input signature seen twice (at most 8); default: on when training "
+                                        "on CUDA. Bit-identical; LoRA on an H200: 59.4 -> 76.5 samples/s with "
+                                        "0.1 GiB more peak memory (full fine-tuning: ~1 GiB more)."})
     gradient_checkpointing_layers: int | str = field(
         default="auto", metadata={"help": "Decoder layers to checkpoint; auto: fewest that fit the memory (CUDA), "
                                           "else all or none per gradient_checkpointing."})
