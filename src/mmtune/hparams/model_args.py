@@ -54,8 +54,9 @@ class ModelArguments:
     frozen_block_cuda_graphs: bool | None = field(
         default=None, metadata={"help": "Replay the blocks of a tower that runs without autograd from CUDA graphs, "
                                         "one per input signature seen twice (at most 8); default: on when training "
-                                        "on CUDA. Bit-identical; LoRA on an H200: 59.4 -> 76.5 samples/s with "
-                                        "0.1 GiB more peak memory (full fine-tuning: ~1 GiB more)."})
+                                        "on CUDA. Bit-identical (the tower's outputs compared on an H200); "
+                                        "peak memory +0.1 GiB (LoRA). Its own share of the step is not isolated: "
+                                        "see benchmarks/README.md, session 5."})
     gradient_checkpointing_layers: int | str = field(
         default="auto", metadata={"help": "Decoder layers to checkpoint; auto: fewest that fit the memory (CUDA), "
                                           "else all or none per gradient_checkpointing."})

@@ -27,8 +27,9 @@ logs when it is applied and each has a CPU test comparing losses with the lever 
 - **CUDA graphs of frozen blocks** (``frozen_block_cuda_graphs``, on with CUDA): the repeated
   blocks of a tower that runs without autograd are replayed from CUDA graphs, one per input
   signature seen twice (:mod:`mmtune.model.graphs`): a few copies and one launch a block
-  instead of the compiled block's host work. Bit-identical on the GPU; with the sync-free
-  forward, LoRA on an H200 went from 59.4 to 76.5 samples/s in one call (+0.1 GiB peak).
+  instead of the compiled block's host work. Bit-identical on the GPU; the tower's forward
+  alone -20% on an H200, peak memory +0.1 GiB in LoRA training (its share of a training step
+  is not isolated: benchmarks/README.md, session 5).
 """
 
 from __future__ import annotations
