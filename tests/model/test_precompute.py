@@ -151,3 +151,34 @@ def test_the_lever_is_on_by_default_and_switchable():
     assert find_precompute(model) is None
     applied = speed.apply_speed_levers(model, ModelArguments(compile=False), device_type="cpu")
     assert applied["sync_free_forward"] is True and isinstance(find_precompute(model), ForwardPrecompute)
+
+
+def test_feature_wrappers_take_the_grid_by_position_or_name_and_only_at_the_outer_call():
+    """Qwen3-VL's video features go through its image method: the inner call passes as it is."""
+    from mmtune.model.precompute import _ForwardState, _wrap_features
+
+    calls = []
+
+    class Owner:
+        def get_image_features(self, pixel_values, image_grid_thw=None, **kwargs):
+            calls.append(("image", image_grid_thw, sorted(kwargs)))
+            return "image"
+
+        def get_video_features(self, pixel_values_videos, video_grid_thw=None, **kwargs):
+            calls.append(("video", video_grid_thw, sorted(kwargs)))
+            return self.get_image_features(pixel_values_videos, video_grid_thw, **kwargs)
+
+    owner, state = Owner(), _ForwardState()
+    for modality in ("image", "video"):
+        _wrap_features(owner, modality, state)
+    state.precomputed = {"image": {"cu_seqlens": 1}, "video": {"cu_seqlens": 2, "position_ids": 3}}
+    state.host = {"image_grid_thw": "host image grid", "video_grid_thw": "host video grid"}
+    owner.get_image_features("px", "device grid")
+    owner.get_image_features(pixel_values="px", image_grid_thw="device grid")
+    owner.get_video_features("px", "device grid")
+    assert calls == [("image", "host image grid", ["cu_seqlens"]), ("image", "host image grid", ["cu_seqlens"]),
+                     ("video", "host video grid", ["cu_seqlens", "position_ids"]),
+                     ("image", "host video grid", ["cu_seqlens", "position_ids"])]
+    state.precomputed, state.host, calls[:] = {}, {}, []
+    owner.get_image_features("px", "device grid")  # outside a wrapped forward: untouched
+    assert calls == [("image", "device grid", [])] and state.depth == 0

@@ -287,14 +287,19 @@ def _wrap_features(owner: nn.Module, modality: str, state: _ForwardState) -> Non
         return
 
     @functools.wraps(original)
-    def features(pixel_values: Any, grid_thw: Any = None, **kwargs: Any) -> Any:
+    def features(*args: Any, **kwargs: Any) -> Any:
         extra = state.precomputed.get(modality) if state.depth == 0 else None
         if extra:
             kwargs = {**kwargs, **extra}  # unprefixed: the tower's vision_utils calls pop them
-            grid_thw = state.host.get(f"{modality}_grid_thw", grid_thw)
+            grid = state.host.get(f"{modality}_grid_thw")
+            if grid is not None:  # (pixel_values, grid, ...) by position, or the grid by its name
+                if len(args) >= 2:
+                    args = (args[0], grid, *args[2:])
+                else:
+                    kwargs[f"{modality}_grid_thw"] = grid
         state.depth += 1
         try:
-            return original(pixel_values, grid_thw, **kwargs)
+            return original(*args, **kwargs)
         finally:
             state.depth -= 1
 
