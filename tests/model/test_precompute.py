@@ -68,6 +68,29 @@ def test_the_precomputed_tower_inputs_are_the_ones_used(model_type):
     assert len(outputs) == 2 and not torch.allclose(outputs[0], outputs[1])
 
 
+def _applying_types():
+    """Every tiny model the lever takes (the MoE variants and Omni's thinker too)."""
+    return [t for t in sorted(tiny_configs()) if enable_sync_free_forward(copy.deepcopy(_model(t))) is not None]
+
+
+@pytest.mark.parametrize("model_type", _applying_types())
+def test_every_tower_the_lever_takes_gives_its_own_outputs_from_the_precomputed_inputs(model_type):
+    """The tower alone, images of two sizes: computing its inputs itself, or taking the
+    collator's (and the CPU grid where the lever keeps it there), gives the same outputs."""
+    model, pre = _fast(model_type, "full")
+    tower, config = pre.tower, pre.tower.config
+    m = pre.merge
+    grid = torch.tensor([[1, 2 * m, 2 * m], [1, 2 * m, 3 * m]])
+    width = config.in_channels * config.temporal_patch_size * config.patch_size**2
+    pixels = torch.randn(int(grid.prod(-1).sum()), width, generator=torch.Generator().manual_seed(0))
+    tower.eval()
+    with torch.no_grad():
+        own = tower(pixels, grid_thw=grid)
+        theirs = tower(pixels, grid_thw=grid.clone(), **pre.tower_inputs(grid))
+    assert torch.equal(own.last_hidden_state, theirs.last_hidden_state)
+    assert torch.equal(own.pooler_output, theirs.pooler_output)
+
+
 def test_collator_checks_placeholder_counts_on_the_cpu():
     model, pre = _fast("qwen2_vl")
     batch = _batch("qwen2_vl")
