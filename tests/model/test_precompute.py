@@ -7,6 +7,7 @@ import pickle
 import pytest
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mmtune.model import speed
 from mmtune.model.precompute import (HOST_KEY, PRECOMPUTED_KEY, ForwardPrecompute, HostSide, _tower_calls,
@@ -101,25 +102,30 @@ def test_collator_checks_placeholder_counts_on_the_cpu():
         pre({**batch, "input_ids": ids})
 
 
-def test_an_unpadded_batch_passes_no_mask_and_the_same_loss():
-    """Equal rows with M-RoPE positions from the collator: the all-ones mask is dropped (the
-    model would drop it after testing it on the GPU), the loss is unchanged."""
+def _unpadded_collated(model, pre):
+    """Two equal rows (one image each) through the real collator: M-RoPE positions from the
+    model's rope index, and the ForwardPrecompute's entries when ``pre`` is given."""
     from mmtune.data import MultiModalCollator
     from mmtune.plugins import get_mm_plugin
     from mmtune.testing import load_processor
 
-    model, pre = _fast("qwen2_vl")
     processor = load_processor("qwen2_vl")
     batch = _batch("qwen2_vl", answer_lens=(4, 4))
-    row = {k: v[:1] for k, v in batch.items() if k in ("input_ids", "labels")}
-    image = {k: batch[k][:1] for k in ("image_grid_thw",)}
-    n = int(image["image_grid_thw"].prod())
-    feats = [{"input_ids": row["input_ids"][0].tolist(), "labels": row["labels"][0].tolist()}] * 2
+    grid = batch["image_grid_thw"][:1]
+    n = int(grid.prod())
+    feats = [{"input_ids": batch["input_ids"][0].tolist(), "labels": batch["labels"][0].tolist()}] * 2
     collator = MultiModalCollator(get_mm_plugin("qwen2_vl"), processor, processor.tokenizer, model=model,
                                   precompute=pre)
     collator.media_inputs = lambda features, ids: {"pixel_values": batch["pixel_values"][:n].repeat(2, 1),
-                                                   "image_grid_thw": image["image_grid_thw"].repeat(2, 1)}
-    fast = collator(feats)
+                                                   "image_grid_thw": grid.repeat(2, 1)}
+    return collator(feats)
+
+
+def test_an_unpadded_batch_passes_no_mask_and_the_same_loss():
+    """Equal rows with M-RoPE positions from the collator: the all-ones mask is dropped (the
+    model would drop it after testing it on the GPU), the loss is unchanged."""
+    model, pre = _fast("qwen2_vl")
+    fast = _unpadded_collated(model, pre)
     assert fast[HOST_KEY].values.get("drop_attention_mask") is True and bool(fast["attention_mask"].all())
     seen = []
     inner = model.get_base_model()
@@ -133,6 +139,46 @@ def test_an_unpadded_batch_passes_no_mask_and_the_same_loss():
         b = model(**ref).loss
     assert seen == [None]
     assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+#: aten ops whose result the host must read (a sync on the GPU): .item()/bool(), and the ones
+#: whose output size depends on values
+HOST_READS = {"_local_scalar_dense", "nonzero", "masked_select", "masked_scatter_backward", "repeat_interleave",
+              "unique_consecutive", "_unique2"}
+
+
+class _HostReads(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in HOST_READS:
+            self.seen.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_lora_training_step_reads_nothing_back_to_the_host():
+    """The real collator's batch, LoRA, the fused loss: forward and backward of a steady step
+    run no aten op that makes the host wait for the GPU, where the lever off runs 5 (the
+    tower's ``cu_seqlens`` and ``max_seqlen``, the placeholder check, the mask test, the loss
+    rows). On the CPU the dispatcher does not see ``tolist``: torch.cuda's sync debug mode on
+    a GPU is the full check (``benchmarks/step_anatomy.py --syncs``: 12 -> 1 a step, on an H200)."""
+    def reads(on):
+        model, pre = _fast("qwen2_vl") if on else (_model("qwen2_vl"), None)
+        if not on:
+            speed.enable_fused_cross_entropy(model)
+        batch = _unpadded_collated(model, pre)
+        model.train()
+        model(**copy.deepcopy(batch)).loss.backward()  # the fused loss checks the head once, on step 1
+        audit = _HostReads()
+        with audit:
+            model(**batch).loss.backward()
+        return audit.seen
+
+    assert reads(True) == []
+    off = reads(False)
+    assert {"_local_scalar_dense", "nonzero", "repeat_interleave"} <= set(off), off
 
 
 def test_host_side_stays_on_the_host_and_pickles():
