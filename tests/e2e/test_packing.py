@@ -310,7 +310,8 @@ def test_sync_free_forward_keeps_packed_and_padded_losses(qwen):
     col = PackingCollator(plugin, processor, processor.tokenizer, model=fast, precompute=pre)
     for features in (feats, [{"packed": feats[:2]}, {"packed": feats[2:]}]):
         ref, batch = plain(features), col(features)
-        assert set(batch[PRECOMPUTED_KEY]) == {"image", "video", "loss_rows"}
+        assert set(batch[PRECOMPUTED_KEY]) == {"image", "video", "loss_rows", "positions"}
+        assert set(batch[PRECOMPUTED_KEY]["positions"]) == {"image", "video"}
         assert "drop_attention_mask" not in batch[HOST_KEY].values  # padded, or packed (4-row positions)
         loss_a, grads_a = _loss_and_grads(model, ref)
         loss_b, grads_b = _loss_and_grads(fast, batch)

@@ -13,6 +13,8 @@ from mmtune.model import speed
 from mmtune.model.precompute import (HOST_KEY, PRECOMPUTED_KEY, ForwardPrecompute, HostSide, _tower_calls,
                                      enable_sync_free_forward, find_precompute)
 
+from mmtune.model.composite import get_composite_model, has_prefix
+
 from .conftest import tiny_configs
 from .test_speed import _assert_same, _batch, _model, _train
 
@@ -23,19 +25,26 @@ def _types():
     return [t for t in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v") if t in tiny_configs() and t in FIXTURES]
 
 
-def _fast(model_type, method="lora"):
-    model = _model(model_type, method)
+def _fast(model_type, method="lora", **flags):
+    model = _model(model_type, method, **flags)
     assert speed.enable_fused_cross_entropy(model)
     pre = enable_sync_free_forward(model)
     assert pre is not None and find_precompute(model) is pre
     return model, pre
 
 
+@pytest.mark.parametrize("projector", ["frozen", "trains"])
 @pytest.mark.parametrize("model_type", _types())
-def test_sync_free_forward_keeps_losses_and_grads(model_type):
+def test_sync_free_forward_keeps_losses_and_grads(model_type, projector):
+    """LoRA with everything frozen but the adapters (features without gradients), and with the
+    projector training too (its features reach the text through the index merge instead of
+    masked_scatter's backward)."""
+    flags = {"freeze_multi_modal_projector": projector == "frozen"}
     batches = [_batch(model_type, seed=s) for s in (0, 1)]
-    ref = _train(speed.enable_fused_cross_entropy(m := _model(model_type)) and m, batches)
-    model, pre = _fast(model_type)
+    ref = _train(speed.enable_fused_cross_entropy(m := _model(model_type, **flags)) and m, batches)
+    entry = get_composite_model(tiny_configs()[model_type].model_type)
+    assert any(has_prefix(n, [entry.projector_key]) for n in ref[1]) == (projector == "trains")
+    model, pre = _fast(model_type, **flags)
     fast = [pre(dict(b)) for b in batches]
     assert pre.grid_on_host == (model_type != "glm4v")  # GLM-4V's tower reads the grid for its embeddings too
     host = fast[0][HOST_KEY].values
@@ -179,6 +188,45 @@ def test_a_lora_training_step_reads_nothing_back_to_the_host():
     assert reads(True) == []
     off = reads(False)
     assert {"_local_scalar_dense", "nonzero", "repeat_interleave"} <= set(off), off
+
+
+def test_a_training_projector_backward_reads_nothing_back_either():
+    """Full fine-tuning with the projector training: without the index merge, masked_scatter's
+    backward (masked_select on the GPU) would read the mask's count back in every backward."""
+    flags = {"freeze_multi_modal_projector": False}
+
+    def reads(on):
+        model, pre = _fast("qwen2_vl", "full", **flags) if on else (_model("qwen2_vl", "full", **flags), None)
+        if not on:
+            speed.enable_fused_cross_entropy(model)
+        batch = _unpadded_collated(model, pre)
+        model.train()
+        model(**copy.deepcopy(batch)).loss.backward()
+        audit = _HostReads()
+        with audit:
+            model(**batch).loss.backward()
+        return audit.seen
+
+    assert reads(True) == []
+    assert "masked_scatter_backward" in reads(False)
+
+
+def test_features_that_never_reach_the_language_model_are_an_error():
+    """If the language model's pre-hook did not run (a model that skips it), the gradients of
+    held-back features would be lost silently: the forward refuses instead."""
+    model, pre = _fast("qwen2_vl", "full", freeze_multi_modal_projector=False)
+    batch = pre(_batch("qwen2_vl"))
+    inner = model.model
+    hooks = inner.language_model._forward_pre_hooks
+    saved = dict(hooks)
+    hooks.clear()
+    model.train()
+    try:
+        with pytest.raises(RuntimeError, match="never reached the language model"):
+            model(**batch)
+    finally:
+        hooks.update(saved)
+    model(**pre(_batch("qwen2_vl"))).loss.backward()  # with the hook back, it trains
 
 
 def test_host_side_stays_on_the_host_and_pickles():

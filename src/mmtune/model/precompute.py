@@ -1,12 +1,13 @@
 """A forward without host syncs: what the model would derive from GPU tensors, with a host
 sync each time, is derived in the collator from the CPU batch instead (``sync_free_forward``).
 
-A Qwen2-VL step on the GPU made 13 host syncs (``torch.cuda.set_sync_debug_mode``, H200): the
-vision tower's rotary positions (a ``tolist``), its ``cu_seqlens`` (``repeat_interleave`` with
-tensor repeats) and ``max_seqlen`` (``.item()``), the split of its output per image (a
-``tolist``), the placeholder-count check, the all-ones attention mask test, and the fused
-loss's labelled rows (``nonzero``). Each one stops the host until the GPU has caught up, so
-the host can never queue the next step's forward while the GPU runs this step's backward.
+A Qwen2-VL LoRA step on the GPU made 12 host syncs (``torch.cuda.set_sync_debug_mode``, H200):
+the vision tower's rotary positions (a ``tolist``), its ``cu_seqlens`` (``repeat_interleave``
+with tensor repeats) and ``max_seqlen`` (``.item()``), the split of its output per image (a
+``tolist``), the placeholder-count check, the all-ones attention mask test, the fused loss's
+labelled rows (``nonzero``), and one of torch's own; with this lever, that one is left. Each
+stops the host until the GPU has caught up, so the host can never queue the next step's
+forward while the GPU runs this step's backward.
 
 - **Vision tower inputs.** transformers' vision towers build these through the functions of
   ``transformers.vision_utils`` (and ``get_max_seqlen``), each of which returns a tensor the
@@ -22,9 +23,14 @@ the host can never queue the next step's forward while the GPU runs this step's 
 - **Attention mask**: a batch without padding passes no mask, as transformers itself does
   once it has tested the mask on the GPU.
 - **Loss rows**: the labelled positions (after the shift) go to the fused cross-entropy.
+- **Media features that train** (a trained projector or tower): ``masked_scatter``'s backward
+  reads its mask's count back (``masked_select``). The merge gets them detached, and the
+  language model's input gets ``scatter(live - live.detach())`` at the placeholder positions
+  (from the model's own mask on the CPU ids): the same values, and the same gradients through
+  an ``index_select``.
 
-Everything reaches the model through two batch entries that its pre-hook takes out before
-transformers sees them: ``mmtune_precomputed`` (tensors, moved to the device with the batch)
+Everything reaches the model through two batch entries that its forward wrapper takes out
+before transformers sees them: ``mmtune_precomputed`` (tensors, moved to the device with the batch)
 and ``mmtune_host`` (a :class:`HostSide`, which batch placement leaves on the host). The
 forward is wrapped as an instance attribute, as the fused cross-entropy's is: peft's tuner
 calls ``model.forward`` itself, so a forward hook would miss it.
@@ -224,29 +230,32 @@ class ForwardPrecompute:
         """What the tower's forward would compute from ``grid`` (CPU), by kwargs key."""
         return _run_calls(self.tower, self.calls, grid)
 
-    def check_counts(self, batch: dict[str, Any]) -> None:
-        """Placeholder tokens against features, by the model's own ``get_placeholder_mask``
-        (its class method, not the wrapper) on the CPU ids, with shape-only (meta) stand-ins
-        for the embeddings and features; the model's check on the GPU is then skipped."""
+    def placeholder_positions(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Flat positions of each modality's placeholder tokens, in the order the model fills
+        them, by the model's own ``get_placeholder_mask`` (its class method, not the wrapper)
+        on the CPU ids, with one-wide stand-ins for the embeddings and features. Its check of
+        tokens against features runs here, so the one on the GPU is skipped."""
         features = {}
         for modality in MODALITIES:
             grid = batch.get(f"{modality}_grid_thw")
             if grid is not None:
-                features[f"{modality}_features"] = torch.empty((int(grid.prod(-1).sum()) // self.merge**2, 1),
-                                                                device="meta")
+                features[f"{modality}_features"] = torch.empty((int(grid.prod(-1).sum()) // self.merge**2, 1))
         if not features:
-            return
+            return {}
         ids = batch["input_ids"]
-        embeds = torch.empty((*ids.shape, 1), device="meta")
         try:
-            type(self.owner).get_placeholder_mask(self.owner, ids, inputs_embeds=embeds, **features)
+            masks = type(self.owner).get_placeholder_mask(self.owner, ids, inputs_embeds=torch.empty((*ids.shape, 1)),
+                                                          **features)
         except (ValueError, RuntimeError) as err:
             raise ValueError(f"a batch of {ids.shape[0]} samples: its media tokens and media do not match: {err}") from err
+        if not (isinstance(masks, tuple) and len(masks) == len(MODALITIES)):
+            return {}
+        return {modality: mask[..., 0].reshape(-1).nonzero().squeeze(1)
+                for modality, mask in zip(MODALITIES, masks) if f"{modality}_features" in features}
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Add the precomputed entries to a collated CPU batch (in place; returns it)."""
-        self.check_counts(batch)
-        precomputed: dict[str, Any] = {}
+        precomputed: dict[str, Any] = {"positions": self.placeholder_positions(batch)}
         host: dict[str, Any] = {}
         for modality in MODALITIES:
             grid = batch.get(f"{modality}_grid_thw")
@@ -278,6 +287,10 @@ class _ForwardState:
     precomputed: dict[str, Any] = field(default_factory=dict)
     host: dict[str, Any] = field(default_factory=dict)
     depth: int = 0  # feature methods calling each other (Qwen3-VL's video through its image one)
+    positions: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: features that need a gradient, by modality, held back from the merge (see _restore_gradients)
+    live: dict[str, torch.Tensor] = field(default_factory=dict)
+    merges_by_index: bool = False  # the language model's pre-hook is installed
 
 
 def _wrap_features(owner: nn.Module, modality: str, state: _ForwardState) -> None:
@@ -299,11 +312,70 @@ def _wrap_features(owner: nn.Module, modality: str, state: _ForwardState) -> Non
                     kwargs[f"{modality}_grid_thw"] = grid
         state.depth += 1
         try:
-            return original(*args, **kwargs)
+            out = original(*args, **kwargs)
         finally:
             state.depth -= 1
+        if extra and state.merges_by_index and modality in state.positions:
+            _hold_back_gradient(out, modality, state)
+        return out
 
     setattr(owner, name, features)
+
+
+def _hold_back_gradient(out: Any, modality: str, state: _ForwardState) -> None:
+    """Hand the merge detached features and keep the live ones for the language model's
+    pre-hook: ``masked_scatter``'s backward to its source runs ``masked_select``, a host sync
+    (its output size) late in every backward where the projector or the tower trains."""
+    pooled = getattr(out, "pooler_output", None)
+    parts = list(pooled) if isinstance(pooled, (tuple, list)) else [pooled]
+    if not parts or not all(torch.is_tensor(p) for p in parts) or not any(p.requires_grad for p in parts):
+        return
+    state.live[modality] = torch.cat(parts) if len(parts) > 1 else parts[0]
+    detached = [p.detach() for p in parts]
+    out.pooler_output = type(pooled)(detached) if isinstance(pooled, (tuple, list)) else detached[0]
+
+
+def _install_index_merge(language_model: nn.Module, state: _ForwardState) -> None:
+    """Give back the held-back features' gradient path at the language model's input: add
+    ``scatter(live - live.detach())`` at their placeholder positions, which is exactly zero in
+    value and whose backward is an ``index_select`` (no host sync), the gradient
+    ``masked_scatter`` would have given them."""
+
+    def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        if not state.live:
+            return None
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            raise RuntimeError("sync-free forward: the language model got no inputs_embeds keyword, so the media "
+                               "features' gradients cannot be restored; set sync_free_forward: false")
+        flat = embeds.reshape(-1, embeds.shape[-1])
+        delta = torch.zeros_like(flat)
+        for modality, live in state.live.items():
+            positions = state.positions[modality].to(flat.device)
+            if positions.numel() != live.shape[0]:
+                raise RuntimeError(f"sync-free forward: {live.shape[0]} {modality} features for "
+                                   f"{positions.numel()} placeholder positions")
+            live = live.to(flat.dtype)
+            delta = delta.index_add(0, positions, live - live.detach())
+        state.live = {}
+        kwargs["inputs_embeds"] = embeds + delta.view_as(embeds)
+        return args, kwargs
+
+    language_model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    state.merges_by_index = True
+
+
+def _language_model_of(owner: nn.Module) -> nn.Module | None:
+    """The text model the owner hands ``inputs_embeds`` to (``language_model``, or Omni's ``model``)."""
+    for name in ("language_model", "model"):
+        module = getattr(owner, name, None)
+        if isinstance(module, nn.Module):
+            try:
+                if "inputs_embeds" in inspect.signature(module.forward).parameters:
+                    return module
+            except (TypeError, ValueError):
+                continue
+    return None
 
 
 def _wrap_placeholder_mask(owner: nn.Module, state: _ForwardState) -> None:
@@ -331,6 +403,8 @@ def _wrap_forward(base: nn.Module, state: _ForwardState) -> None:
         host = kwargs.pop(HOST_KEY, None)
         state.precomputed = dict(precomputed or {})
         state.host = dict(host.values) if isinstance(host, HostSide) else {}
+        state.positions = state.precomputed.pop("positions", None) or {}
+        state.live = {}
         head = getattr(base, "_mmtune_fused_head", None)
         rows = state.precomputed.pop("loss_rows", None)
         if head is not None:
@@ -338,9 +412,13 @@ def _wrap_forward(base: nn.Module, state: _ForwardState) -> None:
         if state.host.get("drop_attention_mask") and kwargs.get("attention_mask") is not None:
             kwargs["attention_mask"] = None  # no padding: what transformers does after testing it on the GPU
         try:
-            return original(*args, **kwargs)
+            out = original(*args, **kwargs)
+            if state.live:
+                raise RuntimeError(f"sync-free forward: {sorted(state.live)} features never reached the language "
+                                   "model, so their gradients were not restored; set sync_free_forward: false")
+            return out
         finally:
-            state.precomputed, state.host = {}, {}
+            state.precomputed, state.host, state.positions, state.live = {}, {}, {}, {}
             if head is not None:
                 head.loss_rows = head.loss_rows_shape = None
 
@@ -366,6 +444,9 @@ def enable_sync_free_forward(model: nn.Module) -> ForwardPrecompute | None:
     for modality in MODALITIES:
         _wrap_features(owner, modality, state)
     _wrap_placeholder_mask(owner, state)
+    language_model = _language_model_of(owner)
+    if language_model is not None:
+        _install_index_merge(language_model, state)
     _wrap_forward(base, state)
     base._mmtune_precompute = precompute
     logger.info("sync-free forward on: %s inputs (%s) built in the collator%s", type(precompute.tower).__name__,
