@@ -288,7 +288,7 @@ class _ForwardState:
     host: dict[str, Any] = field(default_factory=dict)
     depth: int = 0  # feature methods calling each other (Qwen3-VL's video through its image one)
     positions: dict[str, torch.Tensor] = field(default_factory=dict)
-    #: features that need a gradient, by modality, held back from the merge (see _restore_gradients)
+    #: features that need a gradient, by modality, held back from the merge (see _install_index_merge)
     live: dict[str, torch.Tensor] = field(default_factory=dict)
     merges_by_index: bool = False  # the language model's pre-hook is installed
 
