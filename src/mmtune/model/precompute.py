@@ -48,9 +48,10 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from mmtune.constants import IGNORE_INDEX
+
+from .speed import next_token_targets, unwrap_model  # speed imports this module only inside a function
 
 logger = logging.getLogger(__name__)
 
@@ -204,8 +205,6 @@ class ForwardPrecompute:
 
     @classmethod
     def from_model(cls, model: nn.Module) -> ForwardPrecompute | None:
-        from .speed import unwrap_model
-
         base = unwrap_model(model)
         owner = _owner_of_merge(base)
         tower = getattr(owner, "visual", None) if owner is not None else None
@@ -272,8 +271,8 @@ class ForwardPrecompute:
             host["drop_attention_mask"] = True
         labels = batch.get("labels")
         if labels is not None:
-            shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
-            precomputed["loss_rows"] = (shifted.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
+            targets = next_token_targets(labels)
+            precomputed["loss_rows"] = (targets.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
             host["labels_shape"] = tuple(labels.shape)
         batch[PRECOMPUTED_KEY] = precomputed
         batch[HOST_KEY] = HostSide(host)
@@ -430,8 +429,6 @@ def enable_sync_free_forward(model: nn.Module) -> ForwardPrecompute | None:
     collator's :class:`ForwardPrecompute` (also kept as ``model._mmtune_precompute``), or
     None when the model has no tower mmtune can precompute for (batches are then left as
     they are). Apply after the fused cross-entropy, whose head receives the loss rows."""
-    from .speed import unwrap_model
-
     base = unwrap_model(model)
     existing = getattr(base, "_mmtune_precompute", None)
     if existing is not None:
@@ -457,6 +454,4 @@ def enable_sync_free_forward(model: nn.Module) -> ForwardPrecompute | None:
 
 def find_precompute(model: Any) -> ForwardPrecompute | None:
     """The model's :class:`ForwardPrecompute` when the lever is on, else None."""
-    from .speed import unwrap_model
-
     return getattr(unwrap_model(model), "_mmtune_precompute", None) if model is not None else None

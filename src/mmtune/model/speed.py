@@ -123,6 +123,12 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None, None, None
 
 
+def next_token_targets(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """``labels`` shifted left by one (each position's target is the next token), the last
+    position ignored: what transformers' causal-LM loss compares the logits with."""
+    return F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+
+
 @functools.cache
 def _liger_flce() -> Any:
     """Liger-kernel's fused linear cross-entropy, or None when liger-kernel is not installed."""
@@ -228,7 +234,7 @@ class _FusedHead:
             self._verify(hidden, logits)
         rows = None
         if shift_labels is None:
-            shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+            shift_labels = next_token_targets(labels, ignore_index)
             if self.loss_rows is not None and self.loss_rows_shape == tuple(labels.shape) and ignore_index == IGNORE_INDEX:
                 rows = self.loss_rows  # the same labels, shifted the same way, on the CPU
         return fused_linear_cross_entropy(hidden, self.head.weight, shift_labels, self.head.bias,
