@@ -24,6 +24,18 @@ def cmd_train(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_options(ns: argparse.Namespace) -> int:
+    """Every config key with its type, default and help, grouped; ``mmtune options lora`` filters."""
+    from mmtune.train.args import describe_options
+
+    text = describe_options(ns.filter)
+    if not text:
+        print(f"no option name or help contains {ns.filter!r}", file=sys.stderr)
+        return 1
+    print(text)
+    return 0
+
+
 def _launch_ranks(ns: argparse.Namespace) -> int:
     """``--nproc N``: run this same command as N ranks on this machine under torch.distributed.run
     (torchrun), which sets RANK / LOCAL_RANK / WORLD_SIZE for the Trainer; returns the launcher's exit code.
@@ -96,11 +108,20 @@ def cmd_export(ns: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mmtune", description="Fine-tune multimodal language models.")
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train from a YAML config (+ key=value overrides)")
-    train.add_argument("config")
-    train.add_argument("overrides", nargs="*")
+    train = sub.add_parser(
+        "train", help="train from a YAML config (+ key=value overrides)",
+        description="Train from a flat YAML config; key=value overrides apply after it "
+                    "(e.g. learning_rate=2e-4 freeze_vision_tower=no).",
+        epilog="Keys: `mmtune options` lists every key (model, data, finetuning, mmtune training, transformers' "
+               "TrainingArguments) with its type, default and help; `mmtune options WORD` lists those that "
+               "mention WORD.")
+    train.add_argument("config", help="YAML file of key: value lines")
+    train.add_argument("overrides", nargs="*", help="key=value pairs, applied after the file")
     train.add_argument("--nproc", type=int, default=None, help="launch N ranks on this machine (torchrun)")
     train.set_defaults(func=cmd_train)
+    options = sub.add_parser("options", help="list every config key with its type, default and help")
+    options.add_argument("filter", nargs="?", help="only keys whose name or help contains this (any case)")
+    options.set_defaults(func=cmd_options)
     demo = sub.add_parser("demo", help="train a tiny VLM on synthetic shapes, on the CPU")
     demo.add_argument("--output-dir", default="demo_output")
     demo.add_argument("--max-steps", type=int, default=1500)
@@ -131,7 +152,13 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _setup_logging()
-    return ns.func(ns)
+    from mmtune.hparams import ConfigError
+
+    try:
+        return ns.func(ns)
+    except ConfigError as exc:  # a config mistake: one line, no traceback
+        print(f"mmtune {ns.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -46,12 +46,16 @@ def test_floating_point_ops_equal_the_trainers_and_count_parameters_once(tmp_pat
     ({"accelerator_config": {"split_batches": False}}, True),
     ({"dataloader_pin_memory": False}, False),  # pageable batches: a copy blocks whatever it is told
 ])
-def test_batches_go_to_the_device_without_blocking_by_default(tmp_path, given, expected):
+def test_batches_go_to_the_device_without_blocking_by_default(tmp_path, monkeypatch, given, expected):
+    """What parse_config sets when training on CUDA (reported available here) reaches accelerate."""
     from torch.utils.data import DataLoader
 
+    from mmtune.train import args as args_module
     from mmtune.train import parse_config
 
-    *_, args = parse_config(None, extra={"output_dir": str(tmp_path), "use_cpu": True, **given})
+    monkeypatch.setattr(args_module, "_cuda_available", lambda: True)
+    monkeypatch.setattr(args_module, "_any_accelerator", lambda: True)
+    *_, args = parse_config(None, extra={"output_dir": str(tmp_path), **given})
     trainer = MMTrainer(model=_Tiny(), args=args)
     assert trainer.accelerator.dataloader_config.non_blocking is expected
     loader = trainer.accelerator.prepare(DataLoader([{"input_ids": torch.zeros(3, dtype=torch.long)}] * 2))

@@ -2,5 +2,6 @@
 
 from .finetuning_args import FinetuningArguments
 from .model_args import ModelArguments
+from .parsing import ConfigError
 
-__all__ = ["FinetuningArguments", "ModelArguments"]
+__all__ = ["ConfigError", "FinetuningArguments", "ModelArguments"]

@@ -8,16 +8,21 @@ from typing import Literal
 
 @dataclass
 class FinetuningArguments:
-    finetuning_type: Literal["lora", "freeze", "full"] = "lora"
+    """What trains: the method, the parts of a composite model, and LoRA's shape."""
+
+    finetuning_type: Literal["lora", "freeze", "full"] = field(
+        default="lora", metadata={"help": "lora: adapters on the language model (a training projector in full); "
+                                          "freeze: the last freeze_trainable_layers LM layers in full; full: every "
+                                          "part the freeze_* switches leave unfrozen, in full."})
     freeze_vision_tower: bool = field(default=True, metadata={"help": "Keep the vision/audio tower frozen."})
     freeze_multi_modal_projector: bool = field(default=True, metadata={"help": "Keep the projector frozen."})
     freeze_language_model: bool = field(default=False, metadata={"help": "Keep the language model frozen."})
     train_mm_proj_only: bool = field(default=False, metadata={"help": "Train the projector alone (LLaVA stage 1)."})
-    lora_rank: int = 8
+    lora_rank: int = field(default=8, metadata={"help": "LoRA's rank r."})
     lora_alpha: int | None = field(default=None, metadata={"help": "Defaults to 2 x rank."})
-    lora_dropout: float = 0.0
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on LoRA's input."})
     lora_target: str = field(default="all", metadata={"help": "'all' or comma-separated names (q_proj,v_proj)."})
-    use_dora: bool = False
+    use_dora: bool = field(default=False, metadata={"help": "Weight-decomposed LoRA (DoRA, through peft)."})
     adapter_fp32: bool = field(
         default=False,
         metadata={"help": "Keep LoRA weights in fp32 (peft's default; ~1.5x slower steps on GPU). Off: compute dtype."},

@@ -9,6 +9,8 @@ import torch
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
+#: transformers' attention implementations by name (a Hub kernel ``org/name`` is accepted beside them)
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
 @dataclass
@@ -18,26 +20,38 @@ class ModelArguments:
     model_name_or_path: str = field(default="", metadata={"help": "Local folder or hub id."})
     adapter_name_or_path: str | None = field(default=None, metadata={"help": "A saved LoRA adapter to load on top."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Only when you trust the checkpoint's code."})
-    torch_dtype: str = field(default="auto", metadata={"help": "auto, bf16, fp16 or fp32."})
-    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa, eager or flash_attention_2."})
-    quantization_bit: int | None = field(default=None, metadata={"help": "4 or 8 for QLoRA (bitsandbytes, GPU)."})
-    cache_dir: str | None = None
-    revision: str = "main"
+    torch_dtype: str = field(
+        default="auto", metadata={"help": "The dtype weights and activations run in. auto: the checkpoint's own on a "
+                                          "device that computes in bf16, fp32 for a training run on a device "
+                                          "without bf16 (a CPU).",
+                                  "choices": ("auto", *DTYPES)})
+    attn_implementation: str = field(
+        default="sdpa", metadata={"help": "transformers' attention: sdpa, eager, flash_attention_2 (needs "
+                                          "flash-attn), flash_attention_3, flex_attention, or a Hub kernel "
+                                          "(org/name).",
+                                  "choices": ATTN_IMPLEMENTATIONS, "pattern": r"[\w.-]+/[\w.:/-]+",
+                                  "choices_hint": "a Hub kernel (org/name)"})
+    quantization_bit: int | None = field(
+        default=None, metadata={"help": "4 or 8 for QLoRA (bitsandbytes, GPU).", "choices": (4, 8)})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where Hub downloads are cached; default: the "
+                                                                  "Hugging Face cache."})
+    revision: str = field(default="main", metadata={"help": "Branch, tag or commit of a Hub model."})
     # training speed levers (mmtune.model.speed); each logs when applied
     fused_cross_entropy: bool = field(
         default=True, metadata={"help": "Chunked fused LM-head + cross-entropy: logits never materialised whole."})
     compile: bool | None = field(
         default=None, metadata={"help": "torch.compile each repeated block; default: on when training on CUDA."})
     compile_dynamic: bool | None = field(default=True, metadata={"help": "Dynamic shapes: no recompile per length."})
-    compile_backend: str = "inductor"
+    compile_backend: str = field(default="inductor", metadata={"help": "torch.compile backend of the blocks."})
     compile_mode: str | None = field(
         default=None, metadata={"help": "torch.compile mode of the blocks, e.g. max-autotune-no-cudagraphs; default: "
-                                         "inductor's (reduce-overhead is refused: CUDA graphs do not fit regional compile)."})
+                                         "inductor's (reduce-overhead is refused: CUDA graphs do not fit regional compile).",
+                                 "choices": ("default", "lite", "max-autotune", "max-autotune-no-cudagraphs")})
     compile_cpp_wrapper: bool | str | None = field(
         default=None, metadata={"help": "inductor's C++ wrapper for the compiled decoder layers (less host time a "
                                         "kernel launch); default: on when training on CUDA. 'all': the vision "
                                         "blocks too, their varlen attention called as an aten op (not yet "
-                                        "measured on a GPU)."})
+                                        "measured on a GPU).", "choices": ("layers", "all")})
     compile_lean_guards: bool | None = field(
         default=None, metadata={"help": "Check only the guards a training run can change (training flags, "
                                         "inputs, global state) on each compiled block call; default: on when "
@@ -59,23 +73,35 @@ class ModelArguments:
                                         "see benchmarks/README.md, session 5."})
     gradient_checkpointing_layers: int | str = field(
         default="auto", metadata={"help": "Decoder layers to checkpoint; auto: fewest that fit the memory (CUDA), "
-                                          "else all or none per gradient_checkpointing."})
+                                          "else all or none per gradient_checkpointing.", "choices": ("auto",)})
     memory_budget_gib: float | None = field(
         default=None, metadata={"help": "GPU memory the auto checkpointing plans for; default: what is free."})
     liger_kernels: bool | None = field(
         default=None, metadata={"help": "Liger RMSNorm/SwiGLU/rotary kernels; default: on with CUDA when installed."})
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict, metadata={"help": "Not read by mmtune's loaders; kept for "
+                                                                            "scripts that carry their own settings."})
     # ---- native LLaVA (llava_llama): assemble a VLM from a Llama-architecture LM + a tower
     vision_tower: str | None = field(default=None, metadata={"help": "CLIP / SigLIP checkpoint: builds llava_llama "
                                                                      "around model_name_or_path (a plain LM)."})
-    mm_projector_type: str | None = field(default=None, metadata={"help": "linear, mlp<N>x_gelu or identity."})
-    mm_vision_select_layer: int | None = None
-    mm_vision_select_feature: str | None = field(default=None, metadata={"help": "patch or cls_patch."})
-    mm_patch_merge_type: str | None = field(default=None, metadata={"help": "flat or spatial_unpad."})
-    mm_use_im_start_end: bool | None = None
-    mm_use_im_patch_token: bool | None = None
-    image_aspect_ratio: str | None = field(default=None, metadata={"help": "square, pad or anyres."})
-    image_grid_pinpoints: Any = None
+    mm_projector_type: str | None = field(default=None, metadata={"help": "linear, mlp<N>x_gelu or identity.",
+                                                                  "choices": ("linear", "identity"),
+                                                                  "pattern": r"mlp\d+x_gelu",
+                                                                  "choices_hint": "mlp<N>x_gelu"})
+    mm_vision_select_layer: int | None = field(
+        default=None, metadata={"help": "Tower layer whose features the projector reads (negative: from the end); "
+                                        "default: -2, as LLaVA."})
+    mm_vision_select_feature: str | None = field(default=None, metadata={"help": "patch or cls_patch.",
+                                                                         "choices": ("patch", "cls_patch")})
+    mm_patch_merge_type: str | None = field(default=None, metadata={"help": "flat or spatial_unpad.",
+                                                                    "choices": ("flat", "spatial", "spatial_unpad")})
+    mm_use_im_start_end: bool | None = field(
+        default=None, metadata={"help": "Wrap each image's features in <im_start>/<im_end> tokens; default: off."})
+    mm_use_im_patch_token: bool | None = field(
+        default=None, metadata={"help": "Add LLaVA's <im_patch> token to the tokenizer; default: off."})
+    image_aspect_ratio: str | None = field(default=None, metadata={"help": "square, pad or anyres.",
+                                                                   "choices": ("square", "pad", "anyres")})
+    image_grid_pinpoints: Any = field(
+        default=None, metadata={"help": "anyres: the candidate grid resolutions in pixels, a list of pairs as in LLaVA."})
     pretrain_mm_mlp_adapter: str | None = field(default=None, metadata={"help": "Stage-1 projector file to load."})
 
     def compute_dtype(self, config_dtype: Any = None) -> torch.dtype:

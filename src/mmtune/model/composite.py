@@ -136,7 +136,7 @@ def autocast_projector_dtype(model: nn.Module, model_args: Any) -> Any:
     entry = get_composite_model(getattr(model.config, "model_type", ""))
     if entry is None:
         return None
-    dtype = model_args.compute_dtype(getattr(model.config, "torch_dtype", None))
+    dtype = model_args.compute_dtype(getattr(model.config, "dtype", None))
 
     def _cast(module: nn.Module, args: tuple, output: Any) -> Any:
         return output.to(dtype) if hasattr(output, "to") else output

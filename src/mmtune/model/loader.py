@@ -140,7 +140,8 @@ def load_model(
     the image tokens the model's config asks for, and the embeddings grow to match.
     """
     config = configure_visual_model(config) if config is not None else load_config(model_args)
-    dtype = model_args.compute_dtype(getattr(config, "torch_dtype", None) or getattr(config, "dtype", None))
+    # config.dtype: reading config.torch_dtype makes transformers warn that the name is deprecated
+    dtype = model_args.compute_dtype(getattr(config, "dtype", None))
     cls = model_class_for(config)
     attn = resolve_attn_implementation(model_args.attn_implementation)
     with projector_override(config):
