@@ -13,6 +13,7 @@ from mmtune.testing import FamilyFixture, register_fixture
 register_composite_model(
     CompositeModel(
         model_type="aya_vision",
+        template="aya_vision",
         projector_key="model.multi_modal_projector",
         vision_model_keys=["model.vision_tower"],
         language_model_keys=["model.language_model", "lm_head"],

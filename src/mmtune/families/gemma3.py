@@ -69,6 +69,7 @@ register_mm_plugin("gemma3", Gemma3Plugin)
 register_composite_model(
     CompositeModel(
         model_type="gemma3",
+        template="gemma3",
         projector_key="model.multi_modal_projector",
         vision_model_keys=["model.vision_tower"],
         language_model_keys=["model.language_model", "lm_head"],

@@ -51,6 +51,7 @@ register_mm_plugin("gemma3n", Gemma3nPlugin)
 register_composite_model(
     CompositeModel(
         model_type="gemma3n",
+        template="gemma3n",
         projector_key="model.embed_vision",
         vision_model_keys=["model.vision_tower", "model.audio_tower", "model.embed_audio"],
         language_model_keys=["model.language_model", "lm_head"],

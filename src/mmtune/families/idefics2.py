@@ -16,6 +16,7 @@ from .idefics3 import IDEFICS3_TEMPLATE
 register_composite_model(
     CompositeModel(
         model_type="idefics2",
+        template="idefics2",
         projector_key="model.connector",
         vision_model_keys=["model.vision_model"],
         language_model_keys=["model.text_model", "lm_head"],

@@ -102,6 +102,7 @@ def mend_image_outputs() -> bool:
 register_composite_model(
     CompositeModel(
         model_type="llama4",
+        template="llama4",
         projector_key="multi_modal_projector",  # Llama 4 keeps no inner ``model`` (5.17 and 5.23)
         vision_model_keys=["vision_model"],
         language_model_keys=["language_model"],

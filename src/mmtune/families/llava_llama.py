@@ -81,6 +81,7 @@ register_template(TEMPLATES["vicuna_v1"].bind("llava_llama", plugin="llava_llama
 
 register_composite_model(CompositeModel(
     model_type="llava_llama",
+    template="llava_llama",
     projector_key="model.mm_projector",
     vision_model_keys=["model.vision_tower"],
     language_model_keys=["model.embed_tokens", "model.layers", "model.norm", "lm_head"],

@@ -243,6 +243,7 @@ register_mm_plugin("minicpmv", MiniCPMVPlugin)
 register_composite_model(
     CompositeModel(
         model_type="minicpmv",  # the authors' remote-code layout: SigLIP "vpm", "resampler", Qwen2 "llm"
+        template="minicpmv",
         projector_key="resampler",
         vision_model_keys=["vpm"],
         language_model_keys=["llm"],

@@ -63,6 +63,7 @@ register_mm_plugin("mllama", MllamaPlugin)
 register_composite_model(
     CompositeModel(
         model_type="mllama",
+        template="mllama",
         projector_key="model.multi_modal_projector",
         vision_model_keys=["model.vision_model"],
         language_model_keys=["model.language_model", "lm_head"],

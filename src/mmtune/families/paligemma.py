@@ -58,6 +58,7 @@ register_mm_plugin("paligemma", PaliGemmaPlugin)
 register_composite_model(
     CompositeModel(
         model_type="paligemma",
+        template="paligemma",
         projector_key="model.multi_modal_projector",
         vision_model_keys=["model.vision_tower"],
         language_model_keys=["model.language_model", "lm_head"],

@@ -91,6 +91,7 @@ register_mm_plugin("qwen2_audio", Qwen2AudioPlugin)
 register_composite_model(
     CompositeModel(
         model_type="qwen2_audio",
+        template="qwen2_audio",
         projector_key="model.multi_modal_projector",
         vision_model_keys=["model.audio_tower"],
         language_model_keys=["model.language_model", "lm_head"],
