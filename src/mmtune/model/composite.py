@@ -25,6 +25,10 @@ class CompositeModel:
     # called once before a model of this type is built or loaded (e.g. to mend a transformers
     # release's bug in that architecture); it must be idempotent
     prepare: Callable[[], Any] | None = field(default=None, compare=False)
+    # the chat template a model of this type speaks when nothing else names one (no
+    # ``template`` in the training config, no mmtune_config.json beside the weights, no
+    # ``--template``); None: there is no safe default and the user must name one
+    template: str | None = None
 
     def get_projector(self, module: nn.Module) -> nn.Module:
         """The projector submodule of ``module`` (a PEFT wrapper is looked through)."""
@@ -55,6 +59,13 @@ def get_composite_model(model_type: str) -> CompositeModel | None:
 
         load_families()
     return COMPOSITE_MODELS.get(model_type)
+
+
+def declared_template(model_type: str) -> str | None:
+    """The chat template the family of ``model_type`` declares as its default, or None
+    (an unknown model type, or a family with no single template for it)."""
+    entry = get_composite_model(model_type)
+    return entry.template if entry is not None else None
 
 
 # ---------------------------------------------------------------- what trains
