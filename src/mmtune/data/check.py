@@ -12,7 +12,7 @@ from tqdm import tqdm
 from mmtune.media import load_audio, load_image, load_video, sample_context
 
 from .formats import normalize_row
-from .loader import DataArguments, load_samples
+from .loader import DataArguments, default_media_dir, load_samples
 from .tokenize import encode_sample
 
 
@@ -53,8 +53,12 @@ class CheckReport:
 def check_dataset(data_args: DataArguments, template: Any, plugin: Any, tokenizer: Any, processor: Any) -> CheckReport:
     report = CheckReport()
     for path in [p.strip() for p in data_args.dataset.split(",") if p.strip()]:
-        rows = load_samples(path, data_args.max_samples)
-        media_dir = data_args.media_dir or os.path.dirname(os.path.abspath(path))
+        try:
+            rows = load_samples(path, data_args.max_samples)  # media undecoded: each is decoded below, named
+        except ValueError as exc:  # one line naming the entry; the other entries are still checked
+            report.problems.append(str(exc))
+            continue
+        media_dir = data_args.media_dir or default_media_dir(path)
         for index, row in enumerate(tqdm(rows, desc=f"checking {os.path.basename(path)}")):
             report.samples += 1
             try:

@@ -16,6 +16,8 @@ import torch
 
 from mmtune.constants import IGNORE_INDEX
 
+from .loader import sample_media
+
 
 def _find_rope_index(model: Any) -> Any:
     """The model's ``get_rope_index`` (looked up through peft and composite wrappers)."""
@@ -80,8 +82,9 @@ class MultiModalCollator:
         return longest
 
     def media_inputs(self, features: list[dict[str, Any]], ids: list[list[int]]) -> dict[str, Any]:
-        """The plugin's tensors for the samples' media (flattened in sample order); {} if none."""
-        media = {kind: [m for f in features for m in f.get(kind) or []] for kind in ("images", "videos", "audios")}
+        """The plugin's tensors for the samples' media (flattened in sample order); {} if none.
+        Embedded media come from each row's ``embedded_<kind>`` column (:func:`sample_media`)."""
+        media = {kind: [m for f in features for m in sample_media(f, kind)] for kind in ("images", "videos", "audios")}
         if not any(media.values()):
             return {}
         lengths = [[len(f.get(kind) or []) for f in features] for kind in ("images", "videos", "audios")]

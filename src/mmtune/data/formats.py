@@ -24,17 +24,36 @@ class Sample:
     system: str | None = None
 
 
+#: the columns a row's media are read from, by kind, first found wins
+MEDIA_COLUMNS = {"images": ("images", "image"), "videos": ("videos", "video"), "audios": ("audios", "audio")}
+
+
 def _resolve(item: Any, media_dir: str | None) -> Any:
-    """Relative paths are relative to ``media_dir``; URLs, data URIs and bytes pass through."""
+    """Relative paths are relative to ``media_dir``; URLs, data URIs and embedded media pass
+    through. A ``{"bytes", "path"}`` dict (a ``datasets`` Image/Audio/Video column read
+    undecoded) stays a dict when it carries bytes, the bytes winning over its path (often
+    only the original file name); without bytes it is its path."""
     if isinstance(item, dict):
-        if item.get("path") and not item.get("bytes"):
+        if item.get("path") and item.get("bytes") is None and item.get("array") is None:
             return _resolve(item["path"], media_dir)
         if "url" in item:
             return _resolve(item["url"], media_dir)
         return item
+    if isinstance(item, os.PathLike):
+        item = os.fspath(item)
     if isinstance(item, str) and media_dir and not os.path.isabs(item) and not item.startswith(("data:", "http://", "https://")):
         return os.path.join(media_dir, item)
     return item
+
+
+def media_column(row: dict[str, Any], kind: str) -> str | None:
+    """The column :func:`normalize_row` reads ``kind`` (images, videos, audios) from in
+    ``row``: the first of :data:`MEDIA_COLUMNS` that holds anything."""
+    for name in MEDIA_COLUMNS[kind]:
+        value = row.get(name)
+        if value is not None and not (isinstance(value, (str, bytes, list, tuple)) and len(value) == 0):
+            return name
+    return None
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -66,11 +85,10 @@ def _parts_to_text(content: Any, media: dict[str, list[Any]]) -> str:
 
 def normalize_row(row: dict[str, Any], media_dir: str | None = None) -> Sample:
     """One dataset row (any supported format) as a :class:`Sample`."""
-    media: dict[str, list[Any]] = {
-        "images": _as_list(row.get("images") or row.get("image")),
-        "videos": _as_list(row.get("videos") or row.get("video")),
-        "audios": _as_list(row.get("audios") or row.get("audio")),
-    }
+    media: dict[str, list[Any]] = {}
+    for kind in MEDIA_COLUMNS:
+        column = media_column(row, kind)
+        media[kind] = _as_list(row[column]) if column else []
     system = row.get("system")
     turns = row.get("conversations") or row.get("messages")
     messages: list[dict[str, str]] = []

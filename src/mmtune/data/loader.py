@@ -1,7 +1,19 @@
-"""Load dataset files, normalise rows, tokenise once with ``datasets.map`` (cached on disk)."""
+"""Load datasets (files, folders, saved datasets, Hub ids), normalise rows, tokenise once with
+``datasets.map`` (cached on disk).
+
+Embedded media (``datasets.Image`` / ``Audio`` / ``Video`` columns, ``{"bytes", "path"}``
+structs) are read undecoded: tokenising reads image headers from the bytes, as it does from
+files. The tokenised dataset does not copy those bytes: the source's media column rides
+along beside the token ids as ``embedded_<kind>`` (a column-wise concatenation, which
+references the source's Arrow file instead of writing it again), and each media entry that
+lives there is stored as :data:`FROM_EMBEDDED`; the collator takes it from that column at
+batch time (:func:`sample_media`). Row selections (dropped samples, mixing, the eval split)
+are index mappings, so every row keeps its own media.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field, fields
@@ -9,17 +21,26 @@ from typing import Any
 
 import numpy as np
 
-from mmtune.media import MediaConfig, sample_context
+from mmtune.media import MediaConfig, MediaError, media_reference, sample_context
 
-from .formats import normalize_row
+from .formats import MEDIA_COLUMNS, media_column, normalize_row
 from .tokenize import encode_sample
 
 logger = logging.getLogger(__name__)
 
+#: a tokenised media entry that stands for the same position of the row's ``embedded_<kind>``
+FROM_EMBEDDED = ""
+#: prefix of the columns that carry a source's embedded media into the tokenised dataset
+EMBEDDED_PREFIX = "embedded_"
+
 
 @dataclass
 class DataArguments:
-    dataset: str = field(default="", metadata={"help": "Comma-separated json/jsonl/parquet files or saved HF datasets."})
+    dataset: str = field(default="", metadata={
+        "help": "Comma-separated datasets: json/jsonl/parquet files, folders saved with save_to_disk, folders of data "
+                "files laid out as a Hub dataset repository, or Hub ids (org/name); ':split' picks a split (default "
+                "train), e.g. org/name:validation. Media may be paths or embedded (datasets.Image/Audio/Video "
+                "columns, {bytes, path} dicts)."})
     media_dir: str | None = field(default=None, metadata={"help": "Base of relative media paths (default: file's folder)."})
     template: str = "qwen2_vl"
     cutoff_len: int = field(default=2048, metadata={
@@ -69,23 +90,180 @@ class DataArguments:
         return MediaConfig(**{k: getattr(self, k) for k in names})
 
 
-def _load_raw(path: str) -> Any:
+#: file types read through ``datasets.load_dataset``'s packaged builders, by extension
+FILE_BUILDERS = {"json": "json", "jsonl": "json", "parquet": "parquet"}
+
+
+def split_entry(entry: str) -> tuple[str, str | None]:
+    """``entry`` as (location, split): ``org/name:validation`` -> (``org/name``, ``validation``).
+    An existing local path is taken whole (a path may hold a colon); the split may carry a
+    slice (``train[:1000]``)."""
+    if os.path.exists(entry) or ":" not in entry:
+        return entry, None
+    location, split = entry.split(":", 1)
+    return location, split or None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _is_saved_dataset(folder: str) -> bool:
+    """A folder written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``."""
+    return any(os.path.isfile(os.path.join(folder, name)) for name in ("state.json", "dataset_dict.json"))
+
+
+def _looks_local(location: str) -> bool:
+    """A name that can only mean a local path (a Hub id is ``name`` or ``org/name``)."""
+    return (location.startswith((".", "/", "~")) or location.count("/") > 1 or os.sep != "/" and os.sep in location
+            or location.rsplit(".", 1)[-1].lower() in FILE_BUILDERS)
+
+
+def load_with_datasets(location: str, split: str | None) -> Any:
+    """``datasets.load_dataset(location, split=...)``: a Hub id, or a local folder laid out as a
+    Hub dataset repository (data files, optional README.md configs). One call for both, so a
+    local folder exercises the Hub path offline."""
     import datasets
 
-    if os.path.isdir(path):
-        return datasets.load_from_disk(path)
-    ext = path.rsplit(".", 1)[-1].lower()
-    builder = {"json": "json", "jsonl": "json", "parquet": "parquet"}.get(ext)
-    if builder is None:
-        raise ValueError(f"unsupported dataset file {path!r} (json, jsonl, parquet or a saved dataset folder)")
-    return datasets.load_dataset(builder, data_files=path, split="train")
+    return datasets.load_dataset(location, split=split or "train")
+
+
+def _load_raw(path: str) -> Any:
+    """The dataset an entry of ``dataset`` names, as ``datasets`` loads it: a json/jsonl/parquet
+    file, a ``save_to_disk`` folder (``load_from_disk``; a saved DatasetDict gives its
+    ``train`` split or the one named), another folder or a Hub id (:func:`load_with_datasets`).
+    Any failure is one line that names the entry."""
+    import datasets
+
+    location, split = split_entry(path)
+    try:
+        if os.path.isdir(location) and _is_saved_dataset(location):
+            loaded = datasets.load_from_disk(location)
+            if isinstance(loaded, datasets.DatasetDict):
+                name = split or "train"
+                if name not in loaded:
+                    raise ValueError(f"dataset {path!r}: no split {name!r} (it has {', '.join(loaded)}); "
+                                     f"name one as {location}:SPLIT")
+                return loaded[name]
+            if split:
+                raise ValueError(f"dataset {path!r}: a dataset saved with save_to_disk has no splits; drop ':{split}'")
+            return loaded
+        if os.path.isdir(location):
+            return load_with_datasets(location, split)
+        if os.path.isfile(location):
+            builder = FILE_BUILDERS.get(location.rsplit(".", 1)[-1].lower())
+            if builder is None:
+                raise ValueError(f"dataset {path!r}: unsupported file type (json, jsonl, parquet, a saved dataset "
+                                 "folder, a folder of data files or a Hub id)")
+            return datasets.load_dataset(builder, data_files=location, split=split or "train")
+        if _looks_local(location):
+            raise ValueError(f"dataset {path!r}: no such file or folder")
+    except ValueError as exc:
+        if str(exc).startswith("dataset "):
+            raise
+        raise ValueError(f"dataset {path!r}: {_one_line(exc)}") from exc
+    except Exception as exc:  # datasets' own errors (generation, file format), each its own class
+        raise ValueError(f"dataset {path!r}: could not be read: {_one_line(exc)}") from exc
+    try:
+        return load_with_datasets(location, split)
+    except Exception as exc:  # not found, offline, gated, unknown split: each its own class
+        raise ValueError(f"dataset {path!r}: not a local file or folder, and loading it as a Hugging Face Hub "
+                         f"dataset failed: {_one_line(exc)}") from exc
+
+
+def default_media_dir(path: str) -> str | None:
+    """Where relative media paths of entry ``path`` point when ``media_dir`` is unset: the
+    folder of a file (or of a saved dataset's folder), a Hub-layout folder itself, and for a
+    Hub id nothing (paths are taken as given)."""
+    location, _ = split_entry(path)
+    if os.path.isfile(location) or (os.path.isdir(location) and _is_saved_dataset(location)):
+        return os.path.dirname(os.path.abspath(location))
+    if os.path.isdir(location):
+        return os.path.abspath(location)
+    return None
+
+
+_DECODABLE = ("Image", "Audio", "Video")
+
+
+def _undecoded_feature(feature: Any) -> Any:
+    """``feature`` with every Image/Audio/Video inside it set to ``decode=False``."""
+    import datasets
+
+    if type(feature).__name__ in _DECODABLE and getattr(feature, "decode", False):
+        return dataclasses.replace(feature, decode=False)
+    if isinstance(feature, (datasets.List, datasets.LargeList)):
+        return dataclasses.replace(feature, feature=_undecoded_feature(feature.feature))
+    if isinstance(feature, dict):
+        return {key: _undecoded_feature(value) for key, value in feature.items()}
+    return feature
+
+
+def undecoded(dataset: Any) -> Any:
+    """``dataset`` whose media features read as ``{"bytes", "path"}`` dicts instead of decoded
+    PIL images, arrays or video readers: tokenising needs headers only, and the collator
+    decodes at batch time. Only the features change; the Arrow data is shared, not cast or
+    rewritten (``cast_column`` rewrites every row of a list-of-Image column)."""
+    import datasets
+    from datasets.fingerprint import Hasher
+
+    features = datasets.Features({name: _undecoded_feature(f) for name, f in dataset.features.items()})
+    if features == dataset.features:
+        return dataset
+    info = dataset.info.copy()
+    info.features = features
+    return datasets.Dataset(dataset.data, info=info, split=dataset.split, indices_table=dataset._indices,
+                            fingerprint=Hasher.hash([dataset._fingerprint, "mmtune-undecoded"]))
 
 
 def load_samples(path: str, max_samples: int | None = None) -> Any:
-    ds = _load_raw(path)
+    """The rows of entry ``path`` (see :func:`_load_raw`), media undecoded (:func:`undecoded`),
+    the first ``max_samples`` when set."""
+    ds = undecoded(_load_raw(path))
     if max_samples is not None:
-        ds = ds.select(range(min(max_samples, len(ds))))
+        ds = ds.select(range(min(max_samples, len(ds))))  # contiguous: a slice, no index mapping
     return ds
+
+
+def _holds_bytes(feature: Any) -> bool:
+    """Whether a column of this feature carries media in the dataset itself (an Image /
+    Audio / Video feature, a struct with a binary ``bytes`` or an ``array`` field) rather
+    than paths."""
+    import datasets
+
+    if type(feature).__name__ in _DECODABLE:
+        return True
+    if isinstance(feature, (datasets.List, datasets.LargeList)):
+        return _holds_bytes(feature.feature)
+    if isinstance(feature, dict):
+        raw = feature.get("bytes")
+        return "array" in feature or (isinstance(raw, datasets.Value) and "binary" in raw.dtype)
+    return False
+
+
+def embedded_columns(dataset: Any) -> dict[str, str]:
+    """Per media kind, the source column whose embedded media the tokenised dataset reads back
+    at batch time (the first of :data:`~mmtune.data.formats.MEDIA_COLUMNS` that holds bytes)."""
+    out = {}
+    for kind, names in MEDIA_COLUMNS.items():
+        for name in names:
+            if name in dataset.features and _holds_bytes(dataset.features[name]):
+                out[kind] = name
+                break
+    return out
+
+
+def _stored_media(row: dict[str, Any], items: list[Any], kind: str, column: str | None) -> list[str]:
+    """What the tokenised dataset stores for a sample's media of one kind: paths as they are,
+    :data:`FROM_EMBEDDED` for an entry of the source column that rides along, and any other
+    in-memory media (e.g. inside content parts) as a data URI."""
+    carried = 0
+    if column is not None and media_column(row, kind) == column:
+        value = row[column]
+        carried = len(value) if isinstance(value, (list, tuple)) else 1
+    return [FROM_EMBEDDED if k < carried and not isinstance(item, str) else media_reference(item, kind[:-1])
+            for k, item in enumerate(items)]
 
 
 def mix_datasets(parts: list[Any], data_args: DataArguments) -> Any:
@@ -131,41 +309,117 @@ def encoded_features() -> Any:
     })
 
 
+def sample_media(feature: dict[str, Any], kind: str) -> list[Any]:
+    """A tokenised sample's media of ``kind`` (images, videos, audios) as the media loaders
+    take them: the stored entries, each :data:`FROM_EMBEDDED` replaced by the entry at the
+    same position of the row's ``embedded_<kind>`` value (a list, or one item for a
+    single-media column)."""
+    stored = list(feature.get(kind) or [])
+    wanted = [k for k, item in enumerate(stored) if isinstance(item, str) and item == FROM_EMBEDDED]
+    if not wanted:
+        return stored
+    carried = feature.get(EMBEDDED_PREFIX + kind)
+    carried = [] if carried is None else list(carried) if isinstance(carried, (list, tuple)) else [carried]
+    if wanted[-1] >= len(carried):
+        raise MediaError(f"{len(wanted)} {kind} of this sample refer to its {EMBEDDED_PREFIX}{kind} column, which holds "
+                         f"{len(carried)}: the tokenised cache does not match the dataset; rebuild it (overwrite_cache: true)")
+    for k in wanted:
+        stored[k] = carried[k]
+    return stored
+
+
+def _as_list_feature(feature: Any) -> Any:
+    import datasets
+
+    return feature if isinstance(feature, (datasets.List, datasets.LargeList)) else datasets.List(feature)
+
+
+def _align_embedded(parts: list[Any], names: list[str]) -> list[Any]:
+    """Give every part the same ``embedded_*`` columns of the same type, so that they can be
+    concatenated or interleaved: a part without one gets an all-null column (nothing
+    written); parts whose types differ (one image per row beside a list, Image beside a
+    plain struct) are rewritten to a list of the first part's type (logged: it copies them)."""
+    import datasets
+
+    columns = sorted({c for p in parts for c in p.column_names if c.startswith(EMBEDDED_PREFIX)})
+    for column in columns:
+        holders = [i for i, p in enumerate(parts) if column in p.column_names]
+        target = parts[holders[0]].features[column]
+        if any(parts[i].features[column] != target for i in holders):
+            target = _as_list_feature(target)
+            for i in holders:
+                if parts[i].features[column] == target:
+                    continue
+                logger.info("%s: rewriting its %s column as %s to mix it with the other datasets", names[i], column,
+                            target)
+                features = datasets.Features({**parts[i].features, column: target})
+
+                def as_list(batch: dict[str, list[Any]], _column: str = column) -> dict[str, list[Any]]:
+                    return {_column: [[] if v is None else v if isinstance(v, list) else [v] for v in batch[_column]]}
+
+                try:
+                    parts[i] = parts[i].map(as_list, batched=True, features=features, desc=f"aligning {column}")
+                except Exception as exc:  # the feature's own encoder refused a value
+                    raise ValueError(f"dataset {names[i]!r}: its {column} ({parts[i].features[column]}) cannot be mixed "
+                                     f"with {names[holders[0]]!r}'s ({target}): {_one_line(exc)}") from exc
+        for i, part in enumerate(parts):
+            if column not in part.column_names:
+                parts[i] = part.add_column(column, [None] * len(part), feature=target)
+    return parts
+
+
 def build_dataset(data_args: DataArguments, template: Any, plugin: Any, tokenizer: Any, processor: Any) -> dict[str, Any]:
     """Tokenised ``train`` (and ``eval`` when ``val_size`` > 0) datasets; dropped samples are
-    counted and logged, never silently lost."""
+    counted and logged, never silently lost. Embedded media stay in their source's Arrow file
+    (see the module's docstring)."""
+    import datasets
+
     features = encoded_features()
-    parts = []
+    parts, keeps, names = [], [], []
     for path in [p.strip() for p in data_args.dataset.split(",") if p.strip()]:
         raw = load_samples(path, data_args.max_samples)
-        media_dir = data_args.media_dir or os.path.dirname(os.path.abspath(path))
+        media_dir = data_args.media_dir or default_media_dir(path)
+        carried = embedded_columns(raw)
 
         def encode(batch: dict[str, list[Any]], indices: list[int], _path: str = path,
-                   _dir: str = media_dir) -> dict[str, list[Any]]:
+                   _dir: str | None = media_dir, _carried: dict[str, str] = carried) -> dict[str, list[Any]]:
             out: dict[str, list[Any]] = {name: [] for name in features}
             keys = list(batch)
             for index, values in zip(indices, zip(*(batch[k] for k in keys))):
+                row = dict(zip(keys, values))
                 with sample_context(index, _path):
-                    sample = normalize_row(dict(zip(keys, values)), _dir)
+                    sample = normalize_row(row, _dir)
                     result = encode_sample(sample, template, plugin, tokenizer, processor, data_args.cutoff_len,
                                            data_args.train_on_prompt, data_args.mask_history, data_args.drop_overlong)
+                    for kind in MEDIA_COLUMNS:
+                        items = [] if result.dropped else getattr(sample, kind)
+                        out[kind].append(_stored_media(row, items, kind, _carried.get(kind)))
                 out["input_ids"].append(np.asarray(result.input_ids, dtype=np.int32))
                 out["labels"].append(np.asarray(result.labels, dtype=np.int64))
-                out["images"].append([str(x) for x in sample.images])
-                out["videos"].append([str(x) for x in sample.videos])
-                out["audios"].append([str(x) for x in sample.audios])
                 out["dropped"].append(result.dropped or "")
             return out
 
         encoded = raw.map(encode, with_indices=True, batched=True, batch_size=MAP_BATCH_SIZE, features=features,
                           remove_columns=raw.column_names, num_proc=data_args.preprocessing_num_workers,
                           load_from_cache_file=not data_args.overwrite_cache, desc=f"tokenising {os.path.basename(path)}")
+        if carried:
+            columns = raw.select_columns(list(carried.values())).rename_columns(
+                {column: EMBEDDED_PREFIX + kind for kind, column in carried.items()})
+            if len(columns) != len(encoded):
+                raise ValueError(f"dataset {path!r}: the tokenised cache has {len(encoded)} rows, the dataset {len(columns)}; "
+                                 "rebuild it (overwrite_cache: true)")
+            encoded = datasets.concatenate_datasets([encoded, columns], axis=1)
+            logger.info("%s: embedded %s read at batch time from the dataset's own files", path,
+                        ", ".join(f"{kind} ({column!r})" for kind, column in carried.items()))
         reasons = encoded["dropped"]
         dropped = [r for r in reasons if r]
         if dropped:
             logger.warning("%s: dropped %d of %d samples (first reason: %s)", path, len(dropped), len(encoded), dropped[0])
-            encoded = encoded.select([i for i, r in enumerate(reasons) if not r])
         parts.append(encoded.remove_columns("dropped"))
+        keeps.append([i for i, r in enumerate(reasons) if not r] if dropped else None)
+        names.append(path)
+    parts = _align_embedded(parts, names)
+    parts = [part if keep is None else part.select(keep) for part, keep in zip(parts, keeps)]
     dataset = mix_datasets(parts, data_args)
     if data_args.val_size:
         split = dataset.train_test_split(test_size=data_args.val_size, seed=0)

@@ -2,15 +2,18 @@
 
 from .config import MediaConfig
 from .errors import MediaError, current_sample, sample_context
-from .image import image_size, load_image, resize_image, scaled_size
+from .image import describe, embedded_bytes, image_size, load_image, resize_image, scaled_size
 from .video import VideoClip, load_video
 from .audio import load_audio
+from .reference import media_reference
 
 __all__ = [
     "MediaConfig",
     "MediaError",
     "current_sample",
     "sample_context",
+    "describe",
+    "embedded_bytes",
     "image_size",
     "load_image",
     "resize_image",
@@ -18,4 +21,5 @@ __all__ = [
     "VideoClip",
     "load_video",
     "load_audio",
+    "media_reference",
 ]

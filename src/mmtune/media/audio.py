@@ -1,15 +1,16 @@
-"""Audio from files (soundfile, or PyAV for containers such as a video's audio track) or
-arrays, as mono float32 at the requested sampling rate."""
+"""Audio from files or embedded bytes (soundfile, or PyAV for containers such as a video's
+audio track) or arrays, as mono float32 at the requested sampling rate."""
 
 from __future__ import annotations
 
+import io
 import os
 from typing import Any
 
 import numpy as np
 
 from .errors import MediaError
-from .image import describe
+from .image import describe, embedded_bytes, unreadable
 
 
 def _resample(wave: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
@@ -26,12 +27,12 @@ def _resample(wave: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
     return np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
 
 
-def _read_with_av(path: str) -> tuple[np.ndarray, int]:
+def _read_with_av(source: Any, name: str) -> tuple[np.ndarray, int]:
     import av
 
-    with av.open(path) as container:
+    with av.open(source) as container:
         if not container.streams.audio:
-            raise MediaError(f"{path} has no audio track")
+            raise MediaError(f"{name} has no audio track")
         stream = container.streams.audio[0]
         sr = stream.rate
         resampler = av.AudioResampler(format="flt", layout="mono", rate=sr)
@@ -40,41 +41,54 @@ def _read_with_av(path: str) -> tuple[np.ndarray, int]:
             for out in resampler.resample(frame):
                 chunks.append(out.to_ndarray().reshape(-1))
     if not chunks:
-        raise MediaError(f"{path} has an empty audio track")
+        raise MediaError(f"{name} has an empty audio track")
     return np.concatenate(chunks), sr
+
+
+def _read(source: Any, obj: Any) -> tuple[np.ndarray, int]:
+    """Mono samples and their rate from a path or a file object over embedded bytes:
+    soundfile first, PyAV for what it cannot read (mp4, m4a, ...); errors name ``obj``."""
+    try:
+        import soundfile
+
+        wave, sr = soundfile.read(source, dtype="float32", always_2d=True)
+        return wave.mean(axis=1), sr
+    except Exception:  # soundfile cannot read containers: use PyAV
+        if hasattr(source, "seek"):
+            source.seek(0)
+        try:
+            return _read_with_av(source, describe(obj, "audio"))
+        except MediaError:
+            raise
+        except Exception as exc:
+            raise unreadable(obj, exc, "audio") from exc
 
 
 def load_audio(obj: Any, sampling_rate: int = 16000) -> np.ndarray:
     """Mono float32 waveform at ``sampling_rate``.
 
-    ``obj``: a path, ``{"path": ...}``, ``{"array": ..., "sampling_rate": ...}`` (the HF
-    datasets Audio feature), or a bare array assumed to be at ``sampling_rate`` already.
+    ``obj``: a path, embedded bytes (raw, ``{"bytes": ..., "path": ...}`` as a
+    ``datasets.Audio(decode=False)`` column gives them, or a base64 data URI; bytes win over the
+    path), ``{"path": ...}``, ``{"array": ..., "sampling_rate": ...}`` (a decoded
+    ``datasets.Audio``), or a bare array assumed to be at ``sampling_rate`` already.
     """
+    data = embedded_bytes(obj)
     if isinstance(obj, dict) and obj.get("array") is not None:
         wave = np.asarray(obj["array"], dtype=np.float32)
         sr = int(obj.get("sampling_rate") or sampling_rate)
+    elif data is not None:
+        wave, sr = _read(io.BytesIO(data), obj)
     elif isinstance(obj, dict) and obj.get("path"):
         return load_audio(obj["path"], sampling_rate)
     elif isinstance(obj, (str, os.PathLike)):
         path = str(obj)
         if not os.path.exists(path):
             raise MediaError(f"audio file not found: {path}")
-        try:
-            import soundfile
-
-            wave, sr = soundfile.read(path, dtype="float32", always_2d=True)
-            wave = wave.mean(axis=1)
-        except Exception:  # soundfile cannot read containers (mp4, m4a, ...): use PyAV
-            try:
-                wave, sr = _read_with_av(path)
-            except MediaError:
-                raise
-            except Exception as exc:
-                raise MediaError(f"unreadable audio {path}: {exc}") from exc
+        wave, sr = _read(path, path)
     elif isinstance(obj, np.ndarray) or hasattr(obj, "__array__"):
         wave, sr = np.asarray(obj, dtype=np.float32), sampling_rate
     else:
-        raise MediaError(f"unsupported audio input {describe(obj)}")
+        raise MediaError(f"unsupported audio input {describe(obj, 'audio')}")
     if wave.ndim > 1:
         wave = wave.mean(axis=0) if wave.shape[0] < wave.shape[-1] else wave.mean(axis=-1)
     return _resample(wave, sr, sampling_rate)

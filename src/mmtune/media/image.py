@@ -20,20 +20,80 @@ from .errors import MediaError
 ImageInput = Any  # str | bytes | os.PathLike | PIL.Image.Image | dict
 
 
-def describe(obj: Any) -> str:
-    """A short human name for a media object, for error messages."""
-    if isinstance(obj, (str, os.PathLike)):
-        text = str(obj)
-        return text if not text.startswith("data:") else text[:40] + "..."
+def _data_uri_payload(text: str) -> bytes:
+    """The bytes a base64 ``data:`` URI carries."""
+    try:
+        return base64.b64decode(text.split(",", 1)[1], validate=True)
+    except (IndexError, binascii.Error, ValueError) as exc:
+        raise MediaError(f"malformed base64 data URI ({exc})") from exc
+
+
+def embedded_bytes(obj: Any) -> bytes | None:
+    """The media bytes ``obj`` carries in memory (raw bytes, a ``{"bytes": ...}`` dict, a
+    base64 ``data:`` URI); None for a path or anything else. Bytes win over a dict's path:
+    in a ``datasets`` Image/Audio/Video column the path is often only the original name."""
+    if isinstance(obj, dict):
+        obj = obj.get("bytes")
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        return bytes(obj)
+    if isinstance(obj, str) and obj.startswith("data:"):
+        return _data_uri_payload(obj)
+    return None
+
+
+def _image_format(data: bytes) -> str:
+    """The image format named in ``data``'s header (PIL reads the header only), or a word
+    saying it has none PIL knows."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.format or "unknown format"
+    except Exception:  # any header PIL cannot read
+        return "unrecognised format"
+
+
+def describe(obj: Any, kind: str = "image") -> str:
+    """A short human name for a media object, for error messages: a path, or for media held
+    in memory their kind, name, format and size (never the bytes themselves, never a repr)."""
+    if isinstance(obj, (str, os.PathLike)) and not str(obj).startswith("data:"):
+        return str(obj)
+    data = embedded_bytes_safe(obj)
+    if data is not None:
+        name = obj.get("path") if isinstance(obj, dict) else None
+        fmt = f"{_image_format(data)}, " if kind == "image" else ""
+        return f"embedded {kind}{f' {name!r}' if name else ''} ({fmt}{len(data)} bytes)"
     if isinstance(obj, dict):
         if obj.get("path"):
             return str(obj["path"])
-        return "<in-memory bytes>"
-    if isinstance(obj, (bytes, bytearray)):
-        return f"<{len(obj)} bytes>"
+        if obj.get("array") is not None:
+            return f"in-memory {kind} array ({len(obj['array'])} samples at {obj.get('sampling_rate')} Hz)"
+        return f"{kind} dict with keys {sorted(obj)}"
     if isinstance(obj, Image.Image):
-        return f"<PIL image {obj.size[0]}x{obj.size[1]}>"
+        return f"in-memory PIL image ({obj.size[0]}x{obj.size[1]}, {obj.mode})"
     return f"<{type(obj).__name__}>"
+
+
+def embedded_bytes_safe(obj: Any) -> bytes | None:
+    """:func:`embedded_bytes`, None for a malformed data URI (for error messages)."""
+    try:
+        return embedded_bytes(obj)
+    except MediaError:
+        return None
+
+
+def _short(exc: BaseException) -> str:
+    """An exception's message cut to one short line (decoders may quote their input)."""
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image format PIL recognises"
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def unreadable(obj: Any, exc: BaseException, kind: str = "image") -> MediaError:
+    """The error for media that cannot be decoded: a file is named as such, embedded media
+    by kind, name, format and size."""
+    if embedded_bytes_safe(obj) is not None:
+        return MediaError(f"{describe(obj, kind)} could not be decoded: {_short(exc)}")
+    return MediaError(f"unreadable {kind} {describe(obj, kind)}: {_short(exc)}")
 
 
 def _open(obj: ImageInput) -> Image.Image:
@@ -46,20 +106,16 @@ def _open(obj: ImageInput) -> Image.Image:
         if obj.get("path"):
             return _open(obj["path"])
         raise MediaError(f"image dict needs 'path' or 'bytes', got keys {sorted(obj)}")
-    if isinstance(obj, (bytes, bytearray)):
+    if isinstance(obj, (bytes, bytearray, memoryview)):
         return Image.open(io.BytesIO(obj))
     if isinstance(obj, (str, os.PathLike)):
         text = str(obj)
         if text.startswith("data:"):
-            try:
-                payload = text.split(",", 1)[1]
-                return Image.open(io.BytesIO(base64.b64decode(payload)))
-            except (IndexError, binascii.Error) as exc:
-                raise MediaError(f"malformed base64 image data URI ({exc})") from exc
+            return Image.open(io.BytesIO(_data_uri_payload(text)))
         if not os.path.exists(text):
             raise MediaError(f"image file not found: {text}")
         return Image.open(text)
-    raise MediaError(f"unsupported image input of type {type(obj).__name__}")
+    raise MediaError(f"unsupported image input {describe(obj)}")
 
 
 #: JPEG start-of-frame markers (baseline, extended, progressive, lossless; Huffman or arithmetic)
@@ -129,8 +185,8 @@ def image_size(obj: ImageInput) -> tuple[int, int]:
             return img.size
     except MediaError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise MediaError(f"unreadable image {describe(obj)}: {exc}") from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise unreadable(obj, exc) from exc
 
 
 class _nullctx:
@@ -152,7 +208,7 @@ def load_image(obj: ImageInput) -> Image.Image:
     except MediaError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise MediaError(f"unreadable image {describe(obj)}: {exc}") from exc
+        raise unreadable(obj, exc) from exc
     if img.mode != "RGB":
         img = img.convert("RGB")
     return img

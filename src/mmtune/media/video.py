@@ -1,7 +1,9 @@
-"""Videos from files (PyAV) or lists of frames, sampled at ``video_fps`` up to ``video_maxlen``."""
+"""Videos from files or embedded bytes (PyAV) or lists of frames, sampled at ``video_fps`` up
+to ``video_maxlen``."""
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from dataclasses import dataclass, field
@@ -11,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import MediaError
-from .image import describe, load_image, resize_image
+from .image import describe, embedded_bytes, load_image, resize_image, unreadable
 
 
 @dataclass
@@ -54,8 +56,9 @@ def sample_indices(total: int, source_fps: float, fps: float, maxlen: int, frame
     return np.linspace(0, total - 1, wanted).round().astype(int).tolist()
 
 
-def _decode_file(path: str, choose: Any) -> tuple[list[Image.Image], list[int], int, float]:
-    """Decode ``path`` once, converting to PIL only the frames ``choose(total, rate)`` picks.
+def _decode_file(source: Any, choose: Any, obj: Any) -> tuple[list[Image.Image], list[int], int, float]:
+    """Decode ``source`` (a path or a file object over embedded bytes) once, converting to PIL
+    only the frames ``choose(total, rate)`` picks; errors name ``obj``, the input as given.
 
     The total comes from the container header when it has one (then no unpicked frame is
     ever converted or kept); otherwise, or when the header's count turns out wrong, every
@@ -63,7 +66,7 @@ def _decode_file(path: str, choose: Any) -> tuple[list[Image.Image], list[int], 
     import av
 
     try:
-        with av.open(path) as container:
+        with av.open(source) as container:
             stream = container.streams.video[0]
             rate = float(stream.average_rate or stream.guessed_rate or 1)
             declared = int(stream.frames or 0)
@@ -79,9 +82,9 @@ def _decode_file(path: str, choose: Any) -> tuple[list[Image.Image], list[int], 
                 container.seek(0)
             frames = [frame.to_image() for frame in container.decode(stream)]
     except (av.error.FFmpegError, IndexError, OSError) as exc:  # type: ignore[attr-defined]
-        raise MediaError(f"unreadable video {path}: {exc}") from exc
+        raise unreadable(obj, exc, "video") from exc
     if not frames:
-        raise MediaError(f"video {path} has no frames")
+        raise MediaError(f"video {describe(obj, 'video')} has no frames")
     wanted = choose(len(frames), rate)
     return [frames[i] for i in wanted], wanted, len(frames), rate
 
@@ -97,19 +100,25 @@ def load_video(
 ) -> VideoClip:
     """Decode and sample a video.
 
-    ``obj`` is a path (any container PyAV reads), a ``{"path": ...}`` dict, or a list of
-    frames (paths, bytes or PIL images) which is taken as a clip at ``source_fps``
-    (default: ``fps``, i.e. every frame is kept up to ``maxlen``).
+    ``obj`` is a path (any container PyAV reads), embedded bytes (raw, a ``{"bytes": ...,
+    "path": ...}`` dict as a ``datasets.Video`` column stores it, or a base64 data URI), a
+    ``{"path": ...}`` dict, or a list of frames (paths, bytes or PIL images) which is taken as
+    a clip at ``source_fps`` (default: ``fps``, i.e. every frame is kept up to ``maxlen``).
     """
-    if isinstance(obj, dict) and obj.get("path"):
+    def choose(total: int, rate: float) -> list[int]:
+        return sample_indices(total, rate, fps, maxlen, frame_factor)
+
+    data = embedded_bytes(obj)
+    if isinstance(obj, dict) and data is None and obj.get("path"):
         obj = obj["path"]
-    if isinstance(obj, (str, os.PathLike)):
+    if data is not None:
+        frames, indices, total, rate = _decode_file(io.BytesIO(data), choose, obj)
+        name = describe(obj, "video")
+    elif isinstance(obj, (str, os.PathLike)):
         path = str(obj)
         if not os.path.exists(path):
             raise MediaError(f"video file not found: {path}")
-        frames, indices, total, rate = _decode_file(
-            path, lambda total, rate: sample_indices(total, rate, fps, maxlen, frame_factor)
-        )
+        frames, indices, total, rate = _decode_file(path, choose, path)
         name = path
     elif isinstance(obj, (list, tuple)):
         if not obj:
@@ -121,7 +130,7 @@ def load_video(
         frames = [all_frames[i] for i in indices]
         name = f"<{len(obj)} frames>"
     else:
-        raise MediaError(f"unsupported video input {describe(obj)}")
+        raise MediaError(f"unsupported video input {describe(obj, 'video')}")
     frames = [f.convert("RGB") if f.mode != "RGB" else f for f in frames]
     if max_pixels is not None or min_pixels is not None:
         frames = [resize_image(f, max_pixels, min_pixels) for f in frames]
