@@ -42,7 +42,9 @@ class DataArguments:
                 "train), e.g. org/name:validation. Media may be paths or embedded (datasets.Image/Audio/Video "
                 "columns, {bytes, path} dicts)."})
     media_dir: str | None = field(default=None, metadata={"help": "Base of relative media paths (default: file's folder)."})
-    template: str = "qwen2_vl"
+    template: str | None = field(default=None, metadata={
+        "help": "Chat template (e.g. qwen2_vl, gemma3, llava); default: the one the model's family declares for its "
+                "model_type in config.json (logged)."})
     cutoff_len: int = field(default=2048, metadata={
         "help": "Most tokens a sample keeps: text past it is cut; a sample whose media tokens would be cut is "
                 "dropped (counted in a warning) or, with drop_overlong: false, an error."})
@@ -184,14 +186,18 @@ def default_media_dir(path: str) -> str | None:
     return None
 
 
-_DECODABLE = ("Image", "Audio", "Video")
+def _decodable(feature: Any) -> bool:
+    """An Image, Audio or Video feature (the features ``datasets`` decodes on access)."""
+    import datasets
+
+    return isinstance(feature, (datasets.Image, datasets.Audio, datasets.Video))
 
 
 def _undecoded_feature(feature: Any) -> Any:
     """``feature`` with every Image/Audio/Video inside it set to ``decode=False``."""
     import datasets
 
-    if type(feature).__name__ in _DECODABLE and getattr(feature, "decode", False):
+    if _decodable(feature) and feature.decode:
         return dataclasses.replace(feature, decode=False)
     if isinstance(feature, (datasets.List, datasets.LargeList)):
         return dataclasses.replace(feature, feature=_undecoded_feature(feature.feature))
@@ -232,7 +238,7 @@ def _holds_bytes(feature: Any) -> bool:
     than paths."""
     import datasets
 
-    if type(feature).__name__ in _DECODABLE:
+    if _decodable(feature):
         return True
     if isinstance(feature, (datasets.List, datasets.LargeList)):
         return _holds_bytes(feature.feature)
