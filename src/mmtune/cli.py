@@ -66,8 +66,12 @@ def cmd_check_data(ns: argparse.Namespace) -> int:
     from mmtune.templates import get_template
     from mmtune.train import parse_config
 
+    from mmtune.model.loader import load_config
+    from mmtune.train.sft import training_template
+
     model_args, data_args, _, mm_args, _ = parse_config(ns.config, ns.overrides)
     tokenizer, processor = load_tokenizer_and_processor(model_args)
+    data_args.template = training_template(data_args.template, getattr(load_config(model_args), "model_type", None))
     template = get_template(data_args.template)
     plugin = get_mm_plugin(mm_args.plugin or template.plugin, media=data_args.media_config())
     report = check_dataset(data_args, template, plugin, tokenizer, processor)
@@ -75,33 +79,78 @@ def cmd_check_data(ns: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-def cmd_chat(ns: argparse.Namespace) -> int:
-    from mmtune.infer import ChatEngine
+CHAT_HELP = ("Type a message. /image PATH, /video PATH, /audio PATH attach a file to your next message; "
+             "clear: new conversation; exit, quit or Ctrl-D: leave; Ctrl-C stops an answer.")
 
-    engine = ChatEngine(ns.model, adapter_path=ns.adapter, template=ns.template, max_new_tokens=ns.max_new_tokens)
-    media = {"images": ns.image or [], "videos": ns.video or [], "audios": ns.audio or []}
-    placeholders = "<image>" * len(media["images"]) + "<video>" * len(media["videos"]) + "<audio>" * len(media["audios"])
-    history: list[dict[str, str]] = []
-    prompts = [ns.prompt] if ns.prompt else None
-    while True:
-        text = prompts.pop(0) if prompts else (None if prompts is not None else input("user> "))
-        if text is None or text.strip() in ("exit", "quit"):
-            return 0
-        content = (placeholders + text) if not history else text
-        history.append({"role": "user", "content": content})
-        pieces = []
-        print("assistant> ", end="", flush=True)
-        for piece in engine.stream(history, **media):
-            pieces.append(piece)
+
+def _chat_turn(session: object, text: str) -> bool:
+    """Stream one answer; False when it failed (the error is printed, the turn dropped)."""
+    from mmtune.media import MediaError
+
+    print("assistant> ", end="", flush=True)
+    try:
+        for piece in session.ask(text):  # type: ignore[attr-defined]
             print(piece, end="", flush=True)
-        print()
-        history.append({"role": "assistant", "content": "".join(pieces).strip()})
+    except KeyboardInterrupt:
+        print("\n(answer stopped; the turn and its attachments are dropped)")
+        return False
+    except (MediaError, OSError, ValueError) as exc:
+        print(f"\nerror: {exc} (the turn and its attachments are dropped)", file=sys.stderr)
+        return False
+    print()
+    return True
+
+
+def cmd_chat(ns: argparse.Namespace) -> int:
+    """Interactive chat (or one ``--prompt``): see ``CHAT_HELP`` for the commands."""
+    from mmtune.infer import ChatEngine, ChatSession, GenerationOptions
+
+    try:
+        options = GenerationOptions(max_new_tokens=ns.max_new_tokens, temperature=ns.temperature, top_p=ns.top_p,
+                                    top_k=ns.top_k, repetition_penalty=ns.repetition_penalty)
+    except ValueError as exc:
+        print(f"mmtune chat: error: {exc}", file=sys.stderr)
+        return 2
+    engine = ChatEngine(ns.model, adapter_path=ns.adapter, template=ns.template, dtype=ns.dtype, generation=options)
+    session = ChatSession(engine, system=ns.system)
+    for kind in ("image", "video", "audio"):
+        for path in getattr(ns, kind) or []:
+            session.attach(kind, path)
+    if ns.prompt is not None:
+        return 0 if _chat_turn(session, ns.prompt) else 1
+    print(CHAT_HELP)
+    while True:
+        try:
+            line = input("user> ")
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D / Ctrl-C at the prompt
+            print()
+            return 0
+        text = line.strip()
+        command, _, arg = text.partition(" ")
+        if not text:
+            continue
+        if text.lower() in ("exit", "quit", "/exit", "/quit"):
+            return 0
+        if text.lower() in ("clear", "/clear"):
+            session.clear()
+            print("(new conversation)")
+        elif command.lower() in ("/image", "/video", "/audio"):
+            try:
+                path = session.attach(command[1:].lower(), arg)
+            except (OSError, ValueError) as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                continue
+            print(f"({command[1:].lower()} {path} goes with your next message)")
+        elif text.startswith("/"):
+            print(f"unknown command {command!r}. {CHAT_HELP}")
+        else:
+            _chat_turn(session, line)
 
 
 def cmd_export(ns: argparse.Namespace) -> int:
     from mmtune.infer import export_model
 
-    print(export_model(ns.model, ns.output_dir, adapter_path=ns.adapter, dtype=ns.dtype))
+    print(export_model(ns.model, ns.output_dir, adapter_path=ns.adapter, dtype=ns.dtype, template=ns.template))
     return 0
 
 
@@ -130,20 +179,34 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("config")
     check.add_argument("overrides", nargs="*")
     check.set_defaults(func=cmd_check_data)
-    chat = sub.add_parser("chat", help="chat with a model (or base + adapter), streaming")
-    chat.add_argument("model")
-    chat.add_argument("--adapter")
-    chat.add_argument("--template")
-    chat.add_argument("--image", action="append")
-    chat.add_argument("--video", action="append")
-    chat.add_argument("--audio", action="append")
+    chat = sub.add_parser("chat", help="chat with a model (or base + adapter), streaming",
+                          description="Chat with any folder mmtune writes (output folder, checkpoint-N, export) or a "
+                                      "model. " + CHAT_HELP, epilog="Decoding is greedy unless --temperature > 0.")
+    chat.add_argument("model", help="model folder or Hub id; an adapter folder alone names its base")
+    chat.add_argument("--adapter", help="a LoRA adapter folder to put on MODEL")
+    chat.add_argument("--template", help="chat template; default: the folder's mmtune_config.json, else the "
+                                         "model type's declared template")
+    chat.add_argument("--image", action="append", help="attach to the first message (repeatable)")
+    chat.add_argument("--video", action="append", help="attach to the first message (repeatable)")
+    chat.add_argument("--audio", action="append", help="attach to the first message (repeatable)")
     chat.add_argument("--prompt", help="one question, then exit (no interactive loop)")
+    chat.add_argument("--system", help="system prompt (default: the template's)")
     chat.add_argument("--max-new-tokens", type=int, default=256)
+    chat.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy, the same answer every "
+                                                                     "time; above 0: sampling")
+    chat.add_argument("--top-p", type=float, help="nucleus sampling (with --temperature > 0); default: off")
+    chat.add_argument("--top-k", type=int, help="top-k sampling (with --temperature > 0); default: off")
+    chat.add_argument("--repetition-penalty", type=float, help="above 1 discourages repeats; default: 1 (none)")
+    chat.add_argument("--dtype", default="auto")
     chat.set_defaults(func=cmd_chat)
-    export = sub.add_parser("export", help="merge LoRA and save a model transformers can load")
-    export.add_argument("model")
+    export = sub.add_parser("export", help="merge LoRA and save a model transformers can load",
+                            description="Export a folder mmtune wrote (output folder or checkpoint-N; LoRA merged) "
+                                        "as a model + processor + mmtune_config.json that transformers loads and "
+                                        "`mmtune chat` opens without flags.")
+    export.add_argument("model", help="model folder, or an adapter folder (its adapter_config.json names the base)")
     export.add_argument("output_dir")
-    export.add_argument("--adapter")
+    export.add_argument("--adapter", help="a LoRA adapter folder to merge into MODEL")
+    export.add_argument("--template", help="record this template instead of the folder's")
     export.add_argument("--dtype", default="auto")
     export.set_defaults(func=cmd_export)
     ns, extra = parser.parse_known_args(argv)

@@ -16,8 +16,8 @@ def trained(tmp_path_factory):
     data, test_items = make_dataset(str(root / "data"), n_train=16, n_test=2, size=56)
     model = build_model_dir(str(root), hidden=64)
     out = root / "lora"
-    run_sft(*parse_config(None, extra=dict(
-        model_name_or_path=model, dataset=data, template="qwen2_vl", finetuning_type="lora", lora_rank=4,
+    run_sft(*parse_config(None, extra=dict(  # no template: the model type's declared one (qwen2_vl)
+        model_name_or_path=model, dataset=data, finetuning_type="lora", lora_rank=4,
         torch_dtype="fp32", output_dir=str(out), per_device_train_batch_size=4, max_steps=3, learning_rate=1e-2,
         save_strategy="no", use_cpu=True, disable_tqdm=True, plot_loss=False)))
     return {"root": root, "base": model, "adapter": str(out), "data_dir": str(root / "data"), "items": test_items}
@@ -46,11 +46,13 @@ def test_chat_streams_an_answer_about_an_image(trained, capsys):
 
     image = os.path.join(trained["data_dir"], trained["items"][0]["images"][0])
     engine = ChatEngine(trained["adapter"], max_new_tokens=5)
+    assert engine.template.name == "qwen2_vl" and type(engine.plugin).__name__ == "Qwen2VLPlugin"
     pieces = list(engine.stream([{"role": "user", "content": "<image>What colour is the shape?"}], images=[image]))
     assert isinstance("".join(pieces), str)
     export = trained["root"] / "export_chat"
     assert main(["export", trained["adapter"], str(export)]) == 0
-    assert main(["chat", str(export), "--template", "qwen2_vl", "--image", image, "--prompt", "What shape is this?",
+    assert json.loads((export / "mmtune_config.json").read_text())["template"] == "qwen2_vl"
+    assert main(["chat", str(export), "--image", image, "--prompt", "What shape is this?",
                  "--max-new-tokens", "4"]) == 0
     assert "assistant>" in capsys.readouterr().out
 
@@ -72,7 +74,7 @@ def test_check_data_reports_every_problem_by_index_and_file(trained, tmp_path, c
     data = tmp_path / "bad.json"
     data.write_text(json.dumps(rows))
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"model_name_or_path: {trained['base']}\ndataset: {data}\ntemplate: qwen2_vl\ncutoff_len: 64\n")
+    cfg.write_text(f"model_name_or_path: {trained['base']}\ndataset: {data}\ncutoff_len: 64\n")  # default template
     assert main(["check-data", str(cfg)]) == 1
     out = capsys.readouterr().out
     assert "5 samples read, 3 with errors, 1 over cutoff_len" in out

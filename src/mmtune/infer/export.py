@@ -1,31 +1,61 @@
-"""Merge a LoRA adapter into its base and save a model + processor transformers can load."""
+"""Merge a LoRA adapter into its base and save a model + processor transformers can load,
+with mmtune's config, so that ``mmtune chat`` on the export needs no flag."""
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
 
-def export_model(model_path: str, output_dir: str, adapter_path: str | None = None, dtype: str = "auto") -> str:
-    """``model_path``: a full model folder, or the base when ``adapter_path`` is given (an adapter
-    folder alone is accepted too: its ``adapter_config.json`` names the base)."""
-    from mmtune.hparams import FinetuningArguments, ModelArguments
-    from mmtune.model.loader import load_model, load_tokenizer_and_processor
+def export_record(record: dict[str, Any], model_type: str | None, template: str | None, merged: bool,
+                  source: str) -> dict[str, Any]:
+    """mmtune_config.json of an export: the source's record with the template and family kept,
+    ``finetuning_type`` "full" once an adapter is merged (the export is a whole model), and
+    where it came from."""
+    from mmtune.templates import get_template
 
-    if adapter_path is None and os.path.exists(os.path.join(model_path, "adapter_config.json")):
-        adapter_path = model_path
-        model_path = json.load(open(os.path.join(model_path, "adapter_config.json")))["base_model_name_or_path"]
-    args = ModelArguments(model_name_or_path=model_path, adapter_name_or_path=adapter_path, torch_dtype=dtype)
+    out = dict(record)
+    out["model_type"] = model_type or record.get("model_type")
+    if template:
+        out["template"] = template
+        if record.get("template") != template or not record.get("plugin"):
+            out["plugin"] = get_template(template).plugin
+    if merged:
+        out["finetuning_type"] = "full"
+    out["exported_from"] = source
+    return out
+
+
+def export_model(model_path: str, output_dir: str, adapter_path: str | None = None, dtype: str = "auto",
+                 template: str | None = None) -> str:
+    """``model_path``: a full model folder (a final output folder or a ``checkpoint-N``), or
+    the base when ``adapter_path`` is given (an adapter folder alone is accepted too: its
+    ``adapter_config.json`` names the base). Writes the (merged) model, its processor and
+    ``mmtune_config.json`` (template, plugin, model type; ``finetuning_type: full`` after a
+    merge) to ``output_dir``; returns ``output_dir``. ``template`` overrides the recorded one."""
+    from mmtune.hparams import ConfigError, FinetuningArguments, ModelArguments
+    from mmtune.model.loader import load_model
+    from mmtune.model.saved import inspect_folder, load_saved_processor, resolve_template, write_mmtune_config
+
+    folder = inspect_folder(model_path, adapter_path)
+    try:
+        name, source = resolve_template(template, folder.model_type, folder.record, where=folder.files)
+    except ConfigError:  # the export still works; chat on it will ask for --template
+        name, source = None, "none known"
+    logger.info("export: template %s (%s)", name, source)
+    tokenizer, processor = load_saved_processor(folder)  # before the weights: a folder that cannot reopen fails fast
+    args = ModelArguments(model_name_or_path=folder.model_path, adapter_name_or_path=folder.adapter_path,
+                          torch_dtype=dtype)
     model = load_model(args, FinetuningArguments(), is_trainable=False)
-    if hasattr(model, "merge_and_unload"):
+    merged = hasattr(model, "merge_and_unload")
+    if merged:
         model = model.merge_and_unload()
-        logger.info("merged adapter %s into %s", adapter_path, model_path)
+        logger.info("merged adapter %s into %s", folder.adapter_path, folder.model_path)
     model.config.use_cache = True
     model.save_pretrained(output_dir)
-    tokenizer, processor = load_tokenizer_and_processor(ModelArguments(model_name_or_path=adapter_path or model_path))
     (processor or tokenizer).save_pretrained(output_dir)
+    record = export_record(folder.record, folder.model_type, name, merged, folder.files)
+    write_mmtune_config(output_dir, record)
     return output_dir

@@ -47,3 +47,45 @@ def plot_loss(output_dir: str) -> str | None:
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+class MmtuneConfigCallback(TrainerCallback):
+    """Writes mmtune's config (``mmtune_config.json``: template, plugin, media settings,
+    fine-tuning type, model type, base model) into every ``checkpoint-N`` the Trainer saves,
+    and into the output folder before any push to the Hub, so ``mmtune chat``, ``export`` and
+    resume reopen any of them with the template and plugin the run used. The processor is
+    saved there by the Trainer itself (``processing_class``).
+
+    ``model_config``, when given, is saved beside each checkpoint's weights too: a LoRA
+    adapter of a LLaVA assembled around a plain LM needs the assembled config to be rebuilt."""
+
+    def __init__(self, record: dict[str, Any], model_config: Any = None) -> None:
+        self.record = dict(record)
+        self.model_config = model_config
+
+    def write(self, folder: str) -> None:
+        from mmtune.model.saved import write_mmtune_config
+
+        write_mmtune_config(folder, self.record)
+        if self.model_config is not None:
+            self.model_config.save_pretrained(folder)
+
+    def _checkpoint(self, args: Any, state: Any) -> str:
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        return os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        folder = self._checkpoint(args, state)
+        if args.should_save and os.path.isdir(folder):
+            self.write(folder)
+
+    def on_push_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """A push uploads the output folder (and, with ``hub_strategy: checkpoint``, the
+        checkpoint just saved, before ``on_save`` runs): both get the config first."""
+        if not args.should_save:
+            return
+        self.write(args.output_dir)
+        folder = self._checkpoint(args, state)
+        if os.path.isdir(folder):
+            self.write(folder)

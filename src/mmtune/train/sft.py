@@ -14,12 +14,13 @@ from transformers import Trainer
 from mmtune.data import MultiModalCollator, build_dataset
 from mmtune.data.packing import dataset_lengths, maybe_pack
 from mmtune.model.composite import get_composite_model, has_prefix
-from mmtune.model.loader import load_model, load_tokenizer_and_processor
+from mmtune.model.loader import load_config, load_model, load_tokenizer_and_processor
 from mmtune.model.precompute import find_precompute
+from mmtune.model.saved import resolve_template
 from mmtune.plugins import get_mm_plugin
 from mmtune.templates import get_template
 
-from .callbacks import JsonlLogCallback, plot_loss
+from .callbacks import JsonlLogCallback, MmtuneConfigCallback, plot_loss
 
 logger = logging.getLogger(__name__)
 
@@ -249,6 +250,8 @@ def run_sft(model_args: Any, data_args: Any, finetuning_args: Any, mm_args: Any,
             callbacks: list[Any] | None = None) -> dict[str, Any]:
     """Train, save (adapter or model + processor), log and plot; returns the metrics."""
     tokenizer, processor = load_tokenizer_and_processor(model_args)
+    model_type = getattr(load_config(model_args), "model_type", None)
+    data_args = dataclasses.replace(data_args, template=training_template(data_args.template, model_type))
     template = get_template(data_args.template)
     plugin = get_mm_plugin(mm_args.plugin or template.plugin, media=data_args.media_config())
     with training_args.main_process_first(desc="tokenising"):
@@ -272,13 +275,19 @@ def run_sft(model_args: Any, data_args: Any, finetuning_args: Any, mm_args: Any,
                                          training_args.per_device_train_batch_size)
     threads_before = torch.get_num_threads()
     set_host_threads(mm_args.host_threads, training_args.device.type, training_args.dataloader_num_workers)
+    record = run_record(model_args, data_args, finetuning_args, mm_args, model_type, template)
+    # a LoRA of a LLaVA assembled around a plain LM: its config goes beside every adapter
+    assembled_config = (model.config if getattr(model_args, "vision_tower", None)
+                        and finetuning_args.finetuning_type == "lora" else None)
     trainer = MMTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=datasets.get("eval"),
         data_collator=collator,
-        callbacks=[JsonlLogCallback(), *(callbacks or [])],
+        # the Trainer saves it into every checkpoint-N and the final folder, before any push
+        processing_class=processor or tokenizer,
+        callbacks=[JsonlLogCallback(), MmtuneConfigCallback(record, assembled_config), *(callbacks or [])],
         projector_lr=mm_args.projector_lr,
     )
     try:
@@ -286,21 +295,42 @@ def run_sft(model_args: Any, data_args: Any, finetuning_args: Any, mm_args: Any,
     finally:
         torch.set_num_threads(threads_before)  # the caller's count again
     gather_fsdp_state_dict(trainer)
-    trainer.save_model(training_args.output_dir)
-    if trainer.is_world_process_zero():
-        (processor or tokenizer).save_pretrained(training_args.output_dir)
+    if training_args.should_save:  # everything beside the weights first: save_model pushes with push_to_hub
+        MmtuneConfigCallback(record, assembled_config).write(training_args.output_dir)
         if finetuning_args.train_mm_proj_only:
             save_projector(trainer.model, training_args.output_dir)
-        if getattr(model_args, "vision_tower", None) and finetuning_args.finetuning_type == "lora":
-            # the adapter's base is a plain LM: keep the assembled LLaVA's config beside it
-            trainer.model.config.save_pretrained(training_args.output_dir)
+    trainer.save_model(training_args.output_dir)  # weights and processor (processing_class)
     metrics = dict(result.metrics)
     if datasets.get("eval") is not None:
         metrics.update(trainer.evaluate())
     trainer.save_metrics("all", metrics)
     if mm_args.plot_loss and trainer.is_world_process_zero():
         plot_loss(training_args.output_dir)
-    with open(os.path.join(training_args.output_dir, "mmtune_config.json"), "w") as fh:
-        json.dump({"template": data_args.template, "plugin": mm_args.plugin or template.plugin,
-                   "finetuning_type": finetuning_args.finetuning_type}, fh)
     return metrics
+
+
+def training_template(requested: str | None, model_type: str | None) -> str:
+    """The run's chat template: ``template`` from the config, else the one the model's family
+    declares for its ``model_type`` (logged, so a run never trains on a template it did not
+    say); neither is a one-line error naming the ``template`` key."""
+    name, source = resolve_template(requested, model_type, option="`template: NAME` in the config")
+    if source != "given":
+        logger.info("template: %s (%s; set `template` to choose another)", name, source)
+    return name
+
+
+def run_record(model_args: Any, data_args: Any, finetuning_args: Any, mm_args: Any, model_type: str | None,
+               template: Any) -> dict[str, Any]:
+    """What ``mmtune_config.json`` records of a run: what chat and export need to reopen its
+    folders (template, plugin and its media settings, model type) and where it came from."""
+    import mmtune
+
+    return {
+        "template": template.name,
+        "plugin": mm_args.plugin or template.plugin,
+        "media": dataclasses.asdict(data_args.media_config()),
+        "finetuning_type": finetuning_args.finetuning_type,
+        "model_type": model_type,
+        "model_name_or_path": model_args.model_name_or_path,
+        "mmtune_version": getattr(mmtune, "__version__", None),
+    }
