@@ -162,7 +162,10 @@ def _check_report_to(value: Any, where: str) -> Any:
     ``none`` and ``all`` as transformers reads them."""
     if value is None:
         return "none"
-    names = value if isinstance(value, list) else [part.strip() for part in str(value).split(",") if part.strip()]
+    if isinstance(value, (list, tuple)):
+        names = [str(name).strip() for name in value]
+    else:
+        names = [part.strip() for part in str(value).split(",") if part.strip()]
     if not names or names in (["none"], ["all"]):
         return names[0] if names else "none"
     from transformers.integrations import get_available_reporting_integrations
@@ -234,6 +237,8 @@ def parse_config(path: str | None, overrides: list[str] | None = None, extra: di
         name, value = resolve_alias(key, value, where)
         if name is None:
             continue
+        if name not in options:  # an alias of a key this transformers version does not have
+            raise ConfigError(f"{where}: {key} is {name}, which this transformers version does not have")
         option = options[name]
         if name == "report_to":
             value = _check_report_to(value, where)
