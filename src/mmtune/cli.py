@@ -103,6 +103,8 @@ def _chat_turn(session: object, text: str) -> bool:
 
 def cmd_chat(ns: argparse.Namespace) -> int:
     """Interactive chat (or one ``--prompt``): see ``CHAT_HELP`` for the commands."""
+    import os
+
     from mmtune.infer import ChatEngine, ChatSession, GenerationOptions
 
     try:
@@ -111,11 +113,15 @@ def cmd_chat(ns: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"mmtune chat: error: {exc}", file=sys.stderr)
         return 2
+    attached = [(kind, path) for kind in ("image", "video", "audio") for path in getattr(ns, kind) or []]
+    for kind, path in attached:  # before the model loads
+        if not os.path.isfile(path):
+            print(f"mmtune chat: error: --{kind} {path}: no such file", file=sys.stderr)
+            return 2
     engine = ChatEngine(ns.model, adapter_path=ns.adapter, template=ns.template, dtype=ns.dtype, generation=options)
     session = ChatSession(engine, system=ns.system)
-    for kind in ("image", "video", "audio"):
-        for path in getattr(ns, kind) or []:
-            session.attach(kind, path)
+    for kind, path in attached:
+        session.attach(kind, path)
     if ns.prompt is not None:
         return 0 if _chat_turn(session, ns.prompt) else 1
     print(CHAT_HELP)
@@ -135,6 +141,9 @@ def cmd_chat(ns: argparse.Namespace) -> int:
             session.clear()
             print("(new conversation)")
         elif command.lower() in ("/image", "/video", "/audio"):
+            if not arg.strip():
+                print(f"usage: {command.lower()} PATH")
+                continue
             try:
                 path = session.attach(command[1:].lower(), arg)
             except (OSError, ValueError) as exc:
@@ -144,7 +153,7 @@ def cmd_chat(ns: argparse.Namespace) -> int:
         elif text.startswith("/"):
             print(f"unknown command {command!r}. {CHAT_HELP}")
         else:
-            _chat_turn(session, line)
+            _chat_turn(session, text)
 
 
 def cmd_export(ns: argparse.Namespace) -> int:
