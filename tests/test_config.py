@@ -105,6 +105,23 @@ def test_lists_and_mappings_from_the_command_line():
     assert model.image_grid_pinpoints == [[336, 672], [672, 336]]
 
 
+def test_training_arguments_values_beyond_their_type_hints_pass_to_transformers():
+    """transformers' hints are narrower than what TrainingArguments takes (fsdp: true, an
+    AcceleratorConfig object); mmtune's own fields and scalar fields stay strict."""
+    from transformers.trainer_pt_utils import AcceleratorConfig
+
+    *_, training = parse_config(None, extra={"accelerator_config": AcceleratorConfig(non_blocking=False),
+                                             "use_cpu": True})
+    assert training.accelerator_config.non_blocking is False
+    assert parse_config(None, extra={"fsdp": True, "use_cpu": True})[4].fsdp is True
+    with pytest.raises(ConfigError, match=r"^config: Unknown `fsdp` option: maybe"):  # transformers judged it
+        parse_config(None, extra={"fsdp": ["maybe"]})
+    with pytest.raises(ConfigError, match=r"config: learning_rate: \[0.1\] is not a number"):
+        parse_config(None, extra={"learning_rate": [0.1]})
+    with pytest.raises(ConfigError, match=r"config: lora_target: \['q_proj'\] is not text"):
+        parse_config(None, extra={"lora_target": ["q_proj"]})
+
+
 @pytest.mark.parametrize("override, expected", [
     ("learning_rate=fast", r"command line: learning_rate: 'fast' is not a number"),
     ("lora_rank=2.5", r"command line: lora_rank: 2.5 is not an integer"),

@@ -322,12 +322,19 @@ def field_hints(cls: type) -> dict[str, Any]:
     return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls) if f.init}
 
 
-def convert_field(key: str, value: Any, hint: Any, metadata: Any, where: str) -> Any:
+def convert_field(key: str, value: Any, hint: Any, metadata: Any, where: str, *, hint_may_be_narrow: bool = False) -> Any:
     """``value`` converted for field ``key``, then checked against the field's ``choices`` /
-    ``pattern`` metadata; a ConfigError naming key, value, expected type and ``where`` otherwise."""
+    ``pattern`` metadata; a ConfigError naming key, value, expected type and ``where`` otherwise.
+
+    ``hint_may_be_narrow`` (transformers' TrainingArguments): a union field accepts more than its
+    hint says (``fsdp: true``, an ``AcceleratorConfig`` object), so a value that is not text and
+    fits none of the union's types passes as it is, for the dataclass to judge. Text is still
+    converted, and scalar fields (bool, int, float) stay strict."""
     try:
         converted = convert(value, hint)
     except _Mismatch:
+        if hint_may_be_narrow and _is_union(hint) and value is not None and not isinstance(value, str):
+            return value
         raise ConfigError(f"{where}: {key}: {value!r} is not {describe(hint)}") from None
     except ValueError as exc:  # an enum list member, a dataclass-typed item
         raise ConfigError(f"{where}: {key}: {value!r} ({exc})") from None

@@ -243,7 +243,8 @@ def parse_config(path: str | None, overrides: list[str] | None = None, extra: di
         if name == "report_to":
             value = _check_report_to(value, where)
         else:
-            value = convert_field(name, value, option.hint, option.field.metadata, where)
+            value = convert_field(name, value, option.hint, option.field.metadata, where,
+                                  hint_may_be_narrow=option.group == len(GROUP_TITLES) - 1)
         groups[option.group][name] = value
         sources[name] = where
     model, data, finetuning, mm, training = groups
