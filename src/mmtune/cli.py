@@ -48,6 +48,12 @@ def _launch_ranks(ns: argparse.Namespace) -> int:
 
 
 def cmd_demo(ns: argparse.Namespace) -> int:
+    if ns.export_data:  # the examples' data set, no training
+        from mmtune.demo import export_data
+
+        for path in export_data(ns.export_data):
+            print(path)
+        return 0
     from mmtune.demo import run_demo
 
     result = run_demo(output_dir=ns.output_dir, max_steps=ns.max_steps)
@@ -183,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="train a tiny VLM on synthetic shapes, on the CPU")
     demo.add_argument("--output-dir", default="demo_output")
     demo.add_argument("--max-steps", type=int, default=1500)
+    demo.add_argument("--export-data", metavar="DIR", help="write the data set examples/*.yaml train on (the demo's "
+                      "shapes, a video, audio, ShareGPT and LLaVA-style json) into DIR and exit; examples/data is "
+                      "`mmtune demo --export-data examples/data`")
     demo.set_defaults(func=cmd_demo)
     check = sub.add_parser("check-data", help="read every sample, report problems by index and file")
     check.add_argument("config")

@@ -4,6 +4,9 @@ Nothing is downloaded: the images are drawn here, the Qwen2-VL processor and tok
 from ``mmtune.testing``, and the model is a randomly initialised tiny Qwen2-VL. Held-out
 accuracy (answer chosen by likelihood among the candidate words) is printed next to the best
 any text-only model can do on the same questions (always answering the most frequent word).
+
+:func:`export_data` (``mmtune demo --export-data DIR``) writes the same kind of shapes, plus a
+video and audio, as the small data set every ``examples/*.yaml`` trains on (``examples/data``).
 """
 
 from __future__ import annotations
@@ -33,7 +36,13 @@ def draw_shape(colour: str, shape: str, size: int, rng: random.Random) -> Image.
     d = ImageDraw.Draw(img)
     s = rng.randint(int(size * 0.7), size - 6)  # large shapes: the demo is about colour and shape, not search
     x0, y0 = rng.randint(2, size - s - 2), rng.randint(2, size - s - 2)
-    box, fill = [x0, y0, x0 + s, y0 + s], COLOURS[colour]
+    paint_shape(d, shape, x0, y0, s, COLOURS[colour])
+    return img
+
+
+def paint_shape(d: ImageDraw.ImageDraw, shape: str, x0: int, y0: int, s: int, fill: tuple[int, int, int]) -> None:
+    """Draw ``shape`` filling the ``s``-pixel square box at (``x0``, ``y0``)."""
+    box = [x0, y0, x0 + s, y0 + s]
     if shape == "circle":
         d.ellipse(box, fill=fill)
     elif shape == "square":
@@ -44,11 +53,11 @@ def draw_shape(colour: str, shape: str, size: int, rng: random.Random) -> Image.
         w = max(3, s // 4)
         d.rectangle([x0 + s // 2 - w // 2, y0, x0 + s // 2 + w // 2, y0 + s], fill=fill)
         d.rectangle([x0, y0 + s // 2 - w // 2, x0 + s, y0 + s // 2 + w // 2], fill=fill)
-    return img
 
 
-def make_dataset(root: str, n_train: int, n_test: int, size: int = 56, seed: int = 0) -> tuple[str, list[dict]]:
-    """Images on disk plus a ShareGPT ``train.json``; returns its path and the held-out items."""
+def make_dataset(root: str, n_train: int, n_test: int, size: int = 56, seed: int = 0,
+                 filename: str = "train.json") -> tuple[str, list[dict]]:
+    """Images on disk plus a ShareGPT json (``filename``); returns its path and the held-out items."""
     rng = random.Random(seed)
     os.makedirs(os.path.join(root, "images"), exist_ok=True)
     train, test = [], []
@@ -60,10 +69,126 @@ def make_dataset(root: str, n_train: int, n_test: int, size: int = 56, seed: int
             item = {"messages": [{"role": "user", "content": f"<image>{QUESTIONS[kind]}"},
                                  {"role": "assistant", "content": answer}], "images": [name], "kind": kind}
             (train if i < n_train else test).append(item)
-    path = os.path.join(root, "train.json")
+    path = os.path.join(root, filename)
     with open(path, "w") as fh:
         json.dump([{k: v for k, v in it.items() if k != "kind"} for it in train], fh)
     return path, test
+
+
+def make_shape_video(path: str, colour: str, shape: str, frames: int = 8, size: int = 112, fps: int = 4) -> str:
+    """An MP4 (mpeg4 codec, via PyAV) of one shape crossing the frame from left to right."""
+    import av
+
+    s = size // 3
+    with av.open(path, "w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = size, size, "yuv420p"
+        stream.thread_count = 1  # one encoder thread: the same bytes on every machine with this PyAV
+        for i in range(frames):
+            img = Image.new("RGB", (size, size), (235, 235, 235))
+            x0 = 2 + (size - s - 4) * i // max(1, frames - 1)
+            paint_shape(ImageDraw.Draw(img), shape, x0, (size - s) // 2, s, COLOURS[colour])
+            for packet in stream.encode(av.VideoFrame.from_image(img)):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+#: answers of the text-only rows of ``conversations.json`` (LLaVA's instruction mix has text-only rows too)
+TEXT_ONLY = (("Which colour do you get by mixing blue and yellow?", "green"),
+             ("How many corners does a triangle have?", "three"),
+             ("How many sides does a square have?", "four"),
+             ("What colour is a ripe banana?", "yellow"))
+
+
+def _write_json(root: str, name: str, rows: list[dict[str, Any]]) -> str:
+    path = os.path.join(root, name)
+    with open(path, "w") as fh:
+        json.dump(rows, fh, indent=1)
+        fh.write("\n")
+    return path
+
+
+def export_data(root: str, n_images: int = 16, image_size: int = 112, seed: int = 0) -> list[str]:
+    """Write the example data set that ``examples/*.yaml`` train on into ``root``; returns the
+    files written. Deterministic (fixed seeds), so that ``mmtune demo --export-data
+    examples/data`` reproduces the committed copy. Media paths in the json files are relative to
+    the json file's folder (mmtune's default ``media_dir``).
+
+    - ``images/*.png``: the demo's coloured shapes; ``shapes.json``: a colour and a shape
+      question per image (ShareGPT ``messages`` with ``role``/``content``, ``images``).
+    - ``videos/moving_shape.mp4`` (one shape crossing the frame, 8 frames at 4 fps);
+      ``shapes_video.json``: the image rows, video rows and a row with an image and the video.
+    - ``audios/tone_low.wav``, ``tone_high.wav`` (1 s, 16 kHz); ``audio.json``: questions on them.
+    - ``captions.json``: LLaVA stage-1 style (``conversations`` with ``from``/``value``, one
+      ``image`` per row, ``<image>`` then a caption).
+    - ``conversations.json``: LLaVA instruction style, multi-turn rows about an image mixed with
+      text-only rows.
+    """
+    from mmtune.testing import make_audio_file
+
+    os.makedirs(root, exist_ok=True)
+    shapes_path, _ = make_dataset(root, n_images, 0, size=image_size, seed=seed, filename="shapes.json")
+    with open(shapes_path) as fh:
+        shape_rows = json.load(fh)
+    written = [os.path.join(root, f"images/{i:05d}.png") for i in range(n_images)]
+    written.append(_write_json(root, "shapes.json", shape_rows))  # again, indented for readers
+    # (image, colour, shape) of each image: make_dataset writes its colour row, then its shape row
+    facts = [(shape_rows[2 * i]["images"][0], shape_rows[2 * i]["messages"][1]["content"],
+              shape_rows[2 * i + 1]["messages"][1]["content"]) for i in range(n_images)]
+
+    rng = random.Random(seed + 1)
+    colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+    os.makedirs(os.path.join(root, "videos"), exist_ok=True)
+    video = "videos/moving_shape.mp4"
+    written.append(make_shape_video(os.path.join(root, video), colour, shape, size=image_size))
+    other = next(i for i, (_, c, sh) in enumerate(facts) if (c, sh) != (colour, shape))
+    video_rows = [
+        {"messages": [{"role": "user", "content": "<video>What colour is the moving shape?"},
+                      {"role": "assistant", "content": colour}], "videos": [video]},
+        {"messages": [{"role": "user", "content": "<video>What shape moves in the video?"},
+                      {"role": "assistant", "content": shape}], "videos": [video]},
+        {"messages": [{"role": "user", "content": "<video>Which way does the shape move?"},
+                      {"role": "assistant", "content": "from left to right"}], "videos": [video]},
+        {"messages": [{"role": "user", "content": "<image><video>Does the picture show the shape of the video?"},
+                      {"role": "assistant", "content": f"no: the picture shows a {facts[other][1]} {facts[other][2]}, "
+                                                       f"the video a {colour} {shape}"}],
+         "images": [facts[other][0]], "videos": [video]},
+    ]
+    written.append(_write_json(root, "shapes_video.json", shape_rows + video_rows))
+
+    os.makedirs(os.path.join(root, "audios"), exist_ok=True)
+    audio_rows = []
+    for pitch, freq in (("low", 220.0), ("high", 880.0)):
+        name = f"audios/tone_{pitch}.wav"
+        written.append(make_audio_file(os.path.join(root, name), seconds=1.0, sampling_rate=16000, freq=freq))
+        audio_rows += [
+            {"messages": [{"role": "user", "content": "<audio>Is this tone high or low?"},
+                          {"role": "assistant", "content": pitch}], "audios": [name]},
+            {"messages": [{"role": "user", "content": "<audio>What do you hear?"},
+                          {"role": "assistant", "content": f"a steady {pitch} tone"}], "audios": [name]},
+        ]
+    written.append(_write_json(root, "audio.json", audio_rows))
+
+    captions = [{"id": os.path.splitext(os.path.basename(image))[0], "image": image,
+                 "conversations": [{"from": "human", "value": "<image>"},
+                                   {"from": "gpt", "value": f"a {c} {sh} on a pale background"}]}
+                for image, c, sh in facts]
+    written.append(_write_json(root, "captions.json", captions))
+
+    chats: list[dict[str, Any]] = []
+    for i, (image, c, sh) in enumerate(facts):
+        chats.append({"id": f"chat-{i:05d}", "image": image, "conversations": [
+            {"from": "human", "value": "<image>\nWhat colour is the shape?"}, {"from": "gpt", "value": f"It is {c}."},
+            {"from": "human", "value": "And what shape is it?"}, {"from": "gpt", "value": f"A {sh}."}]})
+        if i % 4 == 3 and i // 4 < len(TEXT_ONLY):
+            question, answer = TEXT_ONLY[i // 4]
+            chats.append({"id": f"text-{i // 4:05d}", "conversations": [
+                {"from": "human", "value": question}, {"from": "gpt", "value": answer}]})
+    written.append(_write_json(root, "conversations.json", chats))
+    logger.info("example data: %d files in %s", len(written), root)
+    return written
 
 
 def build_model_dir(root: str, hidden: int = 128, vision_dim: int = 64, vision_depth: int = 2, seed: int = 0) -> str:
