@@ -1,8 +1,9 @@
 """Qwen3-VL (and Qwen3-VL-MoE): Qwen2-VL's image rule with 16-px patches; each video's
 temporal group gets a ``<t seconds>`` timestamp and its own ``<|vision_start|>`` ...
 ``<|vision_end|>`` block, built by the processor's own ``replace_video_token`` from the grid
-and timing computed here (no pixel work). Several videos in one sample each use their own
-frame count and timing."""
+and timing computed here (no pixel work), and placed into the chat template's video wrapper by
+the processor's own ``get_text_with_replacements``. Several videos in one sample each use their
+own frame count and timing."""
 
 from __future__ import annotations
 
@@ -18,15 +19,24 @@ from .qwen2_vl import Qwen2VLPlugin, build_qwen_tokenizer, qwen_token_ids
 
 
 class Qwen3VLPlugin(Qwen2VLPlugin):
-    """``<video>`` -> ``<|vision_start|>`` + per temporal group ``<t seconds>`` +
-    ``<|vision_start|>`` n x ``<|video_pad|>`` ``<|vision_end|>`` + ``<|vision_end|>``: the
-    processor replaces only the pad token of the template's ``<|vision_start|><|video_pad|>
-    <|vision_end|>``, so the outer pair stays."""
+    """``<video>`` -> what the processor makes of the chat template's
+    ``<|vision_start|><|video_pad|><|vision_end|>``: per temporal group ``<t seconds>`` +
+    ``<|vision_start|>`` n x ``<|video_pad|>`` ``<|vision_end|>``.
+
+    Whether the template's outer ``<|vision_start|>`` ... ``<|vision_end|>`` pair survives is the
+    processor's choice, and it has changed between transformers releases (older ones replace only
+    the pad token and keep the pair; newer ones collapse the wrapper). The wrapper is therefore
+    passed through the installed processor's own ``get_text_with_replacements`` with the
+    replacement computed here, so the ids follow whichever rule is installed.
+    """
 
     def video_text(self, processor: Any, clip: VideoClip, grid: tuple[int, int]) -> str:
+        wrapper = self._wrap(self.video_token, 1)
         if not self.expand_mm_tokens:
-            return self._wrap(self.video_token, 1)
-        return f"{self.vision_start}{self.processor_video_text(processor, clip, grid)}{self.vision_end}"
+            return wrapper
+        replacement = self.processor_video_text(processor, clip, grid)
+        texts, _ = processor.get_text_with_replacements([wrapper], videos_replacements=[replacement])
+        return texts[0]
 
 
 register_mm_plugin("qwen3_vl", Qwen3VLPlugin)
