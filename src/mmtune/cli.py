@@ -6,6 +6,10 @@ import argparse
 import json
 import logging
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mmtune.infer import ChatSession
 
 
 def _setup_logging() -> None:
@@ -89,13 +93,13 @@ CHAT_HELP = ("Type a message. /image PATH, /video PATH, /audio PATH attach a fil
              "clear: new conversation; exit, quit or Ctrl-D: leave; Ctrl-C stops an answer.")
 
 
-def _chat_turn(session: object, text: str) -> bool:
+def _chat_turn(session: ChatSession, text: str) -> bool:
     """Stream one answer; False when it failed (the error is printed, the turn dropped)."""
     from mmtune.media import MediaError
 
     print("assistant> ", end="", flush=True)
     try:
-        for piece in session.ask(text):  # type: ignore[attr-defined]
+        for piece in session.ask(text):
             print(piece, end="", flush=True)
     except KeyboardInterrupt:
         print("\n(answer stopped; the turn and its attachments are dropped)")

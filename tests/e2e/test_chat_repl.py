@@ -125,8 +125,12 @@ def test_ctrl_c_during_an_answer_drops_that_turn(ws, monkeypatch, capsys):
 
 
 def test_closing_a_stream_stops_generation(ws, monkeypatch):
+    from mmtune.infer import GenerationOptions
+
     generated = _spy_generate(monkeypatch)
-    engine = ChatEngine(ws["model"], max_new_tokens=3000)
+    options = GenerationOptions()
+    engine = ChatEngine(ws["model"], max_new_tokens=3000, generation=options)
+    assert engine.generation.max_new_tokens == 3000 and options.max_new_tokens == 256  # the caller's is kept
     engine.stop_ids = [engine.model.config.get_text_config().vocab_size + 1]  # no end-of-turn cuts it short
     stream = engine.stream([{"role": "user", "content": "hello"}])
     next(stream)

@@ -9,6 +9,7 @@ guess (a wrong template answers plausibly and wrongly).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -110,7 +111,7 @@ class ChatEngine:
         logger.info("chat: template %s (%s), plugin %s", name, source, plugin)
         self.generation = generation or GenerationOptions()
         if max_new_tokens is not None:
-            self.generation.max_new_tokens = max_new_tokens
+            self.generation = dataclasses.replace(self.generation, max_new_tokens=max_new_tokens)
         self.tokenizer, self.processor = load_saved_processor(folder)
         args = ModelArguments(model_name_or_path=folder.model_path, adapter_name_or_path=folder.adapter_path,
                               torch_dtype=dtype)
