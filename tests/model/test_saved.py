@@ -41,7 +41,8 @@ def test_template_resolution_order_and_error():
     assert resolve_template("gemma3", "qwen2_vl", record) == ("gemma3", "given")
     assert resolve_template(None, "qwen2_vl", record) == ("llava", MMTUNE_CONFIG_NAME)
     assert resolve_template("auto", "gemma3", {}) == ("gemma3", "the default of model type 'gemma3'")
-    with pytest.raises(ConfigError, match=r"/m: no chat template known for model type 'bert'.*pass --template NAME"):
+    with pytest.raises(ConfigError, match=r"/m: no chat template known for model type 'bert' \(no mmtune_config.json, "
+                                          r"and no family declares one\); pass --template NAME"):
         resolve_template(None, "bert", {}, where="/m")
     with pytest.raises(ConfigError, match="a model without config.json"):
         resolve_template(None, None)
@@ -54,7 +55,8 @@ def test_training_template_defaults_to_the_model_type_and_logs_it(caplog):
         assert training_template(None, "gemma3") == "gemma3"
     assert "template: gemma3 (the default of model type 'gemma3'" in caplog.text
     assert training_template("llava", "gemma3") == "llava"
-    with pytest.raises(ConfigError, match="`template: NAME` in the config"):
+    with pytest.raises(ConfigError, match=r"model type 'bert' \(no family declares one\); pass `template:` in the "
+                                          r"config, e.g. template: NAME"):
         training_template(None, "bert")
 
 

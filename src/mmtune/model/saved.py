@@ -104,7 +104,8 @@ def resolve_template(requested: str | None, model_type: str | None, record: dict
                      where: str = "", option: str = "--template") -> tuple[str, str]:
     """The chat template to use and why: ``requested`` (a name the user gave), else the one
     recorded in mmtune_config.json, else the one the family of ``model_type`` declares.
-    Never a silent fallback: with none of these, a one-line error naming ``option``."""
+    Never a silent fallback: with none of these, a one-line error naming ``option``. ``record``
+    is None where there is no folder to have one (training)."""
     from mmtune.model.composite import declared_template
     from mmtune.templates import TEMPLATES
 
@@ -120,8 +121,9 @@ def resolve_template(requested: str | None, model_type: str | None, record: dict
 
     load_families()  # the known names, for the message
     what = f"model type {model_type!r}" if model_type else "a model without config.json"
-    raise ConfigError(f"{where + ': ' if where else ''}no chat template known for {what} (no {MMTUNE_CONFIG_NAME}, "
-                      f"and no family declares one); pass {option} NAME (known: {', '.join(sorted(TEMPLATES))})")
+    why = f"no {MMTUNE_CONFIG_NAME}, and no family declares one" if record is not None else "no family declares one"
+    raise ConfigError(f"{where + ': ' if where else ''}no chat template known for {what} ({why}); pass {option} "
+                      f"NAME (known: {', '.join(sorted(TEMPLATES))})")
 
 
 def load_saved_processor(folder: SavedFolder) -> tuple[Any, Any | None]:

@@ -313,7 +313,7 @@ def training_template(requested: str | None, model_type: str | None) -> str:
     """The run's chat template: ``template`` from the config, else the one the model's family
     declares for its ``model_type`` (logged, so a run never trains on a template it did not
     say); neither is a one-line error naming the ``template`` key."""
-    name, source = resolve_template(requested, model_type, option="`template: NAME` in the config")
+    name, source = resolve_template(requested, model_type, option="`template:` in the config, e.g. template:")
     if source != "given":
         logger.info("template: %s (%s; set `template` to choose another)", name, source)
     return name
