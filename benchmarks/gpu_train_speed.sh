@@ -3,7 +3,7 @@
 # and data (Qwen2-VL-2B sizes, 563 tokens a sample), full fine-tuning at batch 4 and LoRA at batch 8, each mmtune
 # run right after the peer's. From the repo root, with mmtune's wheels (.whl) and the peer (.peer: llamafactory/
 # and lfwhl/) carried:
-#     bash benchmarks/gpu_train_speed.sh [full] [lora] [full_all] [graphs] [check_graphs] [syncs] [anatomy]
+#     bash benchmarks/gpu_train_speed.sh [full] [lora] [qlora] [full_all] [graphs] [check_graphs] [syncs] [anatomy]
 #     (default: full lora; "full graphs" is the same-call A/B of frozen_block_cuda_graphs)
 # Writes $OUT/log (every line stamped with seconds since start) and one JSON row per part under $OUT, with the
 # peer's figures and the ratios (train_speed.py --peer llamafactory runs the peer's lf_train.py first). A step
@@ -42,6 +42,11 @@ main() {
       lora)
         step lora 180 320 "${MM[@]}" benchmarks/train_speed.py "${DATA[@]}" --method lora --batch 8 --steps "$STEPS" \
           --peer llamafactory --output-dir /tmp/ts_lora --json "$OUT/lora.json"
+        ;;
+      qlora)  # QLoRA (4-bit bitsandbytes base; the wheel carried in .whl), the peer's QLoRA first
+        step qlora 180 320 "${MM[@]}" benchmarks/train_speed.py "${DATA[@]}" --method lora --batch 8 --steps "$STEPS" \
+          --set quantization_bit=4 --peer llamafactory --peer-set quantization_bit=4 --output-dir /tmp/ts_qlora \
+          --json "$OUT/qlora.json"
         ;;
       full_all)  # full fine-tuning with the C++ wrapper on the vision blocks too (compile_cpp_wrapper: all)
         step full_all 90 200 "${MM[@]}" benchmarks/train_speed.py "${DATA[@]}" --method full --batch 4 --steps "$STEPS" \

@@ -180,6 +180,7 @@ def run_peer(args: argparse.Namespace, out_json: str) -> dict:
                  f"output_dir={args.output_dir}_peer"]
     if args.method == "freeze":
         overrides.append("finetuning_type=freeze")
+    overrides += args.peer_set
     env = dict(os.environ, DISABLE_VERSION_CHECK="1", BENCH_JSON=out_json, BENCH_SKIP_SAVE="1", RECORD_VRAM="1",
                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                PYTHONPATH=os.pathsep.join(p for p in (args.peer_site, os.environ.get("PYTHONPATH", "")) if p))
@@ -245,6 +246,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--peer-dir", default=None, help="the harness folder (default .peer/llamafactory)")
     ap.add_argument("--peer-site", default="/tmp/site-lf", help="folder with LLaMA-Factory's packages")
     ap.add_argument("--peer-steps", type=int, default=60, help="the peer's steps (its first 10 are warm-up)")
+    ap.add_argument("--peer-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a LLaMA-Factory key for the peer's run (e.g. quantization_bit=4)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other config key")
     ap.add_argument("--no-step-sync", action="store_true",
                     help="time the steady steps as one span (a sync after the warm-up and one at the end) instead of "
