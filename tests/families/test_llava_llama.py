@@ -55,7 +55,7 @@ def test_get_mm_inputs_follows_the_processor_aspect_ratio(aspect):
     want = processor.process_images([im.convert("RGB") for im in images])
     assert torch.equal(out["images"], want["images"]) and torch.equal(out["image_sizes"], want["image_sizes"])
     assert out["images"].ndim == (5 if aspect == "anyres" else 4)
-    assert out["image_sizes"].tolist() == [[40, 100], [90, 50]]
+    assert out["image_sizes"].tolist() == [[100, 40], [50, 90]]  # (width, height), as LLaVA's image.size
 
 
 def test_im_start_end_wraps_the_placeholder():

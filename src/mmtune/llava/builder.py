@@ -8,7 +8,10 @@
 * any of them in 4 / 8 bits where bitsandbytes and a GPU are present.
 
 The vision tower's weights come from the checkpoint when it has them, else from the tower's
-own checkpoint (``mm_vision_tower``).
+own checkpoint (``mm_vision_tower``). Checkpoints of the original LLaVA code load as they are:
+its ``config.json`` keys, a tokenizer without ``<image>`` (added here, after the tokens the
+config embeds, so those keep their trained ids), ``non_lora_trainables.bin`` and
+``mm_projector.bin`` (read with ``torch.load(weights_only=True)``).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any
 import torch
 
 from .configuration import LlavaConfig
-from .meta import load_state_file
+from .meta import complete_vision_tower, load_state_file
 from .modeling_llava_llama import LlavaLlamaForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -52,24 +55,14 @@ def quantization_kwargs(load_8bit: bool, load_4bit: bool, dtype: torch.dtype) ->
     return {"quantization_config": quant, "device_map": {"": torch.cuda.current_device()}}
 
 
-def ensure_tower_weights(model: Any, missing_keys: list[str]) -> None:
-    """Load the tower from ``mm_vision_tower`` when the checkpoint did not carry it."""
+def ensure_tower_weights(model: Any, missing_keys: Any) -> None:
+    """Load what the checkpoint lacked of the vision tower from ``mm_vision_tower``.
+    ``LlavaLlamaForCausalLM.from_pretrained`` already does; this is for models loaded by other
+    means (a no-op once the tower is loaded)."""
     tower = model.get_vision_tower()
-    if tower is None:
+    if tower is not None and tower.is_loaded and not any("vision_tower." in k for k in missing_keys):
         return
-    if not tower.is_loaded:
-        tower.load_model(dtype=model.get_input_embeddings().weight.dtype)
-        tower.to(model.get_input_embeddings().weight.device)
-        return
-    lost = [k for k in missing_keys if "vision_tower." in k]
-    if not lost:
-        return
-    if not tower.name_or_path or not os.path.exists(tower.name_or_path):
-        raise ValueError(f"the checkpoint lacks {len(lost)} vision tower weights (e.g. {lost[0]}) and "
-                         f"mm_vision_tower={tower.name_or_path!r} is not a local checkpoint to load them from")
-    fresh = type(tower.vision_tower).from_pretrained(tower.name_or_path)
-    tower.vision_tower.load_state_dict(fresh.state_dict())
-    logger.info("vision tower weights loaded from %s", tower.name_or_path)
+    complete_vision_tower(model, missing_keys)
 
 
 def _strip(key: str) -> str:
@@ -125,9 +118,7 @@ def load_pretrained_model(
         raise ValueError(f"{model_path} is {kind} checkpoint: pass model_base (the language model it was trained on)")
     if adapter or projector:
         config = LlavaConfig.from_pretrained(model_path)
-        model, info = LlavaLlamaForCausalLM.from_pretrained(model_base, config=config, output_loading_info=True,
-                                                            **kwargs)
-        ensure_tower_weights(model, info["missing_keys"])
+        model = LlavaLlamaForCausalLM.from_pretrained(model_base, config=config, **kwargs)
         if adapter:
             extra = _first_file(model_path, ("non_lora_trainables.safetensors", "non_lora_trainables.bin"))
             if extra:
@@ -139,8 +130,7 @@ def load_pretrained_model(
         else:
             model.get_model().load_projector(projector)
     else:
-        model, info = LlavaLlamaForCausalLM.from_pretrained(model_path, output_loading_info=True, **kwargs)
-        ensure_tower_weights(model, info["missing_keys"])
+        model = LlavaLlamaForCausalLM.from_pretrained(model_path, **kwargs)
     if device is not None and "device_map" not in kwargs:
         model.to(device)
     model.eval()

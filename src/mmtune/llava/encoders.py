@@ -2,13 +2,15 @@
 
 A tower is built either from a recorded ``vision_config`` (random weights, filled by
 ``from_pretrained`` of the whole LLaVA checkpoint) or from a checkpoint path. Under
-``delay_load`` only the path's config is read; :meth:`VisionTower.load_model` loads the
-weights later (``from_pretrained`` of the outer model would otherwise overwrite them).
+``delay_load`` only the path's config is read; :meth:`VisionTower.allocate` then creates the
+modules for the outer model's ``from_pretrained`` to fill, and :meth:`VisionTower.load_model`
+loads the weights from the path (what the checkpoint lacks, or all of them).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -79,21 +81,61 @@ class VisionTower(nn.Module):
         else:
             from transformers import AutoConfig
 
-            self.cfg_only = vision_config_from(AutoConfig.from_pretrained(name_or_path))
+            try:
+                found = AutoConfig.from_pretrained(name_or_path)
+            except (OSError, ValueError) as exc:
+                raise OSError(f"mm_vision_tower={name_or_path!r}: cannot read the vision tower's config ({exc}); "
+                              "point it to a local CLIP / SigLIP checkpoint folder or a reachable hub id") from exc
+            self.cfg_only = vision_config_from(found)
             if not delay_load:
                 self.load_model()
         if select_feature == "cls_patch" and not self.has_cls:
             raise ValueError(f"{self.cfg_only.model_type} has no CLS token: use mm_vision_select_feature=patch")
 
+    def allocate(self) -> None:
+        """Create the tower's modules from its config, their weights still to come: from the
+        checkpoint of the model that holds the tower (its ``from_pretrained`` fills them) or
+        from :meth:`load_model`. Until then the tower is not loaded and refuses to run."""
+        if "vision_tower" not in self._modules:
+            self.vision_tower = _tower_class(self.cfg_only)(self.cfg_only)
+            self.vision_tower.requires_grad_(False)
+
     def load_model(self, dtype: torch.dtype | None = None) -> None:
-        """Load the tower's weights from its checkpoint (frozen)."""
+        """Load the tower's weights from its checkpoint (frozen). Modules made by
+        :meth:`allocate` keep their device and dtype: the weights are copied into them."""
         if self.is_loaded:
+            return
+        if "vision_tower" in self._modules:
+            self.load_weights()
             return
         cls = _tower_class(self.cfg_only)
         self.vision_tower = cls.from_pretrained(self.name_or_path, dtype=dtype)
         self.vision_tower.requires_grad_(False)
         self.is_loaded = True
         logger.info("vision tower %s loaded from %s", cls.__name__, self.name_or_path)
+
+    def load_weights(self, names: Sequence[str] | None = None) -> None:
+        """Copy the weights of the tower's checkpoint (``name_or_path``) into its modules: all
+        of them, or only ``names`` (state-dict keys of the tower model) when given."""
+        cls = _tower_class(self.cfg_only)
+        if not self.name_or_path:
+            raise ValueError("the vision tower's weights are not in the checkpoint and mm_vision_tower names no "
+                             "checkpoint to load them from")
+        try:
+            fresh = cls.from_pretrained(self.name_or_path).state_dict()
+        except (OSError, ValueError) as exc:
+            raise OSError(f"the vision tower's weights are not in the checkpoint and mm_vision_tower="
+                          f"{self.name_or_path!r} cannot be loaded ({exc}): point mm_vision_tower in config.json "
+                          f"to a local {cls.__name__} checkpoint or a reachable hub id") from exc
+        if names is not None:
+            absent = sorted(set(names) - set(fresh))
+            if absent:
+                raise ValueError(f"mm_vision_tower={self.name_or_path!r} lacks {len(absent)} weights the tower "
+                                 f"needs (e.g. {absent[0]})")
+            fresh = {name: fresh[name] for name in names}
+        self.vision_tower.load_state_dict(fresh, strict=names is None)
+        self.is_loaded = True
+        logger.info("vision tower %s: %d weights loaded from %s", cls.__name__, len(fresh), self.name_or_path)
 
     @property
     def has_cls(self) -> bool:

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from tokenizers import AddedToken
 
 from .constants import (
     DEFAULT_IM_END_TOKEN,
@@ -19,6 +20,7 @@ from .constants import (
     IMAGE_TOKEN_INDEX,
 )
 from .encoders import build_vision_tower
+from .mm_utils import anyres_grid, image_size
 from .projectors import build_vision_projector
 
 logger = logging.getLogger(__name__)
@@ -54,6 +56,30 @@ def load_state_file(path: str) -> dict[str, torch.Tensor]:
     return state
 
 
+_TOWER_KEY = "vision_tower.vision_tower."
+
+
+def complete_vision_tower(model: Any, missing_keys: Any) -> set[str]:
+    """Finish loading the vision tower after ``from_pretrained``: the checkpoint filled the
+    weights it holds (LLaVA's full checkpoints hold the tower, possibly trained), and those it
+    lacks come from ``mm_vision_tower``, the tower checkpoint LLaVA's own builder loads with
+    ``vision_tower.load_model()`` (stage-1 and LoRA outputs, a base LM under a LLaVA config,
+    checkpoints saved without the tower). Returns ``missing_keys`` less the tower's."""
+    missing = set(missing_keys)
+    tower = model.get_vision_tower()
+    if tower is None:
+        return missing
+    if "vision_tower" not in tower._modules:
+        tower.load_model(dtype=model.get_input_embeddings().weight.dtype)
+        tower.to(model.get_input_embeddings().weight.device)
+        return {k for k in missing if _TOWER_KEY not in k}
+    lost = sorted(k for k in missing if _TOWER_KEY in k)
+    if lost:
+        tower.load_weights([k.split(_TOWER_KEY, 1)[1] for k in lost])
+    tower.is_loaded = True
+    return missing - set(lost)
+
+
 class LlavaMetaModel:
     """Mixed into the base model: owns ``vision_tower``, ``mm_projector`` and, for
     ``spatial_unpad`` merging, the ``image_newline`` embedding."""
@@ -61,8 +87,16 @@ class LlavaMetaModel:
     def __init__(self, config: Any) -> None:
         super().__init__(config)  # type: ignore[call-arg]
         if getattr(config, "mm_vision_tower", None) or getattr(config, "vision_config", None):
-            # delayed: from_pretrained would overwrite weights loaded here; the builder loads them
-            self.vision_tower = build_vision_tower(config, delay_load=True)
+            # The tower's modules exist from the start, so from_pretrained fills them from the
+            # checkpoint when it holds them; otherwise from_pretrained loads them from
+            # mm_vision_tower (see complete_vision_tower). Checkpoints of the original LLaVA
+            # name only mm_vision_tower: its config is read here and recorded, so a re-saved
+            # checkpoint is whole.
+            tower = build_vision_tower(config, delay_load=True)
+            if not tower.is_loaded:
+                tower.allocate()
+                config.vision_config = tower.cfg_only.to_dict()
+            self.vision_tower = tower
             self.mm_projector = build_vision_projector(config)
             if "unpad" in (getattr(config, "mm_patch_merge_type", "flat") or ""):
                 self.image_newline = nn.Parameter(torch.zeros(config.hidden_size))
@@ -155,7 +189,7 @@ class LlavaMetaForCausalLM:
     def image_features(self, images: Any, image_sizes: Any = None) -> list[torch.Tensor]:
         """One [tokens, hidden] tensor per image. ``images`` is [N, 3, H, W] (one crop per
         image), or per-image tile stacks (a list of [tiles, 3, H, W] / [3, H, W], or a padded
-        [N, tiles, 3, H, W] with ``image_sizes`` for anyres)."""
+        [N, tiles, 3, H, W] with ``image_sizes`` as ``[width, height]`` rows for anyres)."""
         if isinstance(images, torch.Tensor) and images.ndim == 4:
             return list(self.encode_images(images).unbind(0))
         config = self.config  # type: ignore[attr-defined]
@@ -163,13 +197,8 @@ class LlavaMetaForCausalLM:
         if isinstance(images, torch.Tensor) and images.ndim == 5:
             stacks = list(images.unbind(0))
             if image_sizes is not None and config.image_aspect_ratio == "anyres":
-                from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
-                from .mm_utils import parse_pinpoints
-
-                grid = parse_pinpoints(config.image_grid_pinpoints, tower.image_size)
-                stacks = [s[: image_size_to_num_patches(_size(sz), grid, tower.image_size)]
-                          for s, sz in zip(stacks, image_sizes)]
+                grids = [anyres_grid(size, config.image_grid_pinpoints, tower.image_size) for size in image_sizes]
+                stacks = [s[: 1 + cols * rows] for s, (cols, rows) in zip(stacks, grids)]
         else:
             stacks = [x if x.ndim == 4 else x.unsqueeze(0) for x in images]
         counts = [s.shape[0] for s in stacks]
@@ -181,31 +210,31 @@ class LlavaMetaForCausalLM:
             raise ValueError(f"unknown mm_patch_merge_type {merge!r} (flat, spatial, spatial_unpad)")
         if image_sizes is None:
             raise ValueError(f"mm_patch_merge_type={merge} needs image_sizes")
-        return [self._spatial_merge(f, _size(sz), "unpad" in merge) for f, sz in zip(encoded, image_sizes)]
+        return [self._spatial_merge(f, image_size(sz), "unpad" in merge) for f, sz in zip(encoded, image_sizes)]
 
     def _spatial_merge(self, tiles: torch.Tensor, size: tuple[int, int], unpad: bool) -> torch.Tensor:
         """Base view, then the tiles re-assembled into the image's grid (cropped back to the
-        image's aspect ratio and closed by ``image_newline`` per row when ``unpad``)."""
-        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
-
-        from .mm_utils import parse_pinpoints
-
+        image's aspect ratio and closed by ``image_newline`` per row when ``unpad``), as
+        LLaVA merges them; ``size`` is the image's (width, height)."""
         tower = self.get_vision_tower()
         newline = getattr(self.get_model(), "image_newline", None)
         base = tiles[0]
         if tiles.shape[0] == 1:
             return torch.cat([base, newline[None].to(base.dtype)]) if unpad else base
+        config = self.config  # type: ignore[attr-defined]
+        if config.image_aspect_ratio != "anyres":
+            raise ValueError(f"mm_patch_merge_type={config.mm_patch_merge_type} with several tiles per image needs "
+                             f"image_aspect_ratio=anyres, not {config.image_aspect_ratio!r}")
         side = tower.num_patches_per_side
         if base.shape[0] != side * side:
             raise ValueError("spatial patch merging needs mm_vision_select_feature=patch")
-        grid = parse_pinpoints(self.config.image_grid_pinpoints, tower.image_size)  # type: ignore[attr-defined]
-        rows, cols = get_anyres_image_grid_shape(list(size), grid, tower.image_size)
+        cols, rows = anyres_grid(size, config.image_grid_pinpoints, tower.image_size)
         feats = tiles[1:].view(rows, cols, side, side, -1)
         if not unpad:
             return torch.cat([base, feats.permute(0, 2, 1, 3, 4).flatten(0, 3)])
         hidden = feats.shape[-1]
         plane = feats.permute(4, 0, 2, 1, 3).reshape(hidden, rows * side, cols * side)
-        plane = unpad_image(plane, list(size))
+        plane = unpad_features(plane, size)
         plane = torch.cat([plane, newline[:, None, None].to(plane.dtype).expand(hidden, plane.shape[1], 1)], dim=2)
         return torch.cat([base, plane.flatten(1, 2).transpose(0, 1)])
 
@@ -302,17 +331,17 @@ class LlavaMetaForCausalLM:
         """Add ``<image>`` (one token; it becomes ``IMAGE_TOKEN_INDEX`` and is never embedded)
         and the ``<im_patch>`` / ``<im_start>`` ``<im_end>`` tokens ``model_args`` asks for;
         returns the tokens that need embedding rows."""
-        if DEFAULT_IMAGE_TOKEN not in tokenizer.get_vocab():
-            tokenizer.add_special_tokens({"additional_special_tokens": [DEFAULT_IMAGE_TOKEN]},
-                                         replace_additional_special_tokens=False)
         embedded: list[str] = []
         if getattr(model_args, "mm_use_im_patch_token", False):
             embedded.append(DEFAULT_IMAGE_PATCH_TOKEN)
         if getattr(model_args, "mm_use_im_start_end", False):
             embedded += [DEFAULT_IM_START_TOKEN, DEFAULT_IM_END_TOKEN]
-        missing = [t for t in embedded if t not in tokenizer.get_vocab()]
-        if missing:
-            tokenizer.add_tokens(missing, special_tokens=True)
+        # the embedded tokens first, in LLaVA's order, so they get the ids the original gave
+        # them over the same base tokenizer; add_tokens (not add_special_tokens, whose keyword
+        # arguments changed across transformers releases) keeps the tokenizer's other specials
+        for token in [*embedded, DEFAULT_IMAGE_TOKEN]:
+            if token not in tokenizer.get_vocab():
+                tokenizer.add_tokens([AddedToken(token, special=True, normalized=False)], special_tokens=True)
         return embedded
 
     def initialize_vision_tokenizer(self, model_args: Any, tokenizer: Any) -> int:
@@ -333,9 +362,20 @@ class LlavaMetaForCausalLM:
         return needed - old
 
 
-def _size(size: Any) -> tuple[int, int]:
-    values = size.tolist() if hasattr(size, "tolist") else list(size)
-    return int(values[0]), int(values[1])
+def unpad_features(plane: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``plane`` [C, H, W], the feature grid of an image of ``size`` (width, height) that was
+    resized into the grid and centred on padding, cropped back to the image's own rows or
+    columns. The kept extent is truncated to an integer as LLaVA does (transformers' LLaVA-NeXT
+    rounds it, which differs where the product is a hair below a whole number)."""
+    width, height = size
+    current_height, current_width = plane.shape[1:]
+    if width / height > current_width / current_height:
+        scale = current_width / width
+        pad = (current_height - int(height * scale)) // 2
+        return plane[:, pad:current_height - pad, :]
+    scale = current_height / height
+    pad = (current_width - int(width * scale)) // 2
+    return plane[:, :, pad:current_width - pad]
 
 
 def _count_images(images: Any) -> int:

@@ -1,15 +1,25 @@
 """Image preprocessing and prompt tokenisation as LLaVA trains them.
 
+Sizes follow LLaVA's own convention throughout: an image's size and each
+``image_grid_pinpoints`` entry are ``(width, height)``, as PIL's ``Image.size`` is, and
+``image_sizes`` carries ``[width, height]`` per image. Checkpoints trained with the original
+code hold their grids in that order; reading them as (height, width) picks another grid for
+square images and for pinpoint lists that are not symmetric.
+
 * ``square``: the tower's image processor as it is (resize + centre crop);
-* ``pad``: pad to a square with the processor's mean colour first, so nothing is cropped;
-* ``anyres``: LLaVA-NeXT tiling by ``image_grid_pinpoints`` (transformers'
-  ``LlavaNextImageProcessor`` with the tower's statistics): a base view plus the tiles of
-  the best-fitting grid, ``[N, tiles, 3, H, W]`` with ``image_sizes`` (height, width).
+* ``pad``: pad to a square first, so nothing is cropped, with the background colour LLaVA
+  trains with: each channel's mean times 255, truncated to an integer;
+* ``anyres``: the best-fitting pinpoint resolution, the image resized into it (aspect kept,
+  centred on black), cut into tower-sized tiles row by row, after a base view of the whole
+  image resized to the tower's input: ``[N, tiles, 3, H, W]`` (zero tiles pad the shorter
+  stacks; the model keeps as many as each image's grid has).
 """
 
 from __future__ import annotations
 
 import ast
+import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,6 +29,7 @@ from PIL import Image
 from .constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 
 ASPECT_RATIOS = ("square", "pad", "anyres")
+_RANGE = re.compile(r"\((\d+)x(\d+)\)")
 
 
 def expand2square(image: Image.Image, background: tuple[int, ...]) -> Image.Image:
@@ -32,62 +43,132 @@ def expand2square(image: Image.Image, background: tuple[int, ...]) -> Image.Imag
     return canvas
 
 
-def parse_pinpoints(pinpoints: Any, tile: int) -> list[list[int]]:
-    """``[[h, w], ...]`` from a list, its string form, or LLaVA's ``"(1x1),...,(3x3)"`` range
-    (grid multiples of the tower's ``tile`` size)."""
+def parse_pinpoints(pinpoints: Any, tile: int) -> list[tuple[int, int]]:
+    """``[(width, height), ...]`` from a list, its string form, or the ``"(1x1),...,(3x3)"``
+    range of LLaVA-NeXT's configs (grid multiples of the tower's ``tile`` size, width first).
+    Each entry must be a whole number of tiles: the model reassembles the tiles into that grid."""
     if pinpoints is None:
-        raise ValueError("image_aspect_ratio=anyres needs image_grid_pinpoints")
+        raise ValueError("image_aspect_ratio=anyres needs image_grid_pinpoints (a list of [width, height] pairs)")
     if isinstance(pinpoints, str):
-        text = pinpoints.strip()
-        if "x" in text and text.startswith("("):
-            cells = [tuple(int(v) for v in part.strip("() ").split("x")) for part in text.split(",")]
-            (r0, c0), (r1, c1) = cells[0], cells[-1]
-            return [[r * tile, c * tile] for r in range(r0, r1 + 1) for c in range(c0, c1 + 1)]
-        pinpoints = ast.literal_eval(text)
-    return [[int(h), int(w)] for h, w in pinpoints]
+        ranges = _RANGE.findall(pinpoints)
+        if ranges:
+            (w0, h0), (w1, h1) = (tuple(int(v) for v in ranges[0]), tuple(int(v) for v in ranges[-1]))
+            return [(w * tile, h * tile) for w in range(w0, w1 + 1) for h in range(h0, h1 + 1)]
+        pinpoints = ast.literal_eval(pinpoints.strip())
+    pairs = [(int(w), int(h)) for w, h in pinpoints]
+    odd = [pair for pair in pairs if pair[0] % tile or pair[1] % tile or min(pair) <= 0]
+    if odd:
+        raise ValueError(f"image_grid_pinpoints {odd} are not positive multiples of the vision tower's image size "
+                         f"{tile}: use [width, height] pairs made of whole tiles")
+    return pairs
+
+
+def select_best_resolution(size: tuple[int, int], candidates: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """The candidate ``(width, height)`` that keeps the most of an image of ``size``
+    ``(width, height)`` when it is scaled to fit, then wastes the least area; the first on ties.
+
+    transformers' function of the same name does this arithmetic with both pairs read as
+    (height, width); passing both as (width, height) gives LLaVA's choice exactly."""
+    from transformers.image_processing_utils import select_best_resolution as best
+
+    width, height = best(tuple(size), [tuple(c) for c in candidates])
+    return int(width), int(height)
+
+
+def anyres_grid(size: Any, pinpoints: Any, tile: int) -> tuple[int, int]:
+    """``(columns, rows)`` of tiles an image of ``size`` (width, height) is cut into."""
+    width, height = select_best_resolution(image_size(size), parse_pinpoints(pinpoints, tile))
+    return width // tile, height // tile
+
+
+def image_size(size: Any) -> tuple[int, int]:
+    """``(width, height)`` from a pair, a list or a tensor row."""
+    values = size.tolist() if hasattr(size, "tolist") else list(size)
+    return int(values[0]), int(values[1])
+
+
+def resize_and_pad(image: Image.Image, target: tuple[int, int]) -> Image.Image:
+    """``image`` scaled (bicubic, aspect kept, the scaled side rounded up and capped at the
+    target) and centred on a black ``target`` (width, height) canvas."""
+    width, height = image.size
+    target_width, target_height = target
+    scale_w, scale_h = target_width / width, target_height / height
+    if scale_w < scale_h:
+        new_width, new_height = target_width, min(math.ceil(height * scale_w), target_height)
+    else:
+        new_width, new_height = min(math.ceil(width * scale_h), target_width), target_height
+    canvas = Image.new("RGB", (target_width, target_height), (0, 0, 0))
+    resized = image.resize((new_width, new_height), Image.Resampling.BICUBIC)
+    canvas.paste(resized, ((target_width - new_width) // 2, (target_height - new_height) // 2))
+    return canvas
+
+
+def divide_to_patches(image: Image.Image, tile: int) -> list[Image.Image]:
+    """``tile`` x ``tile`` crops of ``image``, row by row, left to right."""
+    width, height = image.size
+    return [image.crop((left, top, left + tile, top + tile))
+            for top in range(0, height, tile) for left in range(0, width, tile)]
 
 
 def background_colour(image_processor: Any) -> tuple[int, ...]:
-    return tuple(int(round(x * 255)) for x in image_processor.image_mean)
+    """LLaVA's ``pad`` fill: each channel's mean times 255, truncated (not rounded): CLIP's
+    mean gives (122, 116, 104)."""
+    return tuple(int(x * 255) for x in image_processor.image_mean)
+
+
+def _side(size: Any, *keys: str) -> int | None:
+    for key in keys:
+        value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+        if value:
+            return int(value)
+    return None
 
 
 def tile_size(image_processor: Any) -> int:
-    crop = getattr(image_processor, "crop_size", None) or image_processor.size
-    if isinstance(crop, dict):
-        return int(crop.get("height") or crop.get("shortest_edge"))
-    return int(getattr(crop, "height", None) or getattr(crop, "shortest_edge"))
+    """The side of one tile: the processor's crop height (CLIP) or its output height (SigLIP)."""
+    crop = getattr(image_processor, "crop_size", None)
+    side = _side(crop, "height") if crop else None
+    side = side or _side(image_processor.size, "height", "shortest_edge")
+    if side is None:
+        raise ValueError(f"{type(image_processor).__name__} states no crop or output size to tile with")
+    return side
 
 
-def anyres_processor(image_processor: Any, pinpoints: Any) -> Any:
-    """A ``LlavaNextImageProcessor`` tiling at the tower's resolution with its statistics."""
-    from transformers import LlavaNextImageProcessor
+def base_size(image_processor: Any) -> int:
+    """The side the whole image is resized to for the base view (the processor's shortest edge)."""
+    return _side(image_processor.size, "shortest_edge", "height") or tile_size(image_processor)
 
-    side = tile_size(image_processor)
-    return LlavaNextImageProcessor(
-        size={"shortest_edge": side},
-        crop_size={"height": side, "width": side},
-        image_grid_pinpoints=parse_pinpoints(pinpoints, side),
-        image_mean=list(image_processor.image_mean),
-        image_std=list(image_processor.image_std),
-        do_pad=True,
-    )
+
+def anyres_views(image: Image.Image, image_processor: Any, pinpoints: Any) -> list[Image.Image]:
+    """The base view, then the tiles of the best grid, as PIL images."""
+    tile = tile_size(image_processor)
+    best = select_best_resolution(image.size, parse_pinpoints(pinpoints, tile))
+    side = base_size(image_processor)
+    base = image.resize((side, side), Image.Resampling.BICUBIC)
+    return [base] + divide_to_patches(resize_and_pad(image, best), tile)
 
 
 def process_images(images: Sequence[Image.Image], image_processor: Any, aspect_ratio: str = "square",
                    pinpoints: Any = None) -> dict[str, Any]:
-    """Model inputs for ``images``: ``{"images": tensor, "image_sizes": [[h, w], ...]}``."""
+    """Model inputs for ``images``: ``{"images": tensor, "image_sizes": [[width, height], ...]}``."""
     if aspect_ratio not in ASPECT_RATIOS:
         raise ValueError(f"image_aspect_ratio must be one of {', '.join(ASPECT_RATIOS)}, not {aspect_ratio!r}")
     images = [image.convert("RGB") for image in images]
-    sizes = [[image.height, image.width] for image in images]
+    sizes = torch.tensor([list(image.size) for image in images], dtype=torch.long)
     if aspect_ratio == "anyres":
-        out = anyres_processor(image_processor, pinpoints)(images, return_tensors="pt")
-        return {"images": out["pixel_values"], "image_sizes": torch.as_tensor(out["image_sizes"])}
+        views = [anyres_views(image, image_processor, pinpoints) for image in images]
+        pixels = image_processor([v for group in views for v in group], return_tensors="pt")["pixel_values"]
+        stacks = pixels.split([len(group) for group in views])
+        longest = max(len(s) for s in stacks)
+        padded = torch.zeros((len(stacks), longest, *pixels.shape[1:]), dtype=pixels.dtype)
+        for i, stack in enumerate(stacks):
+            padded[i, : len(stack)] = stack
+        return {"images": padded, "image_sizes": sizes}
     if aspect_ratio == "pad":
         fill = background_colour(image_processor)
         images = [expand2square(image, fill) for image in images]
     out = image_processor(images, return_tensors="pt")
-    return {"images": out["pixel_values"], "image_sizes": torch.tensor(sizes)}
+    return {"images": out["pixel_values"], "image_sizes": sizes}
 
 
 def tokenizer_image_token(prompt: str, tokenizer: Any, image_token_index: int = IMAGE_TOKEN_INDEX,

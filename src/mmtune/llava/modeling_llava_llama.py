@@ -9,7 +9,15 @@ from transformers import LlamaForCausalLM, LlamaModel
 from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
 
 from .configuration import LlavaConfig
-from .meta import LlavaMetaForCausalLM, LlavaMetaModel
+from .meta import LlavaMetaForCausalLM, LlavaMetaModel, complete_vision_tower
+
+
+def _load_with_tower(load: Any, *args: Any, **kwargs: Any) -> Any:
+    """``load`` (a ``from_pretrained``) with the vision tower's weights completed after it."""
+    wants_info = kwargs.pop("output_loading_info", False)
+    model, info = load(*args, output_loading_info=True, **kwargs)
+    info["missing_keys"] = complete_vision_tower(model, info["missing_keys"])
+    return (model, info) if wants_info else model
 
 
 class LlavaLlamaModel(LlavaMetaModel, LlamaModel):
@@ -17,6 +25,12 @@ class LlavaLlamaModel(LlavaMetaModel, LlamaModel):
 
     def __init__(self, config: LlavaConfig) -> None:
         super().__init__(config)
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
+        """transformers' ``from_pretrained``, then the tower loaded (see
+        :func:`~mmtune.llava.meta.complete_vision_tower`)."""
+        return _load_with_tower(super().from_pretrained, *args, **kwargs)
 
 
 class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
@@ -29,6 +43,14 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
         self.vocab_size = config.vocab_size
         self.lm_head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
+        """transformers' ``from_pretrained``, then the vision tower loaded as LLaVA's builder
+        loads it, so ``AutoModelForCausalLM.from_pretrained`` gives a model that runs on
+        images: the tower's weights come from the checkpoint where it holds them, the rest
+        from ``mm_vision_tower`` (see :func:`~mmtune.llava.meta.complete_vision_tower`)."""
+        return _load_with_tower(super().from_pretrained, *args, **kwargs)
 
     def forward(
         self,
