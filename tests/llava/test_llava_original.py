@@ -16,7 +16,7 @@ import math
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoModelForCausalLM, CLIPImageProcessor
+from transformers import AutoModel, AutoModelForCausalLM, CLIPImageProcessor
 
 from mmtune.families.llava import build_llama_tokenizer
 from mmtune.llava import IMAGE_TOKEN_INDEX, LlavaMetaForCausalLM, load_pretrained_model, process_images
@@ -78,6 +78,9 @@ def test_original_full_checkpoint_through_auto_model_for_causal_lm(tmp_path, pix
     torch.testing.assert_close(_logits(auto, pixels), want, atol=1e-5, rtol=0)
     _, info = AutoModelForCausalLM.from_pretrained(checkpoint.path, output_loading_info=True)
     assert not [k for k in info["missing_keys"] if "vision_tower" in k]
+    bare = AutoModel.from_pretrained(checkpoint.path)  # the base model (no LM head) as well
+    tower = bare.get_vision_tower()
+    assert tower.is_loaded and all(torch.equal(v, checkpoint.tower[k]) for k, v in tower.vision_tower.state_dict().items())
 
 
 def test_original_lora_checkpoint_with_non_lora_trainables(tmp_path, pixels):
