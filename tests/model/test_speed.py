@@ -90,9 +90,9 @@ def _assert_same(ref, new, rel=1e-5, atol=1e-6):
 
 
 # ------------------------------------------------------------------ fused linear cross-entropy
-@pytest.mark.parametrize("softcap", [None, 5.0])
+@pytest.mark.parametrize("softcap,scale", [(None, None), (5.0, None), (None, 0.3), (5.0, 0.3)])
 @pytest.mark.parametrize("num_items", [None, 11])
-def test_fused_linear_cross_entropy_equals_full_logits(softcap, num_items):
+def test_fused_linear_cross_entropy_equals_full_logits(softcap, scale, num_items):
     torch.manual_seed(0)
     hidden = torch.randn(2, 9, 16, requires_grad=True)
     weight = torch.randn(37, 16, requires_grad=True)
@@ -102,6 +102,8 @@ def test_fused_linear_cross_entropy_equals_full_logits(softcap, num_items):
     target[1, -2:] = IGNORE
 
     logits = F.linear(hidden, weight, bias)
+    if scale:
+        logits = logits * scale
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     ref = F.cross_entropy(logits.view(-1, 37), target.view(-1), ignore_index=IGNORE,
@@ -113,7 +115,7 @@ def test_fused_linear_cross_entropy_equals_full_logits(softcap, num_items):
         t.grad = None
 
     loss = speed.fused_linear_cross_entropy(hidden, weight, target, bias, num_items_in_batch=num_items,
-                                            softcap=softcap, chunk_size=4)  # several chunks
+                                            softcap=softcap, chunk_size=4, logit_scale=scale)  # several chunks
     (loss * 3).backward()
     assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
     for t, g in zip((hidden, weight, bias), ref_grads):
@@ -167,14 +169,101 @@ def test_fused_cross_entropy_respects_num_items_in_batch():
     assert b.item() != pytest.approx(fused(**batch).loss.item(), rel=1e-3)
 
 
-def test_fused_cross_entropy_refuses_logits_it_does_not_reproduce():
+def test_fused_cross_entropy_declines_logits_it_does_not_reproduce_and_the_run_goes_on(caplog):
+    """A logit post-processing the fused head does not know: one warning on the first training
+    call, that call and every later one give the model's own loss (the lever off)."""
+    import logging
+
+    def scaled(model):
+        speed.unwrap_model(model).get_output_embeddings().register_forward_hook(lambda m, i, out: out * 3.0)
+        return model
+
+    batches = [_batch("qwen2_vl", seed=s) for s in (0, 1)]
+    ref = _train(scaled(_model("qwen2_vl")), batches)
     model = _model("qwen2_vl")
-    speed.enable_fused_cross_entropy(model)
-    head = speed.unwrap_model(model).get_output_embeddings()
-    head.register_forward_hook(lambda m, i, out: out * 3.0)  # e.g. a logit scale we do not know of
+    assert speed.enable_fused_cross_entropy(model)
+    scaled(model)
+    with caplog.at_level(logging.WARNING, logger="mmtune.model.speed"):
+        new = _train(model, batches)
+    _assert_same(ref, new)
+    warnings = [r for r in caplog.records if "fused cross-entropy declined" in r.getMessage()]
+    assert len(warnings) == 1 and "max difference" in warnings[0].getMessage()
+    assert speed.unwrap_model(model)._mmtune_fused_head.declined
     model.train()
-    with pytest.raises(RuntimeError, match="fused_cross_entropy: false"):
-        model(**_batch("qwen2_vl"))
+    assert model(**batches[0]).logits is not None  # the full logits again: the lever is off
+
+
+def _own_loss(logits, labels, vocab_size, **kwargs):
+    """A model's own causal-LM loss that takes as many labels as it got logit positions."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    return ForCausalLMLoss(logits, labels[..., -logits.shape[-2]:], vocab_size, **kwargs)
+
+
+@pytest.mark.parametrize("loss_function,message", [
+    ("transformers", "forward failed with the fused head"),  # its loss fails on the one projected position
+    ("own", "without self.loss_function"),  # its loss runs on the one position: a wrong value, no error
+])
+def test_fused_cross_entropy_declines_a_forward_that_skips_the_loss_function(loss_function, message, caplog):
+    """A model that computes its loss without ``self.loss_function`` (here: one is set on the
+    model after the lever went on) declines on its first call, which runs again without it."""
+    import logging
+
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    function = ForCausalLMLoss if loss_function == "transformers" else _own_loss
+    batches = [_batch("qwen2_vl")]
+    ref = _model("qwen2_vl")
+    speed.unwrap_model(ref).loss_function = function
+    ref = _train(ref, batches, steps=2)
+    model = _model("qwen2_vl")
+    assert speed.enable_fused_cross_entropy(model)
+    speed.unwrap_model(model).loss_function = function
+    with caplog.at_level(logging.WARNING, logger="mmtune.model.speed"):
+        new = _train(model, batches, steps=2)
+    _assert_same(ref, new)
+    assert caplog.text.count("fused cross-entropy declined") == 1 and message in caplog.text
+
+
+def test_a_declined_first_call_runs_again_from_the_same_random_draws():
+    """With dropout on, the lever-off run and the declined run draw the same masks."""
+    def with_dropout(model):
+        base = speed.unwrap_model(model)
+        base.get_output_embeddings().register_forward_hook(lambda m, i, out: out * 3.0)
+        for module in base.model.language_model.modules():
+            if hasattr(module, "attention_dropout"):
+                module.attention_dropout = 0.3
+        return model
+
+    batch = _batch("qwen2_vl")
+    ref, model = with_dropout(_model("qwen2_vl")), _model("qwen2_vl")
+    speed.enable_fused_cross_entropy(model)
+    with_dropout(model)
+    ref.train(), model.train()
+    torch.manual_seed(3)
+    a = ref(**batch).loss
+    torch.manual_seed(3)
+    b = model(**batch).loss
+    assert speed.unwrap_model(model)._mmtune_fused_head.declined and b.item() == a.item()
+
+
+@pytest.mark.parametrize("applied", [True, False])
+def test_a_configured_logit_scale_is_reproduced_where_the_model_applies_it(applied):
+    """Cohere's ``logit_scale`` (Aya Vision's LM): newer transformers multiply the logits by
+    it, older ones do not; the first call's check finds which, and the losses are the model's."""
+    model = _model("qwen2_vl")
+    base = speed.unwrap_model(model)
+    base.config.text_config.logit_scale = 0.25
+    ref = copy.deepcopy(model)
+    if applied:
+        for m in (model, ref):
+            speed.unwrap_model(m).get_output_embeddings().register_forward_hook(lambda mod, i, out: out * 0.25)
+    assert speed.enable_fused_cross_entropy(model)
+    assert base._mmtune_fused_head.logit_scale == 0.25
+    batches = [_batch("qwen2_vl")]
+    _assert_same(_train(ref, batches, steps=2), _train(model, batches, steps=2))
+    state = base._mmtune_fused_head
+    assert state.verified and not state.declined and state.logit_scale == (0.25 if applied else None)
 
 
 def test_softcapped_logits_are_reproduced():
@@ -517,6 +606,8 @@ def test_fused_cross_entropy_is_exact_or_declined_for_every_family(model_type):
     assert b == pytest.approx(a, rel=1e-5)
     if ga is not None:
         assert torch.allclose(gb, ga, atol=1e-6)
+    state = speed.unwrap_model(fused)._mmtune_fused_head
+    assert state.verified and not state.declined, f"{model_type}: the fused head does not reproduce its logits"
 
 
 # ------------------------------------------------------------------ packed vision attention (varlen)

@@ -7,7 +7,9 @@ logs when it is applied and each has a CPU test comparing losses with the lever 
   materialised whole. The head's input is captured, the model's own forward is left to do
   everything else (label expansion, token types, ...), and the loss and its gradients wrt
   the hidden states and the head weight are computed chunk by chunk over the labelled
-  tokens only (Liger-kernel's kernel when installed, our PyTorch one otherwise).
+  tokens only (Liger-kernel's kernel when installed, our PyTorch one otherwise). A config's
+  logit scale and soft-cap are reproduced; a model whose logits it does not reproduce makes it
+  decline on the first training call (one warning), and the run goes on with the model's loss.
 - **regional compile** (``compile``): each repeated block (decoder layers, vision blocks) is
   ``module.compile()``-d with dynamic shapes, so identical blocks share one graph and new
   batch lengths do not recompile.
@@ -159,15 +161,18 @@ def fused_linear_cross_entropy(
     chunk_size: int | None = None,
     use_liger: bool = True,
     rows: torch.Tensor | None = None,
+    logit_scale: float | None = None,
 ) -> torch.Tensor:
-    """``cross_entropy(softcap(hidden @ weight.T + bias), target)`` without the full logits.
+    """``cross_entropy(softcap(logit_scale * (hidden @ weight.T + bias)), target)`` without the full logits.
 
     ``target`` is aligned with ``hidden`` (already shifted). Reduction follows transformers'
     ``ForCausalLMLoss``: the sum over valid targets divided by ``num_items_in_batch`` when
     given (gradient accumulation), their mean otherwise. Only rows with a valid target are
     projected (prompt and image tokens cost nothing); a batch without any gives a zero loss
     (transformers' mean gives NaN there). ``rows``: the flat indices of the valid targets when
-    the caller knows them (built on the CPU: no host sync here).
+    the caller knows them (built on the CPU: no host sync here). ``logit_scale`` (Cohere's
+    ``logit_scale``) multiplies the selected hidden rows and the bias, not the weight: the same
+    logits without a scaled copy of the vocabulary-sized matrix.
     """
     hidden = hidden.reshape(-1, hidden.shape[-1])
     target = target.reshape(-1).to(hidden.device)
@@ -187,11 +192,42 @@ def fused_linear_cross_entropy(
     t = target.index_select(0, rows)
     w = weight.to(dtype)
     b = bias.to(dtype) if bias is not None else None
+    if logit_scale is not None and logit_scale != 1:
+        h = h * logit_scale
+        b = b * logit_scale if b is not None else None
     liger = _liger_flce() if use_liger else None
     if liger is not None:
         return liger(h, w, t, bias=b, reduction="sum", softcap=softcap) / denom
     with torch.autocast(weight.device.type, enabled=False):
         return _FusedLinearCrossEntropy.apply(h, w, b, t, denom, softcap, chunk_size or default_chunk_size(w.shape[0]))
+
+
+def _logit_scale(config: Any) -> float | None:
+    """The factor a config declares for the LM head's logits: Cohere's ``logit_scale``
+    (multiplied) or Granite's ``logits_scaling`` (divided by); None when it declares none.
+    Whether the model's forward really applies it is checked on the first training call."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for cfg in (text, config):
+        scale = getattr(cfg, "logit_scale", None)
+        if isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale not in (0, 1):
+            return float(scale)
+        scaling = getattr(cfg, "logits_scaling", None)
+        if isinstance(scaling, (int, float)) and not isinstance(scaling, bool) and scaling not in (0, 1):
+            return 1.0 / float(scaling)
+    return None
+
+
+def _rng_state() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """The host and CUDA generators' states, for a forward that is run again from the same draws."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple[torch.Tensor, list[torch.Tensor] | None]) -> None:
+    host, cuda = state
+    torch.set_rng_state(host)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
 
 
 @dataclass
@@ -200,9 +236,13 @@ class _FusedHead:
 
     head: nn.Linear
     softcap: float | None
+    logit_scale: float | None = None
     active: bool = False
     called: bool = False
     verified: bool = False
+    #: the first training call found logits the fused loss does not reproduce: the lever is off
+    declined: bool = False
+    model_name: str = "the model"
     hidden: torch.Tensor | None = None
     handles: list[Any] = field(default_factory=list)
     #: the labelled rows of this call's labels and their shape, from the collator (sync-free forward)
@@ -230,8 +270,9 @@ class _FusedHead:
             return ForCausalLMLoss(logits, labels, vocab_size, num_items_in_batch=num_items_in_batch,
                                    ignore_index=ignore_index, shift_labels=shift_labels, **kwargs)
         hidden, self.hidden, self.called = self.hidden, None, True
-        if not self.verified:
-            self._verify(hidden, logits)
+        if not self.verified and not self._verify(hidden, logits):
+            self.declined = True  # the forward wrapper runs this call again with the lever off
+            return logits.float().sum() * 0.0
         rows = None
         if shift_labels is None:
             shift_labels = next_token_targets(labels, ignore_index)
@@ -239,30 +280,54 @@ class _FusedHead:
                 rows = self.loss_rows  # the same labels, shifted the same way, on the CPU
         return fused_linear_cross_entropy(hidden, self.head.weight, shift_labels, self.head.bias,
                                           ignore_index=ignore_index, num_items_in_batch=num_items_in_batch,
-                                          softcap=self.softcap, rows=rows)
+                                          softcap=self.softcap, rows=rows, logit_scale=self.logit_scale)
+
+    def decline(self, reason: str) -> None:
+        """Turn the lever off for the rest of the run, with one warning."""
+        self.declined, self.active, self.hidden = True, False, None
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        logger.warning("fused cross-entropy declined for %s: %s. Training goes on with the model's own loss "
+                       "(full logits); set fused_cross_entropy: false to skip this check.", self.model_name, reason)
 
     @torch.no_grad()
-    def _verify(self, hidden: torch.Tensor, logits: torch.Tensor) -> None:
+    def _verify(self, hidden: torch.Tensor, logits: torch.Tensor) -> bool:
         """Once: the model's logits for the last position must be what the fused loss computes
-        from the head's input (catches logit post-processing mmtune does not reproduce)."""
+        from the head's input, with the logit scale and soft-cap the config declares or without
+        them (whichever is closest; transformers releases differ in which they apply). False
+        (the lever then declines, see :meth:`decline`) on post-processing mmtune does not reproduce."""
         last = hidden[..., -1:, :] if hidden.dim() >= 3 else hidden[-1:]
         raw = F.linear(last, self.head.weight, self.head.bias).float()
         theirs = logits.float()
         if theirs.shape != raw.shape:
-            raise RuntimeError(f"fused cross-entropy: the model's logits have shape {tuple(theirs.shape)}, not "
-                               f"{tuple(raw.shape)}; it does not project the LM head's input directly. "
-                               "Set fused_cross_entropy: false.")
+            self.decline(f"its logits have shape {tuple(theirs.shape)}, not {tuple(raw.shape)} (it does not project "
+                         "the LM head's input directly)")
+            return False
         tol = 2e-2 * max(1.0, theirs.abs().max().item())
-        for softcap in dict.fromkeys([self.softcap, None]):
-            ours = raw if not softcap else torch.tanh(raw / softcap) * softcap
-            if torch.allclose(ours, theirs, rtol=2e-2, atol=tol):
-                if softcap != self.softcap:
-                    logger.info("fused cross-entropy: this model applies no final logit soft-capping")
-                self.softcap, self.verified = softcap, True
-                return
-        raise RuntimeError("fused cross-entropy: the model post-processes its logits in a way mmtune does not "
-                           "reproduce (max difference %.3g); set fused_cross_entropy: false"
-                           % (ours - theirs).abs().max().item())
+        best: tuple[float, float | None, float | None] | None = None
+        for scale in dict.fromkeys([self.logit_scale, None]):
+            for softcap in dict.fromkeys([self.softcap, None]):
+                ours = raw * scale if scale is not None else raw
+                ours = torch.tanh(ours / softcap) * softcap if softcap else ours
+                if not torch.allclose(ours, theirs, rtol=2e-2, atol=tol):
+                    continue
+                diff = (ours - theirs).abs().max().item()
+                if best is None or diff < best[0]:
+                    best = (diff, scale, softcap)
+        if best is None:
+            ours = raw * self.logit_scale if self.logit_scale is not None else raw
+            ours = torch.tanh(ours / self.softcap) * self.softcap if self.softcap else ours
+            self.decline("its logits are post-processed in a way mmtune does not reproduce (max difference %.3g)"
+                         % (ours - theirs).abs().max().item())
+            return False
+        _, scale, softcap = best
+        if softcap != self.softcap:
+            logger.info("fused cross-entropy: this model applies no final logit soft-capping")
+        if scale != self.logit_scale:
+            logger.info("fused cross-entropy: this model does not apply its config's logit scale %s", self.logit_scale)
+        self.softcap, self.logit_scale, self.verified = softcap, scale, True
+        return True
 
 
 def _forward_calls_loss_function(cls: type) -> bool:
@@ -286,7 +351,12 @@ def _forward_calls_loss_function(cls: type) -> bool:
 
 def enable_fused_cross_entropy(model: nn.Module) -> bool:
     """Hook the fused loss into ``model`` (peft wrappers looked through); False (logged) when
-    the model does not fit: its head is not a plain Linear or it has its own loss."""
+    the model does not fit: its head is not a plain Linear or it has its own loss.
+
+    The first training call checks the model's own logits for one position against the fused
+    head's (with the config's logit scale and soft-cap); a model that post-processes its logits
+    otherwise, or computes its loss another way, makes the lever decline there with one warning:
+    that call runs again without it (same random draws) and the run goes on with the lever off."""
     from transformers.loss.loss_utils import ForCausalLMLoss
 
     base = unwrap_model(model)
@@ -311,23 +381,35 @@ def enable_fused_cross_entropy(model: nn.Module) -> bool:
     config = base.config
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     softcap = getattr(text, "final_logit_softcapping", None) or getattr(config, "final_logit_softcapping", None)
-    state = _FusedHead(head=head, softcap=softcap)
+    state = _FusedHead(head=head, softcap=softcap, logit_scale=_logit_scale(config), model_name=type(base).__name__)
     state.handles.append(head.register_forward_pre_hook(state.pre_hook, with_kwargs=True))
     base.loss_function = state.loss
     original = base.forward
 
     @functools.wraps(original)
     def forward(*args: Any, **kwargs: Any) -> Any:
-        if not (base.training and torch.is_grad_enabled() and kwargs.get("labels") is not None):
+        if state.declined or not (base.training and torch.is_grad_enabled() and kwargs.get("labels") is not None):
             return original(*args, **kwargs)
+        rng = None if state.verified else _rng_state()  # a declined first call runs again from the same draws
         state.active, state.called, state.hidden = True, False, None
+        out = None
         try:
             out = original(*args, **kwargs)
+        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+            # a model that takes the head's output for its own loss meets one position, not all
+            if state.verified or state.called or isinstance(exc, torch.OutOfMemoryError):
+                raise
+            state.decline(f"{type(base).__name__}'s forward failed with the fused head "
+                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
         finally:
             state.active, state.hidden = False, None
-        if not state.called:
-            raise RuntimeError(f"fused cross-entropy: {type(base).__name__} computed its loss without "
-                               "self.loss_function; set fused_cross_entropy: false")
+        if not state.called and not state.declined:
+            state.decline(f"{type(base).__name__} computed its loss without self.loss_function")
+        if state.declined:  # this call's loss is not the model's: the same call again, as with the lever off
+            del out
+            if rng is not None:
+                _set_rng_state(rng)
+            return original(*args, **kwargs)
         if "logits" in out:
             out["logits"] = None  # one row per sample, kept only for the check
         return out
