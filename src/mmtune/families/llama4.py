@@ -81,8 +81,9 @@ def mend_image_outputs() -> bool:
         source = inspect.getsource(m.Llama4ForConditionalGeneration.forward)
     except (OSError, TypeError):
         return False
-    fields = getattr(m.MoeCausalLMOutputWithPast, "__dataclass_fields__", {})
-    if "outputs.image_outputs" not in source or "image_outputs" in fields:
+    output_class = getattr(m, "MoeCausalLMOutputWithPast", None)  # absent before 5.24 (5.17: nothing to mend)
+    fields = getattr(output_class, "__dataclass_fields__", {})
+    if "outputs.image_outputs" not in source or output_class is None or "image_outputs" in fields:
         return False
 
     @functools.wraps(lm_forward)
