@@ -1,6 +1,10 @@
-"""Tiny native-LLaVA models (CLIP tower 56 px -> 16 patches, 2-layer Llama), fp32, seeded."""
+"""Tiny native-LLaVA models (CLIP tower 56 px -> 16 patches, 2-layer Llama), fp32, seeded, and
+checkpoints written the way the original LLaVA code writes them."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import torch
@@ -45,6 +49,7 @@ LLAMA_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, n
                    num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0)
 
 
+@dataclass
 class OriginalCheckpoint:
     """A folder as the original LLaVA code writes one, and the plain parts to check it against:
     ``lm`` (a ``LlamaForCausalLM`` with the language weights, LoRA merged), ``projector``
@@ -53,13 +58,14 @@ class OriginalCheckpoint:
     path: str
     base: str | None
     clip: str
-    lm: object
-    projector: dict
-    tower: dict
+    lm: Any
+    projector: dict[str, torch.Tensor]
+    tower: dict[str, torch.Tensor]
 
 
 def _original_config(tok, clip: str, **changes) -> dict:
-    config = dict(_name_or_path="lmsys/vicuna-7b-v1.5", architectures=["LlavaLlamaForCausalLM"], model_type="llava_llama",
+    config = dict(_name_or_path="lmsys/vicuna-7b-v1.5", architectures=["LlavaLlamaForCausalLM"],
+                  model_type="llava_llama",
                   attention_bias=False, attention_dropout=0.0, hidden_act="silu", initializer_range=0.02,
                   pretraining_tp=1, rope_scaling=None, tie_word_embeddings=False, torch_dtype="float32",
                   transformers_version="4.37.2", use_cache=True, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
@@ -140,10 +146,7 @@ def write_original_checkpoint(root, kind: str = "full", tower_in_checkpoint: boo
         raise ValueError(kind)
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(_original_config(tok, clip, **config_changes), f, indent=2)
-    checkpoint = OriginalCheckpoint()
-    checkpoint.path, checkpoint.base, checkpoint.clip = out, base, clip
-    checkpoint.lm, checkpoint.projector, checkpoint.tower = lm, projector, tower
-    return checkpoint
+    return OriginalCheckpoint(path=out, base=base, clip=clip, lm=lm, projector=projector, tower=tower)
 
 
 def reference_logits(checkpoint: OriginalCheckpoint, ids: list[int], images: torch.Tensor) -> torch.Tensor:

@@ -80,7 +80,8 @@ def test_original_full_checkpoint_through_auto_model_for_causal_lm(tmp_path, pix
     assert not [k for k in info["missing_keys"] if "vision_tower" in k]
     bare = AutoModel.from_pretrained(checkpoint.path)  # the base model (no LM head) as well
     tower = bare.get_vision_tower()
-    assert tower.is_loaded and all(torch.equal(v, checkpoint.tower[k]) for k, v in tower.vision_tower.state_dict().items())
+    assert tower.is_loaded
+    assert all(torch.equal(v, checkpoint.tower[k]) for k, v in tower.vision_tower.state_dict().items())
 
 
 def test_original_lora_checkpoint_with_non_lora_trainables(tmp_path, pixels):
