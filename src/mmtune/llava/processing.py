@@ -2,7 +2,8 @@
 
 Saved and loaded with ``save_pretrained`` / ``AutoProcessor.from_pretrained`` like any
 transformers processor; ``__call__`` gives ``input_ids`` with one ``IMAGE_TOKEN_INDEX`` per
-``<image>`` and the images as the model takes them.
+``<image>`` and the images as the model takes them, with ``image_sizes`` as ``[width, height]``
+rows (LLaVA's ``image.size``; ``image_grid_pinpoints`` are ``[width, height]`` pairs too).
 """
 
 from __future__ import annotations
