@@ -293,3 +293,42 @@ def test_blocks_of_different_classes_keep_their_own_buffers():
         assert torch.equal(a(*args, **kwargs), a.forward(*args, **kwargs))
         assert torch.equal(b(*args, **kwargs), b.forward(*args, **kwargs))
     assert len(share.buffers) == 2 and share.captures == 2
+
+
+# ------------------------------------------------------------------ quantised towers (QLoRA)
+class Linear4bit(torch.nn.Linear):
+    """A stand-in for bitsandbytes' class of that name (not installed here): found by name."""
+
+
+@pytest.mark.parametrize("flag", ["hf_quantizer", "is_loaded_in_4bit", "quantization_config", "linear4bit"])
+def test_quantised_towers_are_not_graphed(flag, caplog):
+    """A model loaded with a quantization_config (flagged as transformers flags one) or a tower
+    block holding a bitsandbytes linear: no block is graphed, one info line says why."""
+    import logging
+    from types import SimpleNamespace
+
+    model = _model("qwen2_vl", "lora")
+    keys = speed.run_frozen_towers_without_grad(model)
+    base = speed.unwrap_model(model)
+    if flag == "hf_quantizer":
+        base.hf_quantizer = SimpleNamespace(quantization_config=None)
+    elif flag == "is_loaded_in_4bit":
+        base.is_loaded_in_4bit = True
+    elif flag == "quantization_config":
+        base.config.quantization_config = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    else:
+        mlp = base.model.visual.blocks[1].mlp
+        mlp.fc1 = Linear4bit(mlp.fc1.in_features, mlp.fc1.out_features)
+    with caplog.at_level(logging.INFO, logger="mmtune.model.speed"):
+        assert speed.graph_frozen_blocks(model, keys, share=GraphShare(backend=FakeGraphs())) == 0
+    assert not any(isinstance(b._compiled_call_impl, BlockGraphs) for b in base.model.visual.blocks)
+    lines = [r.getMessage() for r in caplog.records if "CUDA graphs" in r.getMessage()]
+    assert len(lines) == 1 and "skipped" in lines[0] and "quantised" in lines[0]
+    assert ("Linear4bit" in lines[0]) == (flag == "linear4bit")
+
+
+def test_quantisation_is_none_for_a_plain_model():
+    from mmtune.model.graphs import quantisation
+
+    model = _model("qwen2_vl", "lora")
+    assert quantisation(model, list(speed.unwrap_model(model).model.visual.blocks)) is None

@@ -26,6 +26,9 @@ How it works (:class:`BlockGraphs`, one per block, installed as the block's call
 The replay runs the very kernels the capture recorded, on the same inputs: the same results.
 A block that changed one of its input tensors in place would change the static copy instead of
 the caller's tensor; transformers' blocks do not, and a frozen tower's blocks have no reason to.
+
+Quantised blocks (QLoRA: bitsandbytes' ``Linear4bit`` / ``Linear8bitLt``) are not graphed at
+all (:func:`quantisation`): their kernels fail to capture with a PyTorch internal assert.
 """
 
 from __future__ import annotations
@@ -54,6 +57,35 @@ def _rng_modules(block: nn.Module) -> list[nn.Module]:
         if isinstance(rate, (int, float)) and rate > 0:
             found.append(module)
     return found
+
+
+#: module classes whose kernels do not capture into CUDA graphs: bitsandbytes' quantised linears
+#: (peft's LoRA layers over them carry the same class names)
+QUANTISED_MODULES = frozenset({"Linear4bit", "Linear8bitLt"})
+
+
+def quantisation(model: nn.Module | None, blocks: list[nn.Module] = ()) -> str | None:
+    """Why ``model`` (a peft wrapper looked through) or one of ``blocks`` holds quantised
+    weights, in words; None when nothing is quantised. ``model`` counts as quantised the way
+    transformers marks one loaded with a ``quantization_config`` (its ``hf_quantizer``,
+    ``is_quantized``, ``is_loaded_in_4bit`` / ``_8bit``, the config's ``quantization_config``);
+    a block by a module of a bitsandbytes class (:data:`QUANTISED_MODULES`, or any class that
+    bitsandbytes defines)."""
+    if model is not None:
+        get_base = getattr(model, "get_base_model", None)
+        base = get_base() if callable(get_base) else model
+        for flag in ("hf_quantizer", "is_quantized", "is_loaded_in_4bit", "is_loaded_in_8bit"):
+            if getattr(base, flag, None):
+                return f"the model is quantised ({flag})"
+        config = getattr(base, "config", None)
+        if getattr(config, "quantization_config", None) or getattr(config, "_is_quantized", False):
+            return "the model is quantised (its config's quantization_config)"
+    for block in blocks:
+        for module in block.modules():
+            kind = type(module)
+            if kind.__name__ in QUANTISED_MODULES or kind.__module__.split(".")[0] == "bitsandbytes":
+                return f"{type(block).__name__} holds a quantised {kind.__name__}"
+    return None
 
 
 def _spec_key(spec: Any) -> Any:

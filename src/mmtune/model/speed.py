@@ -825,10 +825,16 @@ def apply_liger_kernels(model: nn.Module) -> bool:
 def graph_frozen_blocks(model: nn.Module, tower_keys: list[str], share: Any = None) -> int:
     """Replay the repeated blocks under ``tower_keys`` (towers that run without autograd) from
     CUDA graphs (:func:`mmtune.model.graphs.graph_blocks`, after regional compile: it wraps
-    the compiled call). Returns the number of blocks graphed."""
-    from .graphs import GraphShare, graph_blocks
+    the compiled call). Returns the number of blocks graphed: none for a quantised model or
+    tower (QLoRA), whose kernels do not capture (one info line)."""
+    from .graphs import GraphShare, graph_blocks, quantisation
 
     blocks = [block for name, block in repeated_blocks(model) if has_prefix(name, tower_keys)]
+    reason = quantisation(model, blocks) if blocks else None
+    if reason:
+        logger.info("CUDA graphs of frozen blocks skipped: %s, and quantised kernels do not capture into graphs",
+                    reason)
+        return 0
     if blocks:
         graph_blocks(blocks, share or GraphShare(), runs_without_grad=True)  # their forwards are no-grad
         logger.info("CUDA graphs for %d frozen blocks (%s): captured per input signature on its second call",
