@@ -145,6 +145,6 @@ def test_video_count_without_the_processor_counter(media, processor, monkeypatch
     sample = _samples(media)[0]
     caps = MediaConfig(video_max_pixels=8 * 56 * 56, video_min_pixels=4 * 28 * 28)
     expected = [plugin_ids(get_mm_plugin(NAME, media=m), processor, sample) for m in (None, caps)]
-    monkeypatch.delattr(type(processor.video_processor), "get_num_of_video_patches")
+    monkeypatch.delattr(type(processor.video_processor), "get_num_of_video_patches", raising=False)  # 5.17: absent
     assert not hasattr(processor.video_processor, "get_num_of_video_patches")
     assert [plugin_ids(get_mm_plugin(NAME, media=m), processor, sample) for m in (None, caps)] == expected
