@@ -23,11 +23,11 @@ import torch
 import yaml
 from transformers import TrainerCallback
 
+from mmtune.model import speed
+
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
-#: --without NAME switches one speed lever (mmtune.model.speed) off, for its row in the table
-LEVERS = {"fused-ce": "fused_cross_entropy", "compile": "compile", "tower-no-grad": "frozen_tower_no_grad",
-          "liger": "liger_kernels", "vision-varlen": "vision_varlen_attention",
-          "cpp-wrapper": "compile_cpp_wrapper", "lean-guards": "compile_lean_guards"}
+#: --without NAME switches one speed lever off, for its row in the table (speed.LEVERS: the one list)
+LEVERS = {lever.name: lever.switch for lever in speed.LEVERS if lever.name}
 
 
 class StepTimer(TrainerCallback):

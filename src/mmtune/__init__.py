@@ -1,3 +1,7 @@
 """mmtune: exact, fast fine-tuning of multimodal language models."""
 
+from mmtune.versions import check_transformers as _check_transformers
+
 __version__ = "0.1.0"
+
+_check_transformers()  # one warning when the installed transformers is outside the tested range

@@ -166,6 +166,14 @@ def cmd_chat(ns: argparse.Namespace) -> int:
             _chat_turn(session, text)
 
 
+def cmd_env(ns: argparse.Namespace) -> int:
+    """Versions, device and (given a model or a YAML config) the speed levers a run would get."""
+    from mmtune.env import format_report
+
+    print(format_report(ns.target))
+    return 0
+
+
 def cmd_export(ns: argparse.Namespace) -> int:
     from mmtune.infer import export_model
 
@@ -231,6 +239,13 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--template", help="record this template instead of the folder's")
     export.add_argument("--dtype", default="auto")
     export.set_defaults(func=cmd_export)
+    env = sub.add_parser("env", help="versions, device and the speed levers a model or config would get",
+                         description="Print python / torch / transformers / peft / accelerate / datasets / tokenizers "
+                                     "versions (each against its tested range), optional libraries, the device and, "
+                                     "given a model folder, Hub id or YAML config, the speed levers `mmtune train` "
+                                     "would apply to it on this machine (the model is built without weights).")
+    env.add_argument("target", nargs="?", metavar="MODEL_OR_CONFIG", help="model folder, Hub id or YAML config")
+    env.set_defaults(func=cmd_env)
     ns, extra = parser.parse_known_args(argv)
     if extra and ns.command == "train" and not any(e.startswith("-") for e in extra):
         ns.overrides += extra  # overrides after --nproc N

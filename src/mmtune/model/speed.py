@@ -843,6 +843,36 @@ def graph_frozen_blocks(model: nn.Module, tower_keys: list[str], share: Any = No
 
 
 # =============================================================== all levers
+@dataclass(frozen=True)
+class Lever:
+    """One lever :func:`apply_speed_levers` decides: its switch (a ``ModelArguments`` field), the
+    key it is reported under in the returned dict (None: a setting of another lever), its short
+    name (``benchmarks/train_speed.py --without NAME``; None: not switched off there) and what it does."""
+
+    switch: str
+    applied: str | None
+    name: str | None
+    summary: str
+
+
+#: every lever :func:`apply_speed_levers` decides, in the order it applies them (``mmtune env``
+#: and the benchmark's ``--without`` read this list)
+LEVERS: tuple[Lever, ...] = (
+    Lever("liger_kernels", "liger_kernels", "liger", "Liger kernels: RMSNorm, SwiGLU, rotary (liger-kernel)"),
+    Lever("fused_cross_entropy", "fused_cross_entropy", "fused-ce", "fused linear cross-entropy: no full logits"),
+    Lever("frozen_tower_no_grad", "frozen_tower_no_grad", "tower-no-grad", "frozen towers run without autograd"),
+    Lever("vision_varlen_attention", "vision_varlen_attention", "vision-varlen",
+          "the vision tower's attention over all images in one varlen kernel"),
+    Lever("gradient_checkpointing_layers", "checkpointed_layers", None, "activation checkpointing of N decoder layers"),
+    Lever("compile", "compiled_blocks", "compile", "regional torch.compile of the repeated blocks"),
+    Lever("compile_cpp_wrapper", None, "cpp-wrapper", "inductor's C++ wrapper for the compiled decoder layers"),
+    Lever("compile_lean_guards", None, "lean-guards", "lean Dynamo guard checks on the compiled blocks"),
+    Lever("sync_free_forward", "sync_free_forward", "sync-free", "a forward without host syncs (inputs built in "
+          "the collator)"),
+    Lever("frozen_block_cuda_graphs", "graphed_blocks", "block-graphs", "CUDA graphs of a frozen tower's blocks"),
+)
+
+
 def _default_on(model_args: Any, name: str, device_type: str) -> bool:
     """A switch whose default (None) means: on when training on CUDA."""
     value = getattr(model_args, name, None)
@@ -859,9 +889,18 @@ def _cpp_wrapper_setting(model_args: Any, device_type: str) -> bool | str:
     return _default_on(model_args, "compile_cpp_wrapper", device_type)
 
 
+def compile_settings(model_args: Any, device_type: str) -> dict[str, Any]:
+    """The settings regional compile runs with on ``device_type`` (defaults resolved), keyed by
+    their switches: ``compile_cpp_wrapper`` and ``compile_lean_guards``."""
+    return {"compile_cpp_wrapper": _cpp_wrapper_setting(model_args, device_type),
+            "compile_lean_guards": _default_on(model_args, "compile_lean_guards", device_type)}
+
+
 def apply_speed_levers(model: nn.Module, model_args: Any, *, gradient_checkpointing: bool = False,
                        device_type: str | None = None, batch_tokens: int | None = None) -> dict[str, Any]:
-    """Apply the switched-on levers to a model ready to train; returns what was applied."""
+    """Apply the switched-on levers to a model ready to train; returns what was applied (keys:
+    :data:`LEVERS`' ``applied``), also kept as ``_mmtune_speed_levers`` on the model under any
+    peft wrapper (``mmtune env`` reports it)."""
     device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
     applied: dict[str, Any] = {}
     if _default_on(model_args, "liger_kernels", device_type):
@@ -883,12 +922,12 @@ def apply_speed_levers(model: nn.Module, model_args: Any, *, gradient_checkpoint
     if n or gradient_checkpointing:
         applied["checkpointed_layers"] = set_checkpointed_layers(model, n)
     if _default_on(model_args, "compile", device_type):
+        settings = compile_settings(model_args, device_type)
         applied["compiled_blocks"] = compile_repeated_blocks(model, dynamic=getattr(model_args, "compile_dynamic", True),
                                                              backend=getattr(model_args, "compile_backend", "inductor"),
                                                              mode=getattr(model_args, "compile_mode", None),
-                                                             cpp_wrapper=_cpp_wrapper_setting(model_args, device_type),
-                                                             lean_guard_checks=_default_on(
-                                                                 model_args, "compile_lean_guards", device_type))
+                                                             cpp_wrapper=settings["compile_cpp_wrapper"],
+                                                             lean_guard_checks=settings["compile_lean_guards"])
     if getattr(model_args, "sync_free_forward", True):
         from .precompute import enable_sync_free_forward
 
@@ -896,4 +935,5 @@ def apply_speed_levers(model: nn.Module, model_args: Any, *, gradient_checkpoint
     frozen = applied.get("frozen_tower_no_grad") or []
     if frozen and device_type == "cuda" and _default_on(model_args, "frozen_block_cuda_graphs", device_type):
         applied["graphed_blocks"] = graph_frozen_blocks(model, frozen)
+    unwrap_model(model)._mmtune_speed_levers = applied
     return applied
