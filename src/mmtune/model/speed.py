@@ -416,9 +416,10 @@ def enable_fused_cross_entropy(model: nn.Module) -> bool:
 
     base.forward = forward
     base._mmtune_fused_head = state
-    logger.info("fused linear cross-entropy on (%s, vocabulary %d%s): logits are never materialised whole",
+    logger.info("fused linear cross-entropy on (%s, vocabulary %d%s%s): logits are never materialised whole",
                 "liger-kernel" if _liger_flce() is not None else "chunked PyTorch", head.out_features,
-                f", soft-cap {softcap}" if softcap else "")
+                f", soft-cap {softcap}" if softcap else "",
+                f", logit scale {state.logit_scale}" if state.logit_scale is not None else "")
     return True
 
 
