@@ -278,6 +278,22 @@ def test_a_failed_capture_leaves_the_block_running_as_usual(caplog):
     assert caplog.text.count("capturing a _Block failed") == 1  # tried once, then left alone
 
 
+@torch.no_grad()
+def test_failed_captures_of_several_blocks_warn_once(caplog):
+    import logging
+
+    blocks = [_Block() for _ in range(3)]
+    share = GraphShare(backend=_FailingCapture())
+    graph_blocks(blocks, share)
+    args, kwargs = _args()
+    with caplog.at_level(logging.WARNING, logger="mmtune.model.graphs"):
+        for _ in range(3):
+            for block in blocks:
+                block(*args, **kwargs)
+    assert share.failed_captures == 3 and all(b._compiled_call_impl.failed for b in blocks)
+    assert caplog.text.count("CUDA graphs of frozen blocks: capturing") == 1
+
+
 class _Other(_Block):
     def forward(self, x, **kwargs):
         return super().forward(x, **kwargs)[:, :2]  # same inputs, another output shape

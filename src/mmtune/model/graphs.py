@@ -170,6 +170,7 @@ class GraphShare:
     graphs_per_signature: dict[tuple, int] = field(default_factory=dict)
     captures: int = 0
     replays: int = 0
+    failed_captures: int = 0
     _warned_full: bool = False
 
     def buffers_for(self, sig: tuple, tensors: list[torch.Tensor]) -> _Buffers | None:
@@ -272,8 +273,12 @@ class BlockGraphs:
         except Exception as err:  # noqa: BLE001 (whatever the capture met, the block still runs as usual)
             self.failed = True
             self.share.release(sig)
-            logger.warning("CUDA graphs of frozen blocks: capturing a %s failed (%s: %s); it runs as usual",
-                           self.kind.__name__, type(err).__name__, err)
+            self.share.failed_captures += 1
+            # one warning for the model: the other blocks of a tower usually fail alike
+            log = logger.warning if self.share.failed_captures == 1 else logger.debug
+            log("CUDA graphs of frozen blocks: capturing a %s failed (%s: %s); it runs as usual%s",
+                self.kind.__name__, type(err).__name__, err,
+                ", and so does any other block whose capture fails" if self.share.failed_captures == 1 else "")
             return None
         self.graphs[sig] = graph
         self.share.graphs_per_signature[sig] = self.share.graphs_per_signature.get(sig, 0) + 1
