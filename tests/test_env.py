@@ -88,3 +88,6 @@ def test_env_on_something_that_is_not_a_model_says_so_in_one_line(tmp_path, caps
     assert "learning_rate" in capsys.readouterr().err
     with pytest.raises((OSError, ValueError, ConfigError)):
         env.lever_report(str(tmp_path / "no-such-model"))
+    assert main(["env", str(tmp_path / "no-such-model")]) == 0  # versions and device, then why no levers
+    out = capsys.readouterr().out
+    assert "transformers" in out and f"speed levers for {tmp_path / 'no-such-model'}: cannot read its model config" in out

@@ -179,6 +179,30 @@ def _lever_state(lever: Any, report: LeverReport) -> str:
     return str(value)
 
 
+def _lever_lines(target: str) -> list[str]:
+    """The speed-lever section of the report for ``target``."""
+    from mmtune.hparams import ConfigError
+    from mmtune.model.speed import LEVERS
+
+    try:
+        report = lever_report(target)
+    except ConfigError:
+        raise  # a config mistake: the CLI's one-line error
+    except (OSError, ValueError) as exc:  # no model there: the versions and device still help
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return [f"speed levers for {target}: cannot read its model config ({first})"]
+    lines = [f"speed levers for {report.target} ({report.model_type}: {report.architecture}; "
+             f"{report.finetuning_type}; training on {report.device_type}):"]
+    if report.error:
+        lines.append(f"  could not build the model to decide: {report.error}")
+    else:
+        width = max(len(lever.switch) for lever in LEVERS)
+        lines += [f"  {lever.switch:<{width}}  {_lever_state(lever, report)}" for lever in LEVERS]
+    if report.notes:
+        lines += ["", "what the run would log about them:"] + [f"  {note}" for note in report.notes]
+    return lines
+
+
 def format_report(target: str | None = None) -> str:
     """The text ``mmtune env`` prints."""
     import mmtune
@@ -186,23 +210,13 @@ def format_report(target: str | None = None) -> str:
     lines = [f"mmtune        {mmtune.__version__}",
              f"python        {platform.python_version()} ({sys.executable})",
              f"platform      {platform.platform()}", ""]
-    lines += [p.line() for p in packages(CORE_PACKAGES)]
+    core = packages(CORE_PACKAGES)
+    lines += [p.line() for p in core]
     lines += ["", "optional:"] + ["  " + p.line() for p in packages(OPTIONAL_PACKAGES)]
     lines += ["", "device:"] + ["  " + line for line in device_lines()]
     if target is not None:
-        from mmtune.model.speed import LEVERS
-
-        report = lever_report(target)
-        lines += ["", f"speed levers for {report.target} ({report.model_type}: {report.architecture}; "
-                      f"{report.finetuning_type}; training on {report.device_type}):"]
-        if report.error:
-            lines.append(f"  could not build the model to decide: {report.error}")
-        else:
-            width = max(len(lever.switch) for lever in LEVERS)
-            lines += [f"  {lever.switch:<{width}}  {_lever_state(lever, report)}" for lever in LEVERS]
-        if report.notes:
-            lines += ["", "what the run would log about them:"] + [f"  {note}" for note in report.notes]
-    outside = [p for p in packages(CORE_PACKAGES) if p.inside is False]
+        lines += [""] + _lever_lines(target)
+    outside = [p for p in core if p.inside is False]
     if outside:
         lines += ["", "outside the tested range: " + ", ".join(f"{p.name} {p.version}" for p in outside)
                   + " (README, Versions)"]
