@@ -3,6 +3,7 @@ inside them and is what `make` installs, `make test-latest` installs without it 
 beyond the upper bounds), and `import mmtune` warns once outside transformers' tested range."""
 
 import importlib.util
+import os
 import pathlib
 import re
 import shutil
@@ -103,7 +104,9 @@ def test_import_warning_appears_once_per_process():
 def _dry_run(*args):
     if shutil.which("make") is None:
         pytest.fail("make is not installed: the Makefile cannot be checked")
-    out = subprocess.run(["make", "-n", "-B", *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    # a clean environment: under `make test-latest UNCAPPED=1` make hands its variables down (MAKEFLAGS)
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "UNCAPPED")}
+    out = subprocess.run(["make", "-n", "-B", *args], cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
     assert out.returncode == 0, out.stderr
     return [line for line in out.stdout.splitlines() if "pip install" in line]
 
