@@ -247,6 +247,25 @@ def test_a_declined_first_call_runs_again_from_the_same_random_draws():
     assert speed.unwrap_model(model)._mmtune_fused_head.declined and b.item() == a.item()
 
 
+def test_a_declined_first_call_under_the_sync_free_forward_gives_the_losses_of_the_lever_off():
+    """The repeated call runs inside the sync-free forward's wrapper: the precomputed tower inputs
+    and the index merge of a training projector's features serve it as they served the first."""
+    from mmtune.model.precompute import enable_sync_free_forward
+
+    def scaled(model):
+        speed.unwrap_model(model).get_output_embeddings().register_forward_hook(lambda m, i, out: out * 3.0)
+        return model
+
+    batches = [_batch("qwen2_vl", seed=s) for s in (0, 1)]
+    ref = _train(scaled(_model("qwen2_vl", freeze_multi_modal_projector=False)), batches)
+    model = _model("qwen2_vl", freeze_multi_modal_projector=False)
+    assert speed.enable_fused_cross_entropy(model)
+    pre = enable_sync_free_forward(model)
+    scaled(model)
+    _assert_same(ref, _train(model, [pre(dict(b)) for b in batches]))
+    assert speed.unwrap_model(model)._mmtune_fused_head.declined
+
+
 @pytest.mark.parametrize("applied", [True, False])
 def test_a_configured_logit_scale_is_reproduced_where_the_model_applies_it(applied):
     """Cohere's ``logit_scale`` (Aya Vision's LM): newer transformers multiply the logits by
