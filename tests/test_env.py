@@ -91,3 +91,15 @@ def test_env_on_something_that_is_not_a_model_says_so_in_one_line(tmp_path, caps
     assert main(["env", str(tmp_path / "no-such-model")]) == 0  # versions and device, then why no levers
     out = capsys.readouterr().out
     assert "transformers" in out and f"speed levers for {tmp_path / 'no-such-model'}: cannot read its model config" in out
+
+
+def test_the_cuda_device_line(monkeypatch):
+    """The CUDA branch (this machine may have no GPU): cards by name and count, bf16 support."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    (line,) = env.device_lines()
+    assert line.startswith("cuda") and "2 x NVIDIA H100 80GB HBM3" in line and line.endswith("bf16: yes")
