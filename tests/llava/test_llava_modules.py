@@ -160,13 +160,13 @@ def test_anyres_spatial_unpad_feature_count_equals_llava_next():
     from PIL import Image
     from transformers import CLIPImageProcessor, LlavaNextProcessor
 
-    from mmtune.llava import process_images
+    from mmtune.llava import preprocess_images
 
     pinpoints = [[56, 112], [112, 56], [112, 112]]
     model = make_model(image_aspect_ratio="anyres", mm_patch_merge_type="spatial_unpad", image_grid_pinpoints=pinpoints)
     ip = CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
     images = [Image.new("RGB", (100, 40)), Image.new("RGB", (50, 90)), Image.new("RGB", (56, 56))]
-    batch = process_images(images, ip, "anyres", pinpoints)
+    batch = preprocess_images(images, ip, "anyres", pinpoints)
     feats = model.image_features(batch["images"], batch["image_sizes"])
     ref = LlavaNextProcessor.__new__(LlavaNextProcessor)
     ref.patch_size, ref.vision_feature_select_strategy, ref.num_additional_image_tokens = 14, "full", 0
@@ -185,12 +185,12 @@ def test_pad_aspect_ratio_fills_with_the_mean_colour():
     from PIL import Image
     from transformers import CLIPImageProcessor
 
-    from mmtune.llava import expand2square, process_images
+    from mmtune.llava import expand2square, preprocess_images
 
     ip = CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
     square = expand2square(Image.new("RGB", (40, 20), (255, 0, 0)), (1, 2, 3))
     assert square.size == (40, 40) and square.getpixel((0, 0)) == (1, 2, 3) and square.getpixel((20, 20)) == (255, 0, 0)
-    out = process_images([Image.new("RGB", (112, 56), (255, 0, 0))], ip, "pad")
+    out = preprocess_images([Image.new("RGB", (112, 56), (255, 0, 0))], ip, "pad")
     # the padded band is the mean colour, which normalises to ~0
     assert out["images"].shape == (1, 3, 56, 56)
     assert out["images"][0, :, 2, 28].abs().max() < 0.02

@@ -19,7 +19,7 @@ from PIL import Image
 from transformers import AutoModel, AutoModelForCausalLM, CLIPImageProcessor
 
 from mmtune.families.llava import build_llama_tokenizer
-from mmtune.llava import IMAGE_TOKEN_INDEX, LlavaMetaForCausalLM, load_pretrained_model, process_images
+from mmtune.llava import IMAGE_TOKEN_INDEX, LlavaMetaForCausalLM, load_pretrained_model, preprocess_images
 from mmtune.llava.meta import unpad_features
 from mmtune.llava.mm_utils import background_colour
 from mmtune.testing import make_image
@@ -151,7 +151,7 @@ def test_pad_fills_with_the_truncated_mean_colour():
     red = Image.new("RGB", (112, 56), (255, 0, 0))
     canvas = Image.new("RGB", (112, 112), (122, 116, 104))
     canvas.paste(red, (0, 28))
-    out = process_images([red], ip, "pad")
+    out = preprocess_images([red], ip, "pad")
     assert torch.equal(out["images"], ip([canvas], return_tensors="pt")["pixel_values"])
 
 
@@ -172,7 +172,7 @@ def test_anyres_square_images_tile_width_first(side):
     canvas.paste(image.resize((56, 56), Image.Resampling.BICUBIC), (0, 28))
     want = _views(ip, image.resize((56, 56), Image.Resampling.BICUBIC),
                   [canvas.crop((0, 0, 56, 56)), canvas.crop((0, 56, 56, 112))])
-    out = process_images([image], ip, "anyres", [[56, 112], [112, 56], [112, 112]])
+    out = preprocess_images([image], ip, "anyres", [[56, 112], [112, 56], [112, 112]])
     assert out["image_sizes"].tolist() == [[side, side]]
     assert torch.equal(out["images"][0], want)
 
@@ -193,12 +193,12 @@ def test_anyres_asymmetric_pinpoints_and_a_padded_batch():
     canvas = Image.new("RGB", (168, 56), (0, 0, 0))
     canvas.paste(square, (56, 0))
     want_square = _views(ip, square, [canvas.crop((x, 0, x + 56, 56)) for x in (0, 56, 112)])
-    out = process_images([wide, square], ip, "anyres", [[168, 56], [112, 112]])
+    out = preprocess_images([wide, square], ip, "anyres", [[168, 56], [112, 112]])
     assert out["images"].shape == (2, 4, 3, 56, 56) and out["image_sizes"].tolist() == [[100, 40], [56, 56]]
     assert torch.equal(out["images"][0], want_wide) and torch.equal(out["images"][1], want_square)
 
     tall = make_image(40, 100, seed=2)  # 112 x 112 now: 2 x 2 tiles; the stack is padded to the longest
-    out = process_images([tall, wide], ip, "anyres", "[(168, 56), (112, 112)]")
+    out = preprocess_images([tall, wide], ip, "anyres", "[(168, 56), (112, 112)]")
     assert out["images"].shape == (2, 5, 3, 56, 56) and out["images"][1, 4].abs().max() == 0
 
 

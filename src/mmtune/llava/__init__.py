@@ -16,7 +16,13 @@ from .constants import (
 from .builder import load_pretrained_model
 from .encoders import VisionTower, build_vision_tower
 from .meta import LlavaMetaForCausalLM, LlavaMetaModel, load_state_file
-from .mm_utils import expand2square, process_images, tokenizer_image_token
+from .mm_utils import (
+    expand2square,
+    get_model_name_from_path,
+    preprocess_images,
+    process_images,
+    tokenizer_image_token,
+)
 from .modeling_llava_llama import LlavaLlamaForCausalLM, LlavaLlamaModel
 from .processing import LlavaLlamaProcessor
 from .projectors import build_vision_projector
@@ -30,5 +36,6 @@ __all__ = [
     "DEFAULT_IMAGE_PATCH_TOKEN", "DEFAULT_IMAGE_TOKEN", "DEFAULT_IM_END_TOKEN", "DEFAULT_IM_START_TOKEN",
     "IGNORE_INDEX", "IMAGE_TOKEN_INDEX", "LlavaConfig", "LlavaLlamaForCausalLM", "LlavaLlamaModel",
     "LlavaLlamaProcessor", "LlavaMetaForCausalLM", "LlavaMetaModel", "VisionTower", "build_vision_projector",
-    "build_vision_tower", "expand2square", "load_pretrained_model", "load_state_file", "process_images", "tokenizer_image_token",
+    "build_vision_tower", "expand2square", "get_model_name_from_path", "load_pretrained_model", "load_state_file",
+    "preprocess_images", "process_images", "tokenizer_image_token",
 ]

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from .configuration import LlavaConfig
+from .encoders import tower_config, tower_image_processor
 from .meta import complete_vision_tower, load_state_file
 from .modeling_llava_llama import LlavaLlamaForCausalLM
 
@@ -82,43 +83,139 @@ def load_non_lora_trainables(model: Any, path: str) -> None:
     logger.info("loaded %d non-LoRA trainable tensors from %s", len(state), path)
 
 
+def llava_processor(config: Any, tokenizer: Any) -> Any:
+    """A ``LlavaLlamaProcessor`` for a LLaVA checkpoint that carries no processor files (those the
+    original LLaVA code writes, which save only the tokenizer): the image processor of the tower
+    ``config`` names (from ``mm_vision_tower``'s folder, else built from the tower config),
+    ``tokenizer`` with the image tokens the config asks for, and the config's
+    ``image_aspect_ratio``, ``image_grid_pinpoints`` and ``mm_use_im_start_end``, so images and
+    prompts are prepared as the checkpoint was trained."""
+    from .meta import LlavaMetaForCausalLM
+    from .processing import LlavaLlamaProcessor
+
+    image_processor = tower_image_processor(getattr(config, "mm_vision_tower", None), tower_config(config))
+    LlavaMetaForCausalLM.add_image_tokens(config, tokenizer)
+    return LlavaLlamaProcessor(image_processor, tokenizer,
+                               image_aspect_ratio=getattr(config, "image_aspect_ratio", None) or "square",
+                               image_grid_pinpoints=getattr(config, "image_grid_pinpoints", None),
+                               mm_use_im_start_end=bool(getattr(config, "mm_use_im_start_end", False)))
+
+
 def load_processor(model_path: str, model_base: str | None, model: Any) -> Any:
     from transformers import AutoProcessor, AutoTokenizer
-
-    from .processing import LlavaLlamaProcessor
 
     if os.path.isfile(os.path.join(model_path, "processor_config.json")):
         return AutoProcessor.from_pretrained(model_path)
     source = model_path if os.path.isfile(os.path.join(model_path, "tokenizer_config.json")) else model_base
     tokenizer = AutoTokenizer.from_pretrained(source, use_fast=True)
     model.initialize_vision_tokenizer(model.config, tokenizer)
-    config = model.config
-    return LlavaLlamaProcessor(model.get_vision_tower().image_processor(), tokenizer,
-                               image_aspect_ratio=config.image_aspect_ratio,
-                               image_grid_pinpoints=config.image_grid_pinpoints,
-                               mm_use_im_start_end=config.mm_use_im_start_end)
+    return llava_processor(model.config, tokenizer)
+
+
+def _is_llava_checkpoint(model_path: str) -> bool:
+    """Whether ``model_path``'s config.json is a LLaVA one (``model_type`` llava_llama, or the
+    original's ``mm_vision_tower`` key); a folder without one (a plain LoRA adapter) is not."""
+    from transformers import PretrainedConfig
+
+    try:
+        config, _ = PretrainedConfig.get_config_dict(model_path)
+    except (OSError, ValueError):
+        return False
+    return config.get("model_type") == "llava_llama" or bool(config.get("mm_vision_tower"))
+
+
+def _check_model_name(model_name: str | None, llava: bool, adapter: bool, model_path: str) -> None:
+    """The original decides the checkpoint's kind from ``model_name``; mmtune reads its files.
+    Where the two disagree the files win, and the difference is logged."""
+    if not model_name:
+        return
+    name = model_name.lower()
+    if ("llava" in name) != llava:
+        logger.info("model_name %r %s 'llava' but %s's config.json says it is %s: loading it as its files say",
+                    model_name, "holds" if "llava" in name else "lacks", model_path,
+                    "a LLaVA model" if llava else "a plain language model")
+    if llava and ("lora" in name) != adapter:
+        logger.info("model_name %r %s 'lora' but %s %s adapter_config.json: loading it as its files say", model_name,
+                    "holds" if "lora" in name else "lacks", model_path, "has" if adapter else "has no")
+
+
+def _load_plain_lm(model_path: str, model_base: str | None, adapter: bool, kwargs: dict[str, Any]) -> tuple[Any, Any]:
+    """A language model without LLaVA (the original's branch for names without 'llava'):
+    a full checkpoint, or a LoRA adapter over ``model_base`` merged."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if adapter:
+        from peft import PeftModel
+
+        model = AutoModelForCausalLM.from_pretrained(model_base, **kwargs)
+        model = PeftModel.from_pretrained(model, model_path).merge_and_unload()
+        logger.info("merged LoRA weights from %s", model_path)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+    tokenizer_source = model_path if os.path.isfile(os.path.join(model_path, "tokenizer_config.json")) else model_base
+    return AutoTokenizer.from_pretrained(tokenizer_source, use_fast=True), model
 
 
 def load_pretrained_model(
     model_path: str,
     model_base: str | None = None,
+    model_name: str | None = None,
     load_8bit: bool = False,
     load_4bit: bool = False,
-    dtype: torch.dtype = torch.float32,
+    device_map: Any = None,
     device: str | torch.device | None = None,
+    use_flash_attn: bool = False,
+    *,
+    dtype: torch.dtype = torch.float32,
     attn_implementation: str = "sdpa",
+    **kwargs: Any,
 ) -> tuple[Any, Any, Any, int]:
-    """``(tokenizer, model, processor, context_len)`` for any of the checkpoint kinds above."""
-    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation,
-                              **quantization_kwargs(load_8bit, load_4bit, dtype)}
+    """``(tokenizer, model, processor, context_len)`` for any of the checkpoint kinds above.
+
+    Takes the original LLaVA's call as it is, ``load_pretrained_model(model_path, model_base,
+    model_name, load_8bit, load_4bit, device_map, device, use_flash_attn, **kwargs)``, and
+    mmtune's keywords (``dtype``, ``attn_implementation``). Differences from the original:
+
+    * ``model_name`` is optional and decides nothing: the original loads LLaVA only when the
+      name holds ``llava`` and LoRA when it holds ``lora``; here the checkpoint's files decide
+      (a LLaVA ``config.json``, ``adapter_config.json``, ``mm_projector.*``), so a folder named
+      anything loads. A plain language model (no LLaVA config) loads as the original loads one,
+      with ``None`` in place of the processor.
+    * The third item is a ``LlavaLlamaProcessor`` rather than the tower's image processor. It
+      serves as one: ``preprocess``, ``image_mean``, ``crop_size`` and ``size`` are the image
+      processor's, and ``mmtune.llava.process_images(images, processor, model.config)`` takes
+      it, so the original's inference snippets run unchanged; called with ``text=`` and
+      ``images=`` it prepares both as the checkpoint was trained.
+    * Defaults: fp32 (``dtype``) and the CPU, where the original loads fp16 onto every GPU
+      (``device_map="auto"``). ``device`` moves the model there (``device_map={"": device}``);
+      ``device_map`` is passed to ``from_pretrained`` as given; ``use_flash_attn`` selects
+      ``flash_attention_2``. Other ``kwargs`` go to ``from_pretrained`` (``torch_dtype`` is
+      read as ``dtype``).
+    * ``context_len`` is the config's ``tokenizer_model_max_length`` (the training cutoff),
+      else its ``max_position_embeddings``.
+    """
+    if "torch_dtype" in kwargs:  # the original's scripts and transformers 4 spell it so
+        dtype = kwargs.pop("torch_dtype")
+    if use_flash_attn:
+        attn_implementation = "flash_attention_2"
+    load_kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation,
+                                   **quantization_kwargs(load_8bit, load_4bit, dtype), **kwargs}
+    if device_map is not None and "device_map" not in load_kwargs:
+        load_kwargs["device_map"] = device_map
+    elif device is not None and str(device) != "cuda" and "device_map" not in load_kwargs:
+        load_kwargs["device_map"] = {"": device}
     adapter = os.path.isfile(os.path.join(model_path, "adapter_config.json"))
     projector = _first_file(model_path, ("mm_projector.safetensors", "mm_projector.bin"))
     if (adapter or projector) and model_base is None:
         kind = "a LoRA" if adapter else "a projector-only"
         raise ValueError(f"{model_path} is {kind} checkpoint: pass model_base (the language model it was trained on)")
-    if adapter or projector:
+    llava = bool(projector) or _is_llava_checkpoint(model_path)
+    _check_model_name(model_name, llava, adapter, model_path)
+    if not llava:
+        tokenizer, model = _load_plain_lm(model_path, model_base, adapter, load_kwargs)
+    elif adapter or projector:
         config = LlavaConfig.from_pretrained(model_path)
-        model = LlavaLlamaForCausalLM.from_pretrained(model_base, config=config, **kwargs)
+        model = LlavaLlamaForCausalLM.from_pretrained(model_base, config=config, **load_kwargs)
         if adapter:
             extra = _first_file(model_path, ("non_lora_trainables.safetensors", "non_lora_trainables.bin"))
             if extra:
@@ -130,10 +227,14 @@ def load_pretrained_model(
         else:
             model.get_model().load_projector(projector)
     else:
-        model = LlavaLlamaForCausalLM.from_pretrained(model_path, **kwargs)
-    if device is not None and "device_map" not in kwargs:
+        model = LlavaLlamaForCausalLM.from_pretrained(model_path, **load_kwargs)
+    if device is not None and "device_map" not in load_kwargs:
         model.to(device)
     model.eval()
+    config = model.config
+    context_len = getattr(config, "tokenizer_model_max_length", None) or getattr(config, "max_position_embeddings",
+                                                                               None) or 2048
+    if not llava:
+        return tokenizer, model, None, context_len
     processor = load_processor(model_path, model_base, model)
-    context_len = model.config.tokenizer_model_max_length or model.config.max_position_embeddings
     return processor.tokenizer, model, processor, context_len

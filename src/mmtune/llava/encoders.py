@@ -175,20 +175,8 @@ class VisionTower(nn.Module):
         return next(self.vision_tower.parameters()).device
 
     def image_processor(self) -> Any:
-        """The tower's image processor: from its checkpoint when there is one, else built
-        from the tower config's image size with the processor class's default statistics."""
-        import transformers
-
-        cls = getattr(transformers, TOWERS[self.cfg_only.model_type][1])
-        if self.name_or_path:
-            try:
-                return cls.from_pretrained(self.name_or_path)
-            except (OSError, ValueError):
-                logger.info("no image processor in %s: building one from the tower config", self.name_or_path)
-        side = self.config.image_size
-        if self.has_cls:
-            return cls(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
-        return cls(size={"height": side, "width": side})
+        """The tower's image processor (see :func:`tower_image_processor`)."""
+        return tower_image_processor(self.name_or_path, self.config)
 
     def _select(self, hidden_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
         features = hidden_states[self.select_layer]
@@ -202,6 +190,44 @@ class VisionTower(nn.Module):
             raise RuntimeError(f"vision tower {self.name_or_path} is not loaded: call load_model() first")
         out = self.vision_tower(images.to(device=self.device, dtype=self.dtype), output_hidden_states=True)
         return self._select(out.hidden_states)
+
+
+def tower_image_processor(name_or_path: str | None, vision_config: Any) -> Any:
+    """The image processor of the tower at ``name_or_path``: from its checkpoint when there is
+    one, else built from ``vision_config``'s image size with the processor class's default
+    statistics. Reads no weights."""
+    import transformers
+
+    vision_config = vision_config_from(vision_config)
+    _, class_name, has_cls = TOWERS[vision_config.model_type]
+    cls = getattr(transformers, class_name)
+    if name_or_path:
+        try:
+            return cls.from_pretrained(name_or_path)
+        except (OSError, ValueError):
+            logger.info("no image processor in %s: building one from the tower config", name_or_path)
+    side = vision_config.image_size
+    if has_cls:
+        return cls(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    return cls(size={"height": side, "width": side})
+
+
+def tower_config(config: Any) -> Any:
+    """The vision config of the tower a :class:`LlavaConfig` names: its recorded
+    ``vision_config``, else the config of its ``mm_vision_tower`` checkpoint (read, no weights)."""
+    recorded = getattr(config, "vision_config", None)
+    if recorded is not None:
+        return vision_config_from(recorded)
+    name = getattr(config, "mm_vision_tower", None)
+    if not name:
+        raise ValueError("the LLaVA config names no vision tower (mm_vision_tower / vision_config)")
+    from transformers import AutoConfig
+
+    try:
+        return vision_config_from(AutoConfig.from_pretrained(name))
+    except (OSError, ValueError) as exc:
+        raise OSError(f"mm_vision_tower={name!r}: cannot read the vision tower's config ({exc}); point it to a "
+                      "local CLIP / SigLIP checkpoint folder or a reachable hub id") from exc
 
 
 def build_vision_tower(config: Any, delay_load: bool = False) -> VisionTower:

@@ -13,6 +13,11 @@ square images and for pinpoint lists that are not symmetric.
   centred on black), cut into tower-sized tiles row by row, after a base view of the whole
   image resized to the tower's input: ``[N, tiles, 3, H, W]`` (zero tiles pad the shorter
   stacks; the model keeps as many as each image's grid has).
+
+Two entry points: :func:`preprocess_images` (mmtune's: the aspect rule and pinpoints given
+directly, a dict of ``images`` and ``image_sizes``, what ``LlavaLlamaProcessor`` returns) and
+:func:`process_images`, :func:`tokenizer_image_token` and :func:`get_model_name_from_path` with
+the original ``llava.mm_utils`` contracts, so its inference scripts run unchanged on mmtune.
 """
 
 from __future__ import annotations
@@ -148,11 +153,12 @@ def anyres_views(image: Image.Image, image_processor: Any, pinpoints: Any) -> li
     return [base] + divide_to_patches(resize_and_pad(image, best), tile)
 
 
-def process_images(images: Sequence[Image.Image], image_processor: Any, aspect_ratio: str = "square",
-                   pinpoints: Any = None) -> dict[str, Any]:
+def preprocess_images(images: Sequence[Image.Image], image_processor: Any, aspect_ratio: str = "square",
+                      pinpoints: Any = None) -> dict[str, Any]:
     """Model inputs for ``images``: ``{"images": tensor, "image_sizes": [[width, height], ...]}``."""
     if aspect_ratio not in ASPECT_RATIOS:
         raise ValueError(f"image_aspect_ratio must be one of {', '.join(ASPECT_RATIOS)}, not {aspect_ratio!r}")
+    image_processor = as_image_processor(image_processor)
     images = [image.convert("RGB") for image in images]
     sizes = torch.tensor([list(image.size) for image in images], dtype=torch.long)
     if aspect_ratio == "anyres":
@@ -171,17 +177,58 @@ def process_images(images: Sequence[Image.Image], image_processor: Any, aspect_r
     return {"images": out["pixel_values"], "image_sizes": sizes}
 
 
+def as_image_processor(processor: Any) -> Any:
+    """The image processor inside a multimodal processor (``LlavaLlamaProcessor``), or
+    ``processor`` itself when it is one already."""
+    inner = getattr(processor, "image_processor", None)
+    return processor if inner is None else inner
+
+
+def process_images(images: Sequence[Image.Image], image_processor: Any, model_cfg: Any) -> Any:
+    """The original ``llava.mm_utils.process_images``: the images as the model takes them,
+    following ``model_cfg.image_aspect_ratio`` (``pad``, ``anyres``; anything else is the
+    image processor alone) and ``model_cfg.image_grid_pinpoints``. Returns one tensor, or for
+    ``anyres`` images with different tile counts a list of ``[tiles, 3, H, W]`` tensors, as the
+    original does; the model takes either. ``image_processor`` may be the tower's image
+    processor or the processor :func:`~mmtune.llava.load_pretrained_model` returns.
+    The image sizes the model needs for ``anyres`` are the images' own (``image.size``)."""
+    if isinstance(model_cfg, str) or model_cfg is None:
+        raise TypeError("process_images(images, image_processor, model_cfg) takes the model's config, as the "
+                        "original LLaVA's does; to pass the aspect ratio and pinpoints directly use "
+                        "preprocess_images(images, image_processor, aspect_ratio, pinpoints)")
+    image_processor = as_image_processor(image_processor)
+    aspect_ratio = getattr(model_cfg, "image_aspect_ratio", None)
+    if aspect_ratio == "anyres":
+        pinpoints = getattr(model_cfg, "image_grid_pinpoints", None)
+        stacks = [image_processor(anyres_views(image.convert("RGB"), image_processor, pinpoints),
+                                  return_tensors="pt")["pixel_values"] for image in images]
+        return torch.stack(stacks) if len({s.shape for s in stacks}) == 1 else stacks
+    return preprocess_images(images, image_processor, "pad" if aspect_ratio == "pad" else "square")["images"]
+
+
 def tokenizer_image_token(prompt: str, tokenizer: Any, image_token_index: int = IMAGE_TOKEN_INDEX,
-                          add_special_tokens: bool = True) -> list[int]:
+                          return_tensors: str | None = None, *, add_special_tokens: bool = True) -> Any:
     """Token ids of ``prompt`` with every ``<image>`` as ``image_token_index`` (one id per
-    image): the text between placeholders is tokenised piece by piece."""
-    pieces = prompt.split(DEFAULT_IMAGE_TOKEN)
-    ids: list[int] = []
-    for i, piece in enumerate(pieces):
-        if i:
-            ids.append(image_token_index)
+    image), as the original ``llava.mm_utils.tokenizer_image_token``: the text between
+    placeholders is tokenised piece by piece, and the sequence opens with BOS where the
+    tokenizer adds one (Vicuna's and Llama's do). ``return_tensors="pt"`` gives a 1-D tensor;
+    ``add_special_tokens=False`` leaves BOS out whatever the tokenizer does."""
+    if return_tensors not in (None, "pt"):
+        raise ValueError(f"tokenizer_image_token: return_tensors must be None or 'pt', not {return_tensors!r}")
+    first, *rest = prompt.split(DEFAULT_IMAGE_TOKEN)
+    ids: list[int] = list(tokenizer(first, add_special_tokens=add_special_tokens)["input_ids"])
+    for piece in rest:
+        ids.append(image_token_index)
         if piece:
-            ids += tokenizer(piece, add_special_tokens=add_special_tokens and i == 0)["input_ids"]
-        elif i == 0 and add_special_tokens and tokenizer.bos_token_id is not None:
-            ids.append(tokenizer.bos_token_id)
-    return ids
+            ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long) if return_tensors == "pt" else ids
+
+
+def get_model_name_from_path(model_path: str) -> str:
+    """The original's model name for a checkpoint path: its last folder, or
+    ``<run>_checkpoint-N`` for a ``checkpoint-N`` folder (what its scripts pass to
+    ``load_pretrained_model`` as ``model_name``)."""
+    parts = model_path.strip("/").split("/")
+    if parts[-1].startswith("checkpoint-") and len(parts) > 1:
+        return f"{parts[-2]}_{parts[-1]}"
+    return parts[-1]

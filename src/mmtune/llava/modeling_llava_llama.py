@@ -70,17 +70,20 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
         """Llama's forward after splicing ``images`` (alias ``pixel_values``) into the
         placeholders; the loss skips image features and ``IGNORE_INDEX`` labels."""
         images = images if images is not None else pixel_values
+        if past_key_values is not None:
+            kwargs["past_key_values"] = past_key_values
+        # transformers from 5.25 names the KV cache ``cache``; earlier releases ``past_key_values``
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
         if inputs_embeds is None:
-            input_ids, position_ids, attention_mask, past_key_values, inputs_embeds, labels = (
+            input_ids, position_ids, attention_mask, _, inputs_embeds, labels = (
                 self.prepare_inputs_labels_for_multimodal(
-                    input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes
+                    input_ids, position_ids, attention_mask, cache, labels, images, image_sizes
                 )
             )
         return super().forward(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             labels=labels,
             use_cache=use_cache,
@@ -107,12 +110,11 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
             return super().generate(inputs, attention_mask=attention_mask, **kwargs)
         return super().generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
 
-    def prepare_inputs_for_generation(self, input_ids: torch.Tensor, past_key_values: Any = None,
-                                      inputs_embeds: Any = None, images: Any = None, image_sizes: Any = None,
-                                      **kwargs: Any) -> dict[str, Any]:
-        model_inputs = super().prepare_inputs_for_generation(
-            input_ids, past_key_values=past_key_values, inputs_embeds=inputs_embeds, **kwargs
-        )
+    def prepare_inputs_for_generation(self, input_ids: torch.Tensor, inputs_embeds: Any = None, images: Any = None,
+                                      image_sizes: Any = None, **kwargs: Any) -> dict[str, Any]:
+        """transformers' inputs (the cache under whichever name the installed release uses),
+        plus ``images`` / ``image_sizes``. ``inputs_embeds`` is named: generate checks for it."""
+        model_inputs = super().prepare_inputs_for_generation(input_ids, inputs_embeds=inputs_embeds, **kwargs)
         if images is not None:
             model_inputs["images"] = images
         if image_sizes is not None:

@@ -4,6 +4,11 @@ Saved and loaded with ``save_pretrained`` / ``AutoProcessor.from_pretrained`` li
 transformers processor; ``__call__`` gives ``input_ids`` with one ``IMAGE_TOKEN_INDEX`` per
 ``<image>`` and the images as the model takes them, with ``image_sizes`` as ``[width, height]``
 rows (LLaVA's ``image.size``; ``image_grid_pinpoints`` are ``[width, height]`` pairs too).
+
+It also stands in for the tower's image processor that the original LLaVA's
+``load_pretrained_model`` returns in its place: ``preprocess``, ``image_mean``, ``image_std``,
+``crop_size`` and ``size`` are the image processor's, and ``mmtune.llava.process_images`` takes
+it, so the original's inference scripts run with it unchanged.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from typing import Any
 from transformers import BatchFeature, ProcessorMixin
 
 from .constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
-from .mm_utils import process_images, tokenizer_image_token
+from .mm_utils import preprocess_images, tokenizer_image_token
 
 
 class LlavaLlamaProcessor(ProcessorMixin):
@@ -33,7 +38,29 @@ class LlavaLlamaProcessor(ProcessorMixin):
         return text.replace(DEFAULT_IMAGE_TOKEN, DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN)
 
     def process_images(self, images: list[Any]) -> dict[str, Any]:
-        return process_images(images, self.image_processor, self.image_aspect_ratio, self.image_grid_pinpoints)
+        return preprocess_images(images, self.image_processor, self.image_aspect_ratio, self.image_grid_pinpoints)
+
+    # ---------------------------------------------------------------- the image processor's face
+    def preprocess(self, images: Any, return_tensors: str | None = None, **kwargs: Any) -> BatchFeature:
+        """The tower's image processor's ``preprocess`` (``pixel_values``, no aspect-ratio rule),
+        which code written for the original LLaVA calls on what its loader returns."""
+        return self.image_processor.preprocess(images, return_tensors=return_tensors, **kwargs)
+
+    @property
+    def image_mean(self) -> Any:
+        return self.image_processor.image_mean
+
+    @property
+    def image_std(self) -> Any:
+        return self.image_processor.image_std
+
+    @property
+    def crop_size(self) -> Any:
+        return getattr(self.image_processor, "crop_size", None)
+
+    @property
+    def size(self) -> Any:
+        return self.image_processor.size
 
     def __call__(self, text: str | list[str] | None = None, images: Any = None, return_tensors: str | None = "pt",
                  **kwargs: Any) -> BatchFeature:

@@ -39,7 +39,11 @@ def _import_llava() -> Any:
 
 
 def load_tokenizer_and_processor(model_args: Any) -> tuple[Any, Any | None]:
-    """The tokenizer, and the multimodal processor when the checkpoint has one (else None)."""
+    """The tokenizer, and the multimodal processor when the checkpoint has one (else None).
+
+    A ``llava_llama`` checkpoint without processor files (what the original LLaVA code saves:
+    config, weights and tokenizer) gets mmtune's ``LlavaLlamaProcessor``, built from the tower
+    its config names and this tokenizer (see :func:`mmtune.llava.builder.llava_processor`)."""
     from transformers import AutoProcessor, AutoTokenizer
 
     llava = _import_llava()
@@ -49,11 +53,32 @@ def load_tokenizer_and_processor(model_args: Any) -> tuple[Any, Any | None]:
     try:
         processor = AutoProcessor.from_pretrained(model_args.model_name_or_path, **_hub_kwargs(model_args))
     except (OSError, ValueError, TypeError, KeyError) as exc:
-        logger.info("no multimodal processor in %s (%s): text-only", model_args.model_name_or_path, exc)
-        processor = None
+        processor = _llava_checkpoint_processor(model_args, tokenizer)
+        if processor is None:
+            logger.info("no multimodal processor in %s (%s): text-only", model_args.model_name_or_path, exc)
     if processor is not None and not hasattr(processor, "tokenizer"):
         processor = None  # a bare tokenizer came back
     return tokenizer, processor
+
+
+def _llava_checkpoint_processor(model_args: Any, tokenizer: Any) -> Any:
+    """LLaVA's processor for a ``llava_llama`` checkpoint that has no processor files; None for
+    any other model type."""
+    from transformers import AutoConfig
+
+    from mmtune.llava.builder import llava_processor
+
+    try:
+        config = AutoConfig.from_pretrained(model_args.model_name_or_path, **_hub_kwargs(model_args))
+    except (OSError, ValueError):
+        return None
+    if getattr(config, "model_type", None) != "llava_llama":
+        return None
+    processor = llava_processor(config, tokenizer)
+    logger.info("%s has no processor files (a checkpoint of the original LLaVA code): built LLaVA's processor from "
+                "its tower %s (image_aspect_ratio=%s)", model_args.model_name_or_path,
+                getattr(config, "mm_vision_tower", None) or "(its recorded vision_config)", processor.image_aspect_ratio)
+    return processor
 
 
 def model_class_for(config: Any) -> Any:
