@@ -3,18 +3,20 @@
 No expansion: each ``<image>`` stays one token and becomes ``IMAGE_TOKEN_INDEX`` (-200); the
 model splices the image's features there, so the sequence the LM sees is longer than
 ``input_ids`` by (features - 1) per image. Two templates: ``llava_llama_plain`` (stage 1:
-image then caption) and ``llava_llama`` (stage 2: Vicuna v1 conversation), both opening with
-BOS as LLaVA's ``tokenizer_image_token`` does.
+the image alone, then the caption, as LLaVA's ``preprocess_plain``) and ``llava_llama`` (stage
+2: Vicuna v1 conversation), both opening with BOS as LLaVA's ``tokenizer_image_token`` does
+with Vicuna's tokenizer.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from typing import Any
 
 from mmtune.model.composite import CompositeModel, register_composite_model
 from mmtune.plugins import BasePlugin, Message, register_mm_plugin
-from mmtune.templates import TEMPLATES, register_template
+from mmtune.templates import TEMPLATES, Template, register_template
 from mmtune.testing import FamilyFixture, register_fixture
 
 IMAGE_TOKEN_INDEX = -200  # mmtune.llava.IMAGE_TOKEN_INDEX (not imported: plugins stay light)
@@ -76,7 +78,32 @@ class LlavaLlamaPlugin(BasePlugin):
 
 register_mm_plugin("llava_llama", LlavaLlamaPlugin)
 
-register_template(TEMPLATES["plain"].bind("llava_llama_plain", plugin="llava_llama", prefix="<s>"))
+
+
+@dataclass(frozen=True)
+class ImageOnlyPromptTemplate(Template):
+    """LLaVA's stage-1 format (``conv_llava_plain`` with ``preprocess_plain``): each user turn
+    that holds images is replaced by its image placeholders alone, then the caption and the
+    separator follow. The original does this (``source[0]['value'] = DEFAULT_IMAGE_TOKEN``), so
+    the prompts of LCS-558k rows ("Give a brief description of the image.\n<image>") never reach
+    the model; keeping them would train on other tokens than the original. A ``<im_start>`` /
+    ``<im_end>`` wrapping goes too, as there. A user turn without an image keeps its text (the
+    original rejects such rows)."""
+
+    image_token: str = "<image>"
+
+    def render_turns(self, messages: Sequence[dict[str, str]], system: str | None = None) -> list[tuple[str, str]]:
+        kept = [{**m, "content": self.image_token * m["content"].count(self.image_token)}
+                if m["role"] == "user" and self.image_token in m["content"] else m for m in messages]
+        return super().render_turns(kept, system)
+
+
+def _image_only_prompts(template: Template, name: str, **changes: Any) -> ImageOnlyPromptTemplate:
+    values = {f.name: getattr(template, f.name) for f in fields(template)}
+    return ImageOnlyPromptTemplate(**{**values, "name": name, **changes})
+
+
+register_template(_image_only_prompts(TEMPLATES["plain"], "llava_llama_plain", plugin="llava_llama", prefix="<s>"))
 register_template(TEMPLATES["vicuna_v1"].bind("llava_llama", plugin="llava_llama", prefix="<s>"))
 
 register_composite_model(CompositeModel(
