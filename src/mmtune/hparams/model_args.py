@@ -101,7 +101,7 @@ class ModelArguments:
     image_aspect_ratio: str | None = field(default=None, metadata={"help": "square, pad or anyres.",
                                                                    "choices": ("square", "pad", "anyres")})
     image_grid_pinpoints: Any = field(
-        default=None, metadata={"help": "anyres: the candidate grid resolutions in pixels, [width, height] pairs as in LLaVA."})
+        default=None, metadata={"help": "anyres: candidate grid sizes in pixels, [width, height] pairs as in LLaVA."})
     pretrain_mm_mlp_adapter: str | None = field(default=None, metadata={"help": "Stage-1 projector file to load."})
 
     def compute_dtype(self, config_dtype: Any = None) -> torch.dtype:

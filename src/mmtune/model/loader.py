@@ -77,7 +77,8 @@ def _llava_checkpoint_processor(model_args: Any, tokenizer: Any) -> Any:
     processor = llava_processor(config, tokenizer)
     logger.info("%s has no processor files (a checkpoint of the original LLaVA code): built LLaVA's processor from "
                 "its tower %s (image_aspect_ratio=%s)", model_args.model_name_or_path,
-                getattr(config, "mm_vision_tower", None) or "(its recorded vision_config)", processor.image_aspect_ratio)
+                getattr(config, "mm_vision_tower", None) or "(its recorded vision_config)",
+                processor.image_aspect_ratio)
     return processor
 
 
