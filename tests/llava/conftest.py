@@ -82,7 +82,7 @@ def write_original_checkpoint(root, kind: str = "full", tower_in_checkpoint: boo
     ``model.vision_tower.vision_tower.vision_model.*`` shifted by ``tower_shift``; the tokenizer), ``lora``
     (config.json, a PEFT adapter, ``non_lora_trainables.bin``) or ``projector`` (config.json,
     ``mm_projector.bin``); the last two over ``root/base``, a plain Llama LM. No tokenizer has
-    ``<image>``: the original never adds it."""
+    ``<image>``: the original never adds it; each adds BOS, as Vicuna's does."""
     import json
     import os
 
@@ -97,6 +97,7 @@ def write_original_checkpoint(root, kind: str = "full", tower_in_checkpoint: boo
     if not os.path.isdir(clip):
         clip_tower_dir(root)
     tok = build_llama_tokenizer(())
+    tok.add_bos_token = True  # as Vicuna's and Llama's: tokenizer_image_token's BOS comes from the tokenizer
     torch.manual_seed(11)
     lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                       pad_token_id=tok.pad_token_id, **LLAMA_SIZES)).eval()
@@ -170,3 +171,45 @@ def reference_logits(checkpoint: OriginalCheckpoint, ids: list[int], images: tor
                 start = i + 1
         pieces.append(embed(torch.tensor(ids[start:])))
         return checkpoint.lm(inputs_embeds=torch.cat(pieces)[None]).logits
+
+
+# ---------------------------------------------------------------- the original's token algorithms, restated
+#: conv_vicuna_v1's system prompt: the conversation LLaVA-1.5 trains with (``--version v1``)
+VICUNA_V1_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                    "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+
+
+def original_image_token_ids(prompt: str, tokenizer) -> list[int]:
+    """haotian-liu/LLaVA's ``tokenizer_image_token``, step by step: every chunk between
+    ``<image>`` placeholders tokenised with the tokenizer's special tokens; when the first chunk
+    opens with BOS, BOS is kept once and stripped from every chunk; chunks joined by -200."""
+    chunks = [tokenizer(chunk)["input_ids"] for chunk in prompt.split("<image>")]
+    offset = 1 if chunks and chunks[0] and chunks[0][0] == tokenizer.bos_token_id else 0
+    ids = chunks[0][:offset]
+    for i, chunk in enumerate(chunks):
+        if i:
+            ids.append(-200)
+        ids += chunk[offset:]
+    return ids
+
+
+def original_plain_ids_and_labels(human: str, caption: str, tokenizer) -> tuple[list[int], list[int]]:
+    """``preprocess_plain`` of one (human, gpt) pair: the human turn replaced by ``<image>``
+    alone, the caption and conv_llava_plain's separator ``\n`` appended; labels ignore the
+    tokens of ``<image>`` (BOS and -200)."""
+    assert "<image>" in human
+    ids = original_image_token_ids("<image>" + caption + "\n", tokenizer)
+    masked = len(original_image_token_ids("<image>", tokenizer))
+    return ids, [-100] * masked + ids[masked:]
+
+
+def reference_greedy(checkpoint: OriginalCheckpoint, ids: list[int], images: torch.Tensor, steps: int,
+                     eos: int | None = None) -> list[int]:
+    """Greedy tokens from the plain parts (``reference_logits``), one full forward a token."""
+    out: list[int] = []
+    for _ in range(steps):
+        token = int(reference_logits(checkpoint, ids + out, images)[0, -1].argmax())
+        out.append(token)
+        if token == eos:
+            break
+    return out

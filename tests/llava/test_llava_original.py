@@ -202,6 +202,44 @@ def test_anyres_asymmetric_pinpoints_and_a_padded_batch():
     assert out["images"].shape == (2, 5, 3, 56, 56) and out["images"][1, 4].abs().max() == 0
 
 
+# ---------------------------------------------------------------- stage-1 data as the original
+#: a row of LLaVA's LCS-558k (blip_laion_cc_sbu_558k.json) as it ships
+LCS_558K_ROW = {"id": "004539375", "image": "00453/004539375.jpg", "conversations": [
+    {"from": "human", "value": "Give a brief description of the image.\n<image>"},
+    {"from": "gpt", "value": "a red square on a pale background"}]}
+
+
+@pytest.mark.parametrize("im_start_end", [False, True])
+def test_plain_template_tokenises_an_lcs_558k_row_as_the_original(tmp_path, im_start_end):
+    """``preprocess_plain``: the human turn becomes ``<image>`` alone (its text and any
+    ``<im_start>``/``<im_end>`` wrapping dropped), then the caption and ``\n``; labels ignore
+    BOS and the image. Ids and labels equal the original's, worked out from the tokenizer."""
+    import copy
+    import os
+
+    from mmtune.data.formats import normalize_row
+    from mmtune.data.tokenize import encode_sample
+    from mmtune.llava import LlavaLlamaProcessor
+    from mmtune.plugins import get_mm_plugin
+    from mmtune.templates import get_template
+    from mmtune.testing import make_image_file
+
+    from .conftest import original_plain_ids_and_labels
+
+    tok = build_llama_tokenizer(("<image>",))
+    tok.add_bos_token = True  # Vicuna's tokenizer, as stage 1 runs with it
+    processor = LlavaLlamaProcessor(_clip_processor(), tok, mm_use_im_start_end=im_start_end)
+    os.makedirs(tmp_path / "00453")
+    make_image_file(str(tmp_path / LCS_558K_ROW["image"]), 90, 60)
+    sample = normalize_row(copy.deepcopy(LCS_558K_ROW), media_dir=str(tmp_path))
+    enc = encode_sample(sample, get_template("llava_llama_plain"), get_mm_plugin("llava_llama"), tok, processor)
+    human, caption = (turn["value"] for turn in LCS_558K_ROW["conversations"])
+    want_ids, want_labels = original_plain_ids_and_labels(human, caption, tok)
+    assert want_ids[:2] == [tok.bos_token_id, IMAGE_TOKEN_INDEX] and len(want_ids) > 4
+    assert enc.input_ids == want_ids
+    assert enc.labels == want_labels
+
+
 # ---------------------------------------------------------------- merging as the original
 def _grid_rows(tiles: list[torch.Tensor], cols: int, rows: int) -> list[list[torch.Tensor]]:
     """Feature rows of the assembled grid: row r, column c is tile (r // 4) * cols + c // 4 at

@@ -42,9 +42,17 @@ class LlavaLlamaPlugin(BasePlugin):
 
     def tokenize(self, text: str, tokenizer: Any) -> list[int]:
         """As LLaVA's ``tokenizer_image_token``: the text between placeholders is tokenised
-        piece by piece and each ``<image>`` is one ``IMAGE_TOKEN_INDEX``."""
+        piece by piece and each ``<image>`` is one ``IMAGE_TOKEN_INDEX``. A leading BOS (the
+        templates' prefix) becomes its id and the text after it is tokenised on its own, as
+        the original tokenises it (its tokenizer adds BOS): a Llama tokenizer that marks only
+        a text's first word as word-initial (``legacy=False``) would otherwise take the word
+        after ``<s>`` as a continuation, another token."""
         pieces = text.split(self.image_token)
         ids: list[int] = []
+        bos = getattr(tokenizer, "bos_token", None)
+        if bos and pieces[0].startswith(bos) and tokenizer.bos_token_id is not None:
+            ids.append(tokenizer.bos_token_id)
+            pieces[0] = pieces[0][len(bos):]
         for i, piece in enumerate(pieces):
             if i:
                 ids.append(IMAGE_TOKEN_INDEX)
