@@ -187,8 +187,9 @@ def load_pretrained_model(
       it, so the original's inference snippets run unchanged; called with ``text=`` and
       ``images=`` it prepares both as the checkpoint was trained.
     * Defaults: fp32 (``dtype``) and the CPU, where the original loads fp16 onto every GPU
-      (``device_map="auto"``). ``device`` moves the model there (``device_map={"": device}``);
-      ``device_map`` is passed to ``from_pretrained`` as given; ``use_flash_attn`` selects
+      (``device_map="auto"``). As there, a ``device`` other than ``"cuda"`` places the model
+      (``device_map={"": device}``) and ``device_map`` is otherwise passed to ``from_pretrained``;
+      ``device="cuda"`` alone moves the model to the GPU. ``use_flash_attn`` selects
       ``flash_attention_2``. Other ``kwargs`` go to ``from_pretrained`` (``torch_dtype`` is
       read as ``dtype``).
     * ``context_len`` is the config's ``tokenizer_model_max_length`` (the training cutoff),
@@ -200,10 +201,11 @@ def load_pretrained_model(
         attn_implementation = "flash_attention_2"
     load_kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation,
                                    **quantization_kwargs(load_8bit, load_4bit, dtype), **kwargs}
-    if device_map is not None and "device_map" not in load_kwargs:
-        load_kwargs["device_map"] = device_map
-    elif device is not None and str(device) != "cuda" and "device_map" not in load_kwargs:
-        load_kwargs["device_map"] = {"": device}
+    if "device_map" not in load_kwargs:  # quantised loading has placed the model already
+        if device is not None and str(device) != "cuda":
+            load_kwargs["device_map"] = {"": device}
+        elif device_map is not None:
+            load_kwargs["device_map"] = device_map
     adapter = os.path.isfile(os.path.join(model_path, "adapter_config.json"))
     projector = _first_file(model_path, ("mm_projector.safetensors", "mm_projector.bin"))
     if (adapter or projector) and model_base is None:
