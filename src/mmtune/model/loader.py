@@ -70,7 +70,7 @@ def _llava_checkpoint_processor(model_args: Any, tokenizer: Any) -> Any:
 
     try:
         config = AutoConfig.from_pretrained(model_args.model_name_or_path, **_hub_kwargs(model_args))
-    except (OSError, ValueError):
+    except (OSError, ValueError, TypeError, KeyError):
         return None
     if getattr(config, "model_type", None) != "llava_llama":
         return None
