@@ -33,11 +33,15 @@ def plot_loss(output_dir: str) -> str | None:
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in open(path)]
+    series = {label: [(r["step"], r[key]) for r in rows if key in r]
+              for key, label in (("loss", "train"), ("eval_loss", "eval"))}
+    series = {label: points for label, points in series.items() if points}
+    if not series:  # a run shorter than logging_steps: an empty plot would only draw axes
+        logger.info("no loss was logged in %s (fewer steps than logging_steps): no loss plot", output_dir)
+        return None
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label in (("loss", "train"), ("eval_loss", "eval")):
-        points = [(r["step"], r[key]) for r in rows if key in r]
-        if points:
-            ax.plot(*zip(*points), label=label, marker="." if key == "eval_loss" else None)
+    for label, points in series.items():
+        ax.plot(*zip(*points), label=label, marker="." if label == "eval" else None)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.legend()
