@@ -149,3 +149,24 @@ def test_tiny_model_runs_on_plugin_output_and_composite_keys_match(name, media):
     with torch.no_grad():
         out = model(input_ids=torch.tensor([ids]), **mm)  # the model checks features == tokens
     assert out.logits.shape[:2] == (1, len(ids)) and torch.isfinite(out.logits).all()
+
+
+
+def test_token_counts_with_user_caps_raise_no_deprecation_warning(media):
+    """The counters get the caps under both names (each transformers release reads one); the
+    release that deprecates ``min_pixels``/``max_pixels`` must not warn on every sample."""
+    import warnings
+
+    processor = load_processor("qwen2_vl")
+    caps = MediaConfig(image_max_pixels=64 * 64, image_min_pixels=48 * 48, video_max_pixels=40 * 40,
+                       video_min_pixels=28 * 28)
+    plugin = get_mm_plugin("qwen2_vl", media=caps)
+    sample = MMSample([{"role": "user", "content": "<image><video>"}], images=[media["big"]], videos=[media["vid"]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        ids = plugin_ids(plugin, processor, sample)
+    ref = processor(text=[_to_processor_text(render(sample.messages))], **_processor_media(plugin)(sample),
+                    images_kwargs={"size": {"shortest_edge": 48 * 48, "longest_edge": 64 * 64}},
+                    videos_kwargs={"size": {"shortest_edge": 28 * 28, "longest_edge": 40 * 40},
+                                   "do_sample_frames": False}, return_tensors="pt")
+    assert ids == ref["input_ids"][0].tolist()

@@ -13,9 +13,11 @@ method or class attribute.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -94,13 +96,25 @@ class Qwen2VLPlugin(BasePlugin):
             out.update(min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"])
         return out
 
+    @staticmethod
+    @contextlib.contextmanager
+    def _quiet_count_kwargs() -> Iterator[None]:
+        """Releases that read ``size`` warn that ``min_pixels``/``max_pixels`` are deprecated;
+        :meth:`_count_kwargs` gives both names on purpose (older releases read only those), and
+        both carry the same caps, so that one warning is silenced around the counters alone."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Passing `min_pixels` and `max_pixels`", category=FutureWarning)
+            yield
+
     # ------------------------------------------------------------------ counts
     def image_grids(self, images: Sequence[Any], processor: Any) -> list[int]:
         """Patches (grid_h * grid_w) per image, from header sizes through the image processor's
         own ``get_number_of_image_patches`` (its smart-resize rule); no pixel is decoded."""
         ip = processor.image_processor
         kwargs = self._count_kwargs(self.image_kwargs(processor))
-        return [int(ip.get_number_of_image_patches(h, w, kwargs)) for (w, h) in self.image_sizes(images)]
+        sizes = self.image_sizes(images)
+        with self._quiet_count_kwargs():
+            return [int(ip.get_number_of_image_patches(h, w, kwargs)) for (w, h) in sizes]
 
     def image_token_counts(self, images: Sequence[Any], processor: Any) -> list[int]:
         """Tokens per image: patches / merge_size**2."""
@@ -113,7 +127,8 @@ class Qwen2VLPlugin(BasePlugin):
         an installed version lacks it (GLM-4V in transformers 5.17), by the ``smart_resize``
         of the video processor's own module, as its ``resize`` calls it."""
         if hasattr(vp, "get_num_of_video_patches"):
-            return int(vp.get_num_of_video_patches(num_frames, height, width, dict(kwargs)))
+            with Qwen2VLPlugin._quiet_count_kwargs():
+                return int(vp.get_num_of_video_patches(num_frames, height, width, dict(kwargs)))
         size = kwargs.get("size") or vp.size
         patch, merge, temporal = vp.patch_size, vp.merge_size, vp.temporal_patch_size
         smart_resize = sys.modules[type(vp).__module__].smart_resize
