@@ -32,7 +32,8 @@ def plot_loss(output_dir: str) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in open(path)]
+    with open(path) as fh:
+        rows = [json.loads(line) for line in fh]
     series = {label: [(r["step"], r[key]) for r in rows if key in r]
               for key, label in (("loss", "train"), ("eval_loss", "eval"))}
     series = {label: points for label, points in series.items() if points}
