@@ -143,10 +143,13 @@ def lever_report(target: str) -> LeverReport:
         with init_empty_weights():  # parameters on the meta device; buffers and the levers' probes stay real
             model = load_model(dataclasses.replace(model_args, model_name_or_path=""), finetuning_args,
                                is_trainable=True, gradient_checkpointing=training_args.gradient_checkpointing,
-                               config=config, device_type=device_type, batch_tokens=batch_tokens)
-        from mmtune.model.speed import unwrap_model
+                               config=config, device_type=device_type, batch_tokens=batch_tokens,
+                               speed_levers=False)
+            from mmtune.model.speed import apply_speed_levers
 
-        report.applied = dict(getattr(unwrap_model(model), "_mmtune_speed_levers", {}))
+            report.applied = apply_speed_levers(model, model_args,
+                                                gradient_checkpointing=training_args.gradient_checkpointing,
+                                                device_type=device_type, batch_tokens=batch_tokens)
     except Exception as exc:  # noqa: BLE001 (the report still gives versions and device)
         report.error = f"{type(exc).__name__}: {exc}"
     finally:

@@ -156,8 +156,12 @@ def load_model(
     device_type: str | None = None,
     batch_tokens: int | None = None,
     tokenizer: Any = None,
+    speed_levers: bool = True,
 ) -> Any:
     """Build or load the model, then apply the fine-tuning method.
+
+    ``speed_levers=False`` leaves a trainable model without them, for a caller that applies
+    :func:`~mmtune.model.speed.apply_speed_levers` itself and wants its report (``mmtune env``).
 
     ``config`` given without weights on disk (``model_name_or_path`` empty) builds a randomly
     initialised model: that is how tests and benchmarks make real-sized models offline.
@@ -194,7 +198,7 @@ def load_model(
     if is_trainable and gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model = init_adapter(model, model_args, finetuning_args, is_trainable)
-    if is_trainable:  # speed levers (model/speed.py); batch_tokens sizes the auto checkpointing
+    if is_trainable and speed_levers:  # speed levers (model/speed.py); batch_tokens sizes the auto checkpointing
         from .speed import apply_speed_levers
 
         apply_speed_levers(model, model_args, gradient_checkpointing=gradient_checkpointing,

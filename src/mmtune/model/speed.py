@@ -900,8 +900,7 @@ def compile_settings(model_args: Any, device_type: str) -> dict[str, Any]:
 def apply_speed_levers(model: nn.Module, model_args: Any, *, gradient_checkpointing: bool = False,
                        device_type: str | None = None, batch_tokens: int | None = None) -> dict[str, Any]:
     """Apply the switched-on levers to a model ready to train; returns what was applied (keys:
-    :data:`LEVERS`' ``applied``), also kept as ``_mmtune_speed_levers`` on the model under any
-    peft wrapper (``mmtune env`` reports it)."""
+    :data:`LEVERS`' ``applied``; ``mmtune env`` reports it)."""
     device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
     applied: dict[str, Any] = {}
     if _default_on(model_args, "liger_kernels", device_type):
@@ -936,5 +935,4 @@ def apply_speed_levers(model: nn.Module, model_args: Any, *, gradient_checkpoint
     frozen = applied.get("frozen_tower_no_grad") or []
     if frozen and device_type == "cuda" and _default_on(model_args, "frozen_block_cuda_graphs", device_type):
         applied["graphed_blocks"] = graph_frozen_blocks(model, frozen)
-    unwrap_model(model)._mmtune_speed_levers = applied
     return applied
