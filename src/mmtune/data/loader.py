@@ -68,6 +68,12 @@ class DataArguments:
     drop_overlong: bool = field(default=True, metadata={
         "help": "Drop (and count) a sample whose media tokens cutoff_len would cut; false: stop with an error "
                 "naming it."})
+    keep_empty_answers: bool = field(default=False, metadata={
+        "help": "Train on samples whose answer is empty (the end-of-turn token alone); default: drop them, counted "
+                "and listed by check-data."})
+    skip_bad_samples: bool = field(default=False, metadata={
+        "help": "A sample whose media fail to decode at batch time is replaced by the next good one (counted, and "
+                "listed in OUTPUT_DIR/skipped_samples.jsonl) instead of stopping the run."})
     image_max_pixels: int | None = field(default=None, metadata={
         "help": "Cap on an image's pixels (width x height), aspect ratio kept; default: the processor's own limit."})
     image_min_pixels: int | None = field(default=None, metadata={

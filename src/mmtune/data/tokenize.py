@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from mmtune.constants import IGNORE_INDEX
@@ -17,6 +17,9 @@ class EncodeResult:
     input_ids: list[int]
     labels: list[int]
     dropped: str | None = None  # why the sample was dropped, if it was
+    #: what happened to a kept sample that the user should hear of, as (kind, detail): kinds
+    #: are counted per dataset in the training log and listed by ``check-data``
+    notes: list[tuple[str, str]] = field(default_factory=list)
 
 
 def media_token_ids(plugin: Any, tokenizer: Any) -> set[int]:
@@ -40,6 +43,7 @@ def encode_sample(
     train_on_prompt: bool = False,
     mask_history: bool = False,
     drop_overlong: bool = True,
+    keep_empty_answers: bool = False,
 ) -> EncodeResult:
     """Expand media, apply the template, edit ids per family, then truncate safely: text may
     be cut after the last media token; a cut through media drops the sample (or raises)."""
