@@ -252,11 +252,12 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _setup_logging()
+    from mmtune.errors import UserError
     from mmtune.hparams import ConfigError
 
     try:
         return ns.func(ns)
-    except ConfigError as exc:  # a config mistake: one line, no traceback
+    except (ConfigError, UserError) as exc:  # a config, data or folder mistake: one line, no traceback
         print(f"mmtune {ns.command}: error: {exc}", file=sys.stderr)
         return 2
 
