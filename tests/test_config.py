@@ -209,7 +209,6 @@ ALIAS_CASES = [
     ("model_revision", "v1", "revision", "v1"),
     ("interleave_probs", "0.7,0.3", "dataset_ratios", "0.7,0.3"),
     ("neat_packing", "yes", "packing", True),
-    ("overwrite_output_dir", "true", None, None),
     ("lora_r", "16", "lora_rank", 16),
     ("target_modules", "[q_proj, v_proj]", "lora_target", "q_proj,v_proj"),
     ("lora_target_modules", "q_proj", "lora_target", "q_proj"),
@@ -252,8 +251,6 @@ def test_alias_sets_mmtunes_key_with_one_info_line(alias, text, key, expected, c
 def test_alias_values_that_have_no_equivalent_are_refused():
     with pytest.raises(ConfigError, match=r"flash_attn: 'fa4' is not one of auto"):
         parse_config(None, ["flash_attn=fa4"])
-    with pytest.raises(ConfigError, match=r"overwrite_output_dir: false has no mmtune equivalent"):
-        parse_config(None, ["overwrite_output_dir=false"])
     with pytest.raises(ConfigError, match=r"warmup_ratio: 3 is not a ratio"):
         parse_config(None, ["warmup_ratio=3"])
 

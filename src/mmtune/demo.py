@@ -308,7 +308,7 @@ def run_demo(output_dir: str = "demo_output", n_train: int = 2000, n_test: int =
                   output_dir=run_dir, per_device_train_batch_size=batch_size, max_steps=max_steps,
                   learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=30, logging_steps=20,
                   save_strategy="no", seed=seed, cutoff_len=256, dataloader_num_workers=0, use_cpu=True,
-                  disable_tqdm=False)
+                  disable_tqdm=False, overwrite_output_dir=True)  # the demo's own folder: a rerun replaces it
     args = parse_config(None, extra=config)
     start = time.perf_counter()
     run_sft(*args)

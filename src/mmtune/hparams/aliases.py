@@ -45,16 +45,6 @@ def _warmup_ratio(value: Any) -> Any:
     return ratio
 
 
-def _overwrite_output_dir(value: Any) -> Any:
-    """mmtune (like the transformers 5 Trainer) writes into ``output_dir`` whether or not it exists."""
-    from .parsing import is_true
-
-    if is_true(value):
-        return None
-    raise ValueError("false has no mmtune equivalent: mmtune writes into output_dir whether or not it exists; "
-                     "pick a new output_dir, or resume_from_checkpoint to continue a run")
-
-
 @dataclass(frozen=True)
 class Alias:
     """``key``: mmtune's name (None: the setting is mmtune's behaviour already, and is dropped);
@@ -81,8 +71,6 @@ ALIASES: dict[str, Alias] = {
     "model_revision": Alias("revision", "LLaMA-Factory"),
     "interleave_probs": Alias("dataset_ratios", "LLaMA-Factory"),
     "neat_packing": Alias("packing", "LLaMA-Factory"),  # mmtune's packing keeps attention inside each sample
-    "overwrite_output_dir": Alias(None, "LLaMA-Factory / transformers 4", _overwrite_output_dir,
-                                  "true only: mmtune writes into output_dir whether or not it exists"),
     "lora_r": Alias("lora_rank", "peft / LLaVA"),
     "target_modules": Alias("lora_target", "peft", _comma_list, "a list becomes comma-separated"),
     "lora_target_modules": Alias("lora_target", "peft", _comma_list, "a list becomes comma-separated"),

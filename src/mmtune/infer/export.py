@@ -28,18 +28,67 @@ def export_record(record: dict[str, Any], model_type: str | None, template: str 
     return out
 
 
+def export_inputs(folder: Any, model_path: str) -> list[tuple[str, str, str | None]]:
+    """What an export reads, as :func:`~mmtune.model.saved.check_apart` takes them: the model
+    folder, the adapter, and the adapter's base (its ``adapter_config.json``'s
+    ``base_model_name_or_path``): a merged model written over that base would leave the adapter
+    pointing at weights that already hold it."""
+    import json
+    import os
+
+    from mmtune.model.saved import ADAPTER_CONFIG_NAME
+
+    if not folder.adapter_path:
+        return [("model folder", "MODEL", model_path)]
+    if folder.adapter_path == model_path:  # an adapter folder alone: its config names the base
+        inputs = [("adapter folder", "MODEL", model_path),
+                  ("adapter's base model", "base_model_name_or_path of its adapter_config.json", folder.model_path)]
+    else:
+        inputs = [("model folder", "MODEL", model_path), ("adapter folder", "--adapter", folder.adapter_path)]
+    try:
+        with open(os.path.join(folder.adapter_path, ADAPTER_CONFIG_NAME)) as fh:
+            base = json.load(fh).get("base_model_name_or_path")
+    except (OSError, ValueError):
+        base = None
+    if base and base != folder.model_path:  # --adapter on another copy of its base: protect both
+        inputs.append(("adapter's base model", "base_model_name_or_path of its adapter_config.json", base))
+    return inputs
+
+
+def prepare_export_dir(output_dir: str, folder: Any, model_path: str, overwrite: bool) -> None:
+    """Check ``output_dir`` before anything loads: never the model, the adapter or the adapter's
+    base (nor inside or around them), whatever ``overwrite``; a non-empty folder only with
+    ``overwrite``, which then removes what an earlier run or export left there (other files are
+    kept), so the folder holds this export alone."""
+    from mmtune.errors import OutputFolderError
+    from mmtune.model.saved import check_apart, clear_run_files, folder_entries, short_list
+
+    check_apart(output_dir, export_inputs(folder, model_path), "export folder")
+    entries = folder_entries(output_dir)
+    if not entries:
+        return
+    if not overwrite:
+        raise OutputFolderError(f"export folder {output_dir} is not empty ({short_list(entries)}): pick a new or "
+                                f"empty folder, or pass --overwrite to replace the model there (files mmtune did "
+                                f"not write are kept)")
+    clear_run_files(output_dir, "--overwrite")
+
+
 def export_model(model_path: str, output_dir: str, adapter_path: str | None = None, dtype: str = "auto",
-                 template: str | None = None) -> str:
+                 template: str | None = None, overwrite: bool = False) -> str:
     """``model_path``: a full model folder (a final output folder or a ``checkpoint-N``), or
     the base when ``adapter_path`` is given (an adapter folder alone is accepted too: its
     ``adapter_config.json`` names the base). Writes the (merged) model, its processor and
     ``mmtune_config.json`` (template, plugin, model type; ``finetuning_type: full`` after a
-    merge) to ``output_dir``; returns ``output_dir``. ``template`` overrides the recorded one."""
+    merge) to ``output_dir``; returns ``output_dir``. ``template`` overrides the recorded one.
+    ``output_dir`` must be new or empty unless ``overwrite`` (see :func:`prepare_export_dir`);
+    that is checked before the model loads."""
     from mmtune.hparams import ConfigError, FinetuningArguments, ModelArguments
     from mmtune.model.loader import load_model
     from mmtune.model.saved import inspect_folder, load_saved_processor, resolve_template, write_mmtune_config
 
     folder = inspect_folder(model_path, adapter_path)
+    prepare_export_dir(output_dir, folder, model_path, overwrite)
     try:
         name, source = resolve_template(template, folder.model_type, folder.record, where=folder.files)
     except ConfigError:  # the export still works; chat on it will ask for --template

@@ -40,6 +40,13 @@ class MMTrainingArguments:
     plugin: str | None = field(default=None, metadata={"help": "Multimodal plugin; default: the template's."})
     projector_lr: float | None = field(default=None, metadata={"help": "Learning rate of the projector."})
     plot_loss: bool = field(default=True, metadata={"help": "Save training_loss.png in output_dir after training."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Train into an output_dir that is not empty: the earlier run's files there "
+                                         "(weights, adapter, checkpoints, logs, mmtune_config.json, runs/) are removed "
+                                         "first, other files are kept. Off: a non-empty output_dir is an error before "
+                                         "anything loads, unless the run resumes from a checkpoint in it. An "
+                                         "output_dir that is or holds the model or adapter trained from is always an "
+                                         "error."})
     build_rope_in_collator: bool = field(
         default=True, metadata={"help": "Build M-RoPE position ids in the collator (dataloader workers) instead of "
                                         "in the model's forward; packing needs it."})

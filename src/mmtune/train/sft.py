@@ -21,6 +21,7 @@ from mmtune.plugins import get_mm_plugin
 from mmtune.templates import get_template
 
 from .callbacks import JsonlLogCallback, MmtuneConfigCallback, plot_loss
+from .outputs import prepare_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -249,6 +250,7 @@ def save_projector(model: Any, output_dir: str) -> str | None:
 def run_sft(model_args: Any, data_args: Any, finetuning_args: Any, mm_args: Any, training_args: Any,
             callbacks: list[Any] | None = None) -> dict[str, Any]:
     """Train, save (adapter or model + processor), log and plot; returns the metrics."""
+    prepare_output_dir(model_args, mm_args, training_args)  # before anything loads: never over a run or a model
     tokenizer, processor = load_tokenizer_and_processor(model_args)
     model_type = getattr(load_config(model_args), "model_type", None)
     data_args = dataclasses.replace(data_args, template=training_template(data_args.template, model_type))
