@@ -177,7 +177,8 @@ def cmd_env(ns: argparse.Namespace) -> int:
 def cmd_export(ns: argparse.Namespace) -> int:
     from mmtune.infer import export_model
 
-    print(export_model(ns.model, ns.output_dir, adapter_path=ns.adapter, dtype=ns.dtype, template=ns.template))
+    print(export_model(ns.model, ns.output_dir, adapter_path=ns.adapter, dtype=ns.dtype, template=ns.template,
+                       overwrite=ns.overwrite))
     return 0
 
 
@@ -238,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--adapter", help="a LoRA adapter folder to merge into MODEL")
     export.add_argument("--template", help="record this template instead of the folder's")
     export.add_argument("--dtype", default="auto")
+    export.add_argument("--overwrite", action="store_true",
+                        help="write into a non-empty OUTPUT_DIR: the model files an earlier export or run left "
+                             "there are removed first, other files are kept (never the model, adapter or base "
+                             "folder)")
     export.set_defaults(func=cmd_export)
     env = sub.add_parser("env", help="versions, device and the speed levers a model or config would get",
                          description="Print python / torch / transformers / peft / accelerate / datasets / tokenizers "
