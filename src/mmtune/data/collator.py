@@ -1,5 +1,10 @@
 """Pad a list of tokenised samples and attach the family's multimodal tensors.
 
+Media are decoded here, at batch time (tokenising read their headers only): a sample whose
+media fail to decode (a truncated JPEG body) is named by its ``sample_index`` and ``source``
+(:class:`~mmtune.data.problems.BadSamplesError`, with the bad samples attached, which
+``skip_bad_samples`` replaces: :mod:`mmtune.data.skip`). Those two columns never reach the model.
+
 M-RoPE position ids (Qwen family, GLM-4V, Omni) are built here, on the CPU in the dataloader
 worker, through the model's own ``get_rope_index``: building them inside forward costs host
 syncs on the GPU every step. So are the vision tower's own inputs and the rest of what
@@ -17,6 +22,19 @@ import torch
 from mmtune.constants import IGNORE_INDEX
 
 from .loader import sample_media
+from .problems import BadSamplesError, cause, sample_lines, where
+
+#: what a batch-time media error adds: the way to keep a run going over such samples
+SKIP_HINT = "fix or remove it, or set `skip_bad_samples: true` to skip such samples"
+
+
+def describe_sample(feature: dict[str, Any], position: int) -> str:
+    """``sample N of FILE (line L)`` of a tokenised sample (its ``sample_index`` and ``source``
+    columns), else its position in the batch."""
+    index, source = feature.get("sample_index"), feature.get("source")
+    if index is None or not source:
+        return f"sample {position} of this batch"
+    return where(index, source, sample_lines(source, [index]).get(index))
 
 
 def _find_rope_index(model: Any) -> Any:
@@ -83,13 +101,39 @@ class MultiModalCollator:
 
     def media_inputs(self, features: list[dict[str, Any]], ids: list[list[int]]) -> dict[str, Any]:
         """The plugin's tensors for the samples' media (flattened in sample order); {} if none.
-        Embedded media come from each row's ``embedded_<kind>`` column (:func:`sample_media`)."""
-        media = {kind: [m for f in features for m in sample_media(f, kind)] for kind in ("images", "videos", "audios")}
-        if not any(media.values()):
-            return {}
-        lengths = [[len(f.get(kind) or []) for f in features] for kind in ("images", "videos", "audios")]
-        return self.plugin.get_mm_inputs(media["images"], media["videos"], media["audios"], *lengths, ids,
-                                         self.processor)
+        Embedded media come from each row's ``embedded_<kind>`` column (:func:`sample_media`).
+        When they fail, each sample's media are tried alone: the samples that fail so are
+        named in a :class:`~mmtune.data.problems.BadSamplesError` (the original error is raised
+        when none fails alone)."""
+        try:
+            media = {kind: [m for f in features for m in sample_media(f, kind)] for kind in ("images", "videos", "audios")}
+            if not any(media.values()):
+                return {}
+            lengths = [[len(f.get(kind) or []) for f in features] for kind in ("images", "videos", "audios")]
+            return self.plugin.get_mm_inputs(media["images"], media["videos"], media["audios"], *lengths, ids,
+                                             self.processor)
+        except Exception as exc:  # any type: the media loaders', the processor's
+            bad = [(i, f, problem) for i, f in enumerate(features)
+                   if (problem := self.media_problem(f, ids[i])) is not None]
+            if not bad:
+                raise
+            position, feature, problem = bad[0]
+            more = f" (and {len(bad) - 1} more samples of this batch)" if len(bad) > 1 else ""
+            raise BadSamplesError(f"{describe_sample(feature, position)}: {problem}{more}; {SKIP_HINT}", bad) from exc
+
+    def media_problem(self, feature: dict[str, Any], ids: list[int] | None = None) -> str | None:
+        """Why one tokenised sample's media cannot be turned into the model's tensors (decoded
+        in full, as a batch does), or None when they can (or it has none)."""
+        try:
+            media = {kind: sample_media(feature, kind) for kind in ("images", "videos", "audios")}
+            if not any(media.values()):
+                return None
+            self.plugin.get_mm_inputs(media["images"], media["videos"], media["audios"], [len(media["images"])],
+                                      [len(media["videos"])], [len(media["audios"])],
+                                      [list(feature["input_ids"]) if ids is None else ids], self.processor)
+        except Exception as exc:  # any type: the media loaders', the processor's
+            return cause(exc, feature.get("sample_index"), feature.get("source"))
+        return None
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         fake_span = None

@@ -14,16 +14,22 @@ are index mappings, so every row keeps its own media.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
 
+from mmtune.errors import DataError
 from mmtune.media import MediaConfig, MediaError, media_reference, sample_context
 
 from .formats import MEDIA_COLUMNS, media_column, normalize_row
+from .problems import (MAX_LISTED, BadSamplesError, cause, file_problem, listing, name_samples, one_line, sample_lines,
+                       where)
 from .tokenize import encode_sample
 
 logger = logging.getLogger(__name__)
@@ -113,8 +119,7 @@ def split_entry(entry: str) -> tuple[str, str | None]:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
+    return one_line(str(exc)) or type(exc).__name__
 
 
 def _is_saved_dataset(folder: str) -> bool:
@@ -141,7 +146,9 @@ def _load_raw(path: str) -> Any:
     """The dataset an entry of ``dataset`` names, as ``datasets`` loads it: a json/jsonl/parquet
     file, a ``save_to_disk`` folder (``load_from_disk``; a saved DatasetDict gives its
     ``train`` split or the one named), another folder or a Hub id (:func:`load_with_datasets`).
-    Any failure is one line that names the entry."""
+    Any failure is one :class:`~mmtune.errors.DataError` line that names the entry and, for a
+    JSON or JSONL file, the line and column of the first bad line
+    (:func:`~mmtune.data.problems.diagnose_json`)."""
     import datasets
 
     location, split = split_entry(path)
@@ -151,33 +158,32 @@ def _load_raw(path: str) -> Any:
             if isinstance(loaded, datasets.DatasetDict):
                 name = split or "train"
                 if name not in loaded:
-                    raise ValueError(f"dataset {path!r}: no split {name!r} (it has {', '.join(loaded)}); "
-                                     f"name one as {location}:SPLIT")
+                    raise DataError(f"dataset {path!r}: no split {name!r} (it has {', '.join(loaded)}); "
+                                    f"name one as {location}:SPLIT")
                 return loaded[name]
             if split:
-                raise ValueError(f"dataset {path!r}: a dataset saved with save_to_disk has no splits; drop ':{split}'")
+                raise DataError(f"dataset {path!r}: a dataset saved with save_to_disk has no splits; drop ':{split}'")
             return loaded
         if os.path.isdir(location):
             return load_with_datasets(location, split)
         if os.path.isfile(location):
             builder = FILE_BUILDERS.get(location.rsplit(".", 1)[-1].lower())
             if builder is None:
-                raise ValueError(f"dataset {path!r}: unsupported file type (json, jsonl, parquet, a saved dataset "
-                                 "folder, a folder of data files or a Hub id)")
+                raise DataError(f"dataset {path!r}: unsupported file type (json, jsonl, parquet, a saved dataset "
+                                "folder, a folder of data files or a Hub id)")
             return datasets.load_dataset(builder, data_files=location, split=split or "train")
         if _looks_local(location):
-            raise ValueError(f"dataset {path!r}: no such file or folder")
-    except ValueError as exc:
-        if str(exc).startswith("dataset "):
-            raise
-        raise ValueError(f"dataset {path!r}: {_one_line(exc)}") from exc
-    except Exception as exc:  # datasets' own errors (generation, file format), each its own class
-        raise ValueError(f"dataset {path!r}: could not be read: {_one_line(exc)}") from exc
+            raise DataError(f"dataset {path!r}: no such file or folder (relative paths start in {os.getcwd()}); "
+                            "fix the path in `dataset`")
+    except DataError:
+        raise
+    except Exception as exc:  # datasets' own errors (generation, file format, a bare StopIteration), each its own class
+        raise DataError(file_problem(path, exc)) from exc
     try:
         return load_with_datasets(location, split)
     except Exception as exc:  # not found, offline, gated, unknown split: each its own class
-        raise ValueError(f"dataset {path!r}: not a local file or folder, and loading it as a Hugging Face Hub "
-                         f"dataset failed: {_one_line(exc)}") from exc
+        raise DataError(f"dataset {path!r}: not a local file or folder, and loading it as a Hugging Face Hub "
+                        f"dataset failed: {_one_line(exc)}") from exc
 
 
 def default_media_dir(path: str) -> str | None:
@@ -286,14 +292,14 @@ def mix_datasets(parts: list[Any], data_args: DataArguments) -> Any:
     if data_args.dataset_ratios and strategy == "concat":
         strategy = "interleave_under"
     if strategy not in ("concat", "interleave_under", "interleave_over"):
-        raise ValueError(f"mix_strategy must be concat, interleave_under or interleave_over, not {strategy!r}")
+        raise DataError(f"mix_strategy must be concat, interleave_under or interleave_over, not {strategy!r}")
     if len(parts) == 1:
         return parts[0]
     if strategy == "concat":
         return datasets.concatenate_datasets(parts)
     weights = [float(w) for w in data_args.dataset_ratios.split(",")] if data_args.dataset_ratios else [1.0] * len(parts)
     if len(weights) != len(parts) or any(w < 0 for w in weights) or not sum(weights):
-        raise ValueError(f"dataset_ratios={data_args.dataset_ratios!r}: need {len(parts)} non-negative weights "
+        raise DataError(f"dataset_ratios={data_args.dataset_ratios!r}: need {len(parts)} non-negative weights "
                          f"(one per dataset in {data_args.dataset!r})")
     total = sum(weights)
     stopping = "first_exhausted" if strategy == "interleave_under" else "all_exhausted"
@@ -310,7 +316,13 @@ MAP_BATCH_SIZE = 256
 def encoded_features() -> Any:
     """The tokenised columns' types, given to ``datasets.map`` so that it neither infers them
     nor scans every id for mixed types (datasets 5 does that per batch: it cost a third of the
-    pass). The ids come as numpy arrays, which Arrow takes without a per-int Python loop."""
+    pass). The ids come as numpy arrays, which Arrow takes without a per-int Python loop.
+
+    Beside the ids and media: ``dropped`` (why a sample was dropped, else empty), ``error``
+    (why it cannot be used, else empty: the map records it instead of raising, so that every
+    bad sample is reported at once), ``notes`` (:attr:`EncodeResult.notes`), and where the
+    sample comes from, ``sample_index`` and ``source`` (the ``dataset`` entry): the collator
+    names a sample whose media fail at batch time by them."""
     import datasets
 
     seq = getattr(datasets, "List", None) or datasets.Sequence
@@ -318,7 +330,114 @@ def encoded_features() -> Any:
         "input_ids": seq(datasets.Value("int32")), "labels": seq(datasets.Value("int64")),
         "images": seq(datasets.Value("string")), "videos": seq(datasets.Value("string")),
         "audios": seq(datasets.Value("string")), "dropped": datasets.Value("string"),
+        "error": datasets.Value("string"),
+        "notes": seq({"kind": datasets.Value("string"), "detail": datasets.Value("string")}),
+        "sample_index": datasets.Value("int64"), "source": datasets.Value("string"),
     })
+
+
+#: columns of the tokenising pass that only report; gone from the datasets build_dataset returns
+REPORT_COLUMNS = ("dropped", "error", "notes")
+#: content-part fields that hold a media reference (OpenAI-style messages)
+PART_MEDIA_FIELDS = frozenset({"image", "image_url", "video", "audio", "input_audio", "url", "path"})
+#: what each kind of :attr:`EncodeResult.notes` means, for the log and ``check-data``
+NOTE_KINDS = {
+    "truncated": "answers cut by cutoff_len",
+    "audio_cut": "audio longer than the model takes, cut",
+    "empty_answer": "empty answers kept (keep_empty_answers)",
+    "large_image": "images over PIL's decompression-bomb warning limit (decoding them takes much memory)",
+}
+
+
+def _strings(array: Any, take: bool, fields: frozenset[str] | None) -> Iterator[str]:
+    """Every string of an Arrow array: through lists and struct fields (all but ``bytes``, or
+    only the fields in ``fields`` and whatever nests below them); strings outside such a field
+    are taken when ``take``."""
+    import pyarrow as pa
+
+    kind = array.type
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        if take:
+            yield from (x for x in array.to_pylist() if x)
+    elif pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        yield from _strings(array.flatten(), take, fields)
+    elif pa.types.is_struct(kind):
+        for i in range(kind.num_fields):
+            name = kind.field(i).name
+            if name not in ("bytes", "array"):
+                yield from _strings(array.field(i), take or (fields is not None and name in fields),
+                                    None if fields is not None and name in fields else fields)
+
+
+def media_signature(dataset: Any, media_dir: str | None) -> str:
+    """A digest of (path, size, mtime) of every local media file the rows reference, in their
+    media columns and content parts: part of the tokenising pass's fingerprint, so replacing
+    an image after a run tokenises again instead of reusing ids counted from the old file's
+    size. One ``os.stat`` a file; embedded media are part of the dataset's own fingerprint."""
+    media = {name for names in MEDIA_COLUMNS.values() for name in names}
+    columns = [name for name in dataset.column_names if name in media or name in ("conversations", "messages")]
+    if not columns:
+        return ""
+    table = dataset.select_columns(columns).with_format("arrow")[:]
+    paths: dict[str, None] = {}
+    for name in columns:
+        is_media = name in media
+        for chunk in table.column(name).chunks:
+            for item in _strings(chunk, is_media, None if is_media else PART_MEDIA_FIELDS):
+                paths[item] = None
+    digest = hashlib.sha256()
+    for item in paths:
+        if item.startswith(("data:", "http://", "https://")):
+            continue
+        path = os.path.join(media_dir, item) if media_dir and not os.path.isabs(item) else item
+        try:
+            stat = os.stat(path)
+            digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+        except (OSError, ValueError):
+            digest.update(f"{path}\0-\n".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
+
+
+def _reason_key(reason: str) -> str:
+    """A drop reason without its numbers: reasons that differ only in counts group together."""
+    return re.sub(r"\d+", "#", reason)
+
+
+def _log_outcomes(path: str, encoded: Any) -> list[int] | None:
+    """Log a dataset's dropped samples (one warning a reason) and notes (one a kind), each with
+    its count and first example by sample index and line; return the rows kept (None: all)."""
+    import pyarrow.compute as pc
+
+    total = len(encoded)
+    reasons = encoded["dropped"]
+    groups: dict[str, list[int]] = {}
+    for row, reason in enumerate(reasons):
+        if reason:
+            groups.setdefault(_reason_key(reason), []).append(row)
+    notes = encoded.data.column("notes")
+    by_kind: dict[str, list[tuple[int, str]]] = {}
+    if pc.sum(pc.list_value_length(notes)).as_py():
+        flat = pc.list_flatten(notes)
+        owners = pc.list_parent_indices(notes).to_pylist()
+        details = pc.struct_field(flat, "detail").to_pylist()
+        for k, kind in enumerate(pc.struct_field(flat, "kind").to_pylist()):
+            by_kind.setdefault(kind, []).append((owners[k], details[k]))
+    if not groups and not by_kind:
+        return None
+    indices = encoded["sample_index"]
+    lines = sample_lines(path, [indices[rows[0]] for rows in groups.values()]
+                         + [indices[items[0][0]] for items in by_kind.values()])
+    for rows in groups.values():
+        index = indices[rows[0]]
+        logger.warning("%s: dropped %d of %d samples: %s (first: %s)", path, len(rows), total, reasons[rows[0]],
+                       where(index, path, lines.get(index)))
+    for kind, items in by_kind.items():
+        index = indices[items[0][0]]
+        logger.warning("%s: %d of %d samples: %s (first: %s: %s)", path, len({row for row, _ in items}), total,
+                       NOTE_KINDS.get(kind, kind), where(index, path, lines.get(index)), items[0][1])
+    if not groups:
+        return None
+    return [row for row, reason in enumerate(reasons) if not reason]
 
 
 def sample_media(feature: dict[str, Any], kind: str) -> list[Any]:
@@ -372,7 +491,7 @@ def _align_embedded(parts: list[Any], names: list[str]) -> list[Any]:
                 try:
                     parts[i] = parts[i].map(as_list, batched=True, features=features, desc=f"aligning {column}")
                 except Exception as exc:  # the feature's own encoder refused a value
-                    raise ValueError(f"dataset {names[i]!r}: its {column} ({parts[i].features[column]}) cannot be mixed "
+                    raise DataError(f"dataset {names[i]!r}: its {column} ({parts[i].features[column]}) cannot be mixed "
                                      f"with {names[holders[0]]!r}'s ({target}): {_one_line(exc)}") from exc
         for i, part in enumerate(parts):
             if column not in part.column_names:
@@ -380,60 +499,146 @@ def _align_embedded(parts: list[Any], names: list[str]) -> list[Any]:
     return parts
 
 
+def _encode_batch(batch: dict[str, list[Any]], indices: list[int], *, path: str, media_dir: str | None,
+                  carried: dict[str, str], data_args: DataArguments, template: Any, plugin: Any, tokenizer: Any,
+                  processor: Any, features: Any) -> dict[str, list[Any]]:
+    """One ``datasets.map`` batch: every row normalised and encoded in its own
+    :func:`~mmtune.media.sample_context`. Whatever a row raises (any type: a malformed row, a
+    media header, the processor, the template) is recorded in its ``error`` column, never
+    raised, so one pass finds every bad sample."""
+    out: dict[str, list[Any]] = {name: [] for name in features}
+    keys = list(batch)
+    empty_ids, empty_labels = np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int64)
+    for index, values in zip(indices, zip(*(batch[k] for k in keys))):
+        row = dict(zip(keys, values))
+        stored: dict[str, list[str]] = {kind: [] for kind in MEDIA_COLUMNS}
+        try:
+            with sample_context(index, path):
+                sample = normalize_row(row, media_dir)
+                result = encode_sample(sample, template, plugin, tokenizer, processor, data_args.cutoff_len,
+                                       data_args.train_on_prompt, data_args.mask_history, data_args.drop_overlong,
+                                       keep_empty_answers=data_args.keep_empty_answers)
+                if not result.dropped:
+                    for kind in MEDIA_COLUMNS:
+                        stored[kind] = _stored_media(row, getattr(sample, kind), kind, carried.get(kind))
+        except Exception as exc:  # any type: recorded with the sample, reported with its line after the pass
+            out["error"].append(cause(exc, index, path))
+            out["dropped"].append("")
+            out["notes"].append([])
+            out["input_ids"].append(empty_ids)
+            out["labels"].append(empty_labels)
+        else:
+            out["error"].append("")
+            out["dropped"].append(result.dropped or "")
+            out["notes"].append([{"kind": kind, "detail": detail} for kind, detail in result.notes])
+            out["input_ids"].append(np.asarray(result.input_ids, dtype=np.int32))
+            out["labels"].append(np.asarray(result.labels, dtype=np.int64))
+        for kind in MEDIA_COLUMNS:
+            out[kind].append(stored[kind])
+        out["sample_index"].append(index)
+        out["source"].append(path)
+    return out
+
+
+#: what every data error that lists samples ends with
+CHECK_HINT = "run `mmtune check-data CONFIG` (same config and overrides) for the full report"
+
+
 def build_dataset(data_args: DataArguments, template: Any, plugin: Any, tokenizer: Any, processor: Any) -> dict[str, Any]:
-    """Tokenised ``train`` (and ``eval`` when ``val_size`` > 0) datasets; dropped samples are
-    counted and logged, never silently lost. Embedded media stay in their source's Arrow file
-    (see the module's docstring)."""
+    """Tokenised ``train`` (and ``eval`` when ``val_size`` > 0) datasets; dropped samples and
+    notes are counted and logged per dataset, never silently lost. Embedded media stay in
+    their source's Arrow file (see the module's docstring).
+
+    Runs before the model loads, so that bad data stop a run before anything heavy: every
+    dataset that cannot be read and every sample that cannot be used (the checks of
+    ``mmtune check-data`` but full media decoding) is collected, then raised as one
+    :class:`~mmtune.data.problems.BadSamplesError` listing the first ten by sample index,
+    file and line; so is a dataset with no samples, or none left after dropping, and an empty
+    training set. The tokenising pass is cached by ``datasets`` under a fingerprint that
+    covers the config and the referenced media files' sizes and times (:func:`media_signature`)."""
     import datasets
 
     features = encoded_features()
     parts, keeps, names = [], [], []
-    for path in [p.strip() for p in data_args.dataset.split(",") if p.strip()]:
-        raw = load_samples(path, data_args.max_samples)
+    problems: list[str] = []
+    total_problems = 0
+    entries = [p.strip() for p in data_args.dataset.split(",") if p.strip()]
+    if not entries:
+        raise DataError("no dataset given: set `dataset` to a json/jsonl/parquet file, a folder or a Hub id")
+    for path in entries:
+        try:
+            raw = load_samples(path, data_args.max_samples)
+        except DataError as exc:
+            problems.append(str(exc))
+            total_problems += 1
+            continue
+        if len(raw) == 0:
+            problems.append(f"dataset {path!r}: no samples (it holds no rows); add samples or remove it from `dataset`")
+            total_problems += 1
+            continue
         media_dir = data_args.media_dir or default_media_dir(path)
         carried = embedded_columns(raw)
+        signature = media_signature(raw, media_dir)
 
-        def encode(batch: dict[str, list[Any]], indices: list[int], _path: str = path,
-                   _dir: str | None = media_dir, _carried: dict[str, str] = carried) -> dict[str, list[Any]]:
-            out: dict[str, list[Any]] = {name: [] for name in features}
-            keys = list(batch)
-            for index, values in zip(indices, zip(*(batch[k] for k in keys))):
-                row = dict(zip(keys, values))
-                with sample_context(index, _path):
-                    sample = normalize_row(row, _dir)
-                    result = encode_sample(sample, template, plugin, tokenizer, processor, data_args.cutoff_len,
-                                           data_args.train_on_prompt, data_args.mask_history, data_args.drop_overlong)
-                    for kind in MEDIA_COLUMNS:
-                        items = [] if result.dropped else getattr(sample, kind)
-                        out[kind].append(_stored_media(row, items, kind, _carried.get(kind)))
-                out["input_ids"].append(np.asarray(result.input_ids, dtype=np.int32))
-                out["labels"].append(np.asarray(result.labels, dtype=np.int64))
-                out["dropped"].append(result.dropped or "")
-            return out
+        def encode(batch: dict[str, list[Any]], indices: list[int], _path: str = path, _dir: str | None = media_dir,
+                   _carried: dict[str, str] = carried, _media_signature: str = signature) -> dict[str, list[Any]]:
+            return _encode_batch(batch, indices, path=_path, media_dir=_dir, carried=_carried, data_args=data_args,
+                                 template=template, plugin=plugin, tokenizer=tokenizer, processor=processor,
+                                 features=features)
 
-        encoded = raw.map(encode, with_indices=True, batched=True, batch_size=MAP_BATCH_SIZE, features=features,
-                          remove_columns=raw.column_names, num_proc=data_args.preprocessing_num_workers,
-                          load_from_cache_file=not data_args.overwrite_cache, desc=f"tokenising {os.path.basename(path)}")
+        try:
+            encoded = raw.map(encode, with_indices=True, batched=True, batch_size=MAP_BATCH_SIZE, features=features,
+                              remove_columns=raw.column_names, num_proc=data_args.preprocessing_num_workers,
+                              load_from_cache_file=not data_args.overwrite_cache,
+                              desc=f"tokenising {os.path.basename(path)}")
+        except Exception as exc:  # rows that cannot be read at all (invalid UTF-8 in a JSON file): the file's line
+            problem = file_problem(path, exc)
+            if problem.startswith(f"dataset {path!r}: could not be read"):
+                raise  # nothing wrong with the file that the json module sees: not a data error
+            problems.append(problem)
+            total_problems += 1
+            continue
+        errors = [(i, e) for i, e in zip(encoded["sample_index"], encoded["error"]) if e]
+        if errors:
+            total_problems += len(errors)
+            room = max(0, MAX_LISTED - len(problems))
+            problems.extend(name_samples(path, errors[:room]))
+            continue
         if carried:
             columns = raw.select_columns(list(carried.values())).rename_columns(
                 {column: EMBEDDED_PREFIX + kind for kind, column in carried.items()})
             if len(columns) != len(encoded):
-                raise ValueError(f"dataset {path!r}: the tokenised cache has {len(encoded)} rows, the dataset {len(columns)}; "
-                                 "rebuild it (overwrite_cache: true)")
+                raise DataError(f"dataset {path!r}: the tokenised cache has {len(encoded)} rows, the dataset "
+                                f"{len(columns)}; rebuild it (overwrite_cache: true)")
             encoded = datasets.concatenate_datasets([encoded, columns], axis=1)
             logger.info("%s: embedded %s read at batch time from the dataset's own files", path,
                         ", ".join(f"{kind} ({column!r})" for kind, column in carried.items()))
-        reasons = encoded["dropped"]
-        dropped = [r for r in reasons if r]
-        if dropped:
-            logger.warning("%s: dropped %d of %d samples (first reason: %s)", path, len(dropped), len(encoded), dropped[0])
-        parts.append(encoded.remove_columns("dropped"))
-        keeps.append([i for i, r in enumerate(reasons) if not r] if dropped else None)
+        keep = _log_outcomes(path, encoded)
+        if keep is not None and not keep:
+            first = next(r for r in encoded["dropped"] if r)
+            problems.append(f"dataset {path!r}: all {len(encoded)} samples were dropped (e.g. {first}); "
+                            f"{CHECK_HINT}")
+            total_problems += 1
+            continue
+        parts.append(encoded.remove_columns(list(REPORT_COLUMNS)))
+        keeps.append(keep)
         names.append(path)
+    if problems:
+        raise BadSamplesError(listing(problems, total_problems, CHECK_HINT))
     parts = _align_embedded(parts, names)
     parts = [part if keep is None else part.select(keep) for part, keep in zip(parts, keeps)]
     dataset = mix_datasets(parts, data_args)
+    if len(dataset) == 0:
+        raise DataError(f"the training set is empty after mixing {data_args.dataset!r} (mix_strategy="
+                        f"{data_args.mix_strategy}, dataset_ratios={data_args.dataset_ratios}); give the datasets "
+                        "non-zero weights")
     if data_args.val_size:
-        split = dataset.train_test_split(test_size=data_args.val_size, seed=0)
+        try:
+            split = dataset.train_test_split(test_size=data_args.val_size, seed=0)
+        except ValueError as exc:  # datasets' own check of the sizes
+            raise DataError(f"val_size={data_args.val_size}: cannot hold out that many of the {len(dataset)} samples "
+                            f"({_one_line(exc)}); lower val_size") from exc
+        if len(split["train"]) == 0:
+            raise DataError(f"val_size={data_args.val_size} leaves no training samples of {len(dataset)}; lower it")
         return {"train": split["train"], "eval": split["test"]}
     return {"train": dataset}
