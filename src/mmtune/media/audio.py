@@ -92,3 +92,61 @@ def load_audio(obj: Any, sampling_rate: int = 16000) -> np.ndarray:
     if wave.ndim > 1:
         wave = wave.mean(axis=0) if wave.shape[0] < wave.shape[-1] else wave.mean(axis=-1)
     return _resample(wave, sr, sampling_rate)
+
+
+def _header_seconds(source: Any) -> float | None:
+    """Duration from the container's header (soundfile, else PyAV), None when it gives none."""
+    try:
+        import soundfile
+
+        info = soundfile.info(source)
+        if info.samplerate and info.frames >= 0:
+            return info.frames / info.samplerate
+    except Exception:  # soundfile cannot read containers: ask PyAV
+        if hasattr(source, "seek"):
+            source.seek(0)
+    try:
+        import av
+
+        with av.open(source) as container:
+            if not container.streams.audio:
+                return None
+            stream = container.streams.audio[0]
+            if stream.duration is not None and stream.time_base is not None:
+                return float(stream.duration * stream.time_base)
+            if container.duration is not None:
+                return container.duration / av.time_base
+    except Exception:  # unreadable here: load_audio names the problem
+        return None
+    return None
+
+
+def _array_seconds(array: Any, sampling_rate: int) -> float:
+    """Seconds of a waveform array: its longer axis is time (as :func:`load_audio` reads it)."""
+    shape = np.shape(array)
+    return (max(shape) if shape else 0) / sampling_rate
+
+
+def audio_seconds(obj: Any, sampling_rate: int = 16000) -> float:
+    """How long an audio input lasts, in seconds, read from its header where it has one (a
+    file or embedded bytes: no decoding), else from its samples; takes what
+    :func:`load_audio` takes (a bare array is taken to be at ``sampling_rate``)."""
+    data = embedded_bytes(obj)
+    if isinstance(obj, dict) and obj.get("array") is not None:
+        return _array_seconds(obj["array"], int(obj.get("sampling_rate") or sampling_rate))
+    if isinstance(obj, np.ndarray) or (data is None and not isinstance(obj, (str, os.PathLike, dict))
+                                       and hasattr(obj, "__array__")):
+        return _array_seconds(obj, sampling_rate)
+    if data is not None:
+        seconds = _header_seconds(io.BytesIO(data))
+    elif isinstance(obj, dict) and obj.get("path"):
+        return audio_seconds(obj["path"], sampling_rate)
+    elif isinstance(obj, (str, os.PathLike)):
+        if not os.path.exists(str(obj)):
+            raise MediaError(f"audio file not found: {obj}")
+        seconds = _header_seconds(str(obj))
+    else:
+        seconds = None
+    if seconds is None:
+        return len(load_audio(obj, sampling_rate)) / sampling_rate
+    return seconds

@@ -15,6 +15,7 @@ audio) its regularised media.
 from __future__ import annotations
 
 import copy
+import inspect
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -24,6 +25,7 @@ import torch
 from PIL import Image
 
 from mmtune.media import MediaConfig, MediaError, VideoClip, image_size, load_audio, load_image, load_video
+from mmtune.media.audio import audio_seconds
 from mmtune.media.image import resize_image, scaled_size
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -109,6 +111,64 @@ class BasePlugin:
                 raise MediaError(
                     f"the messages hold {found} {placeholder} placeholder(s) but {len(media)} {kind}(s) were given"
                 )
+
+    # ------------------------------------------------------------------ fit and notes
+    def check_fit(self, template: Any, tokenizer: Any) -> tuple[str, ...]:
+        """Once per template and tokenizer (cached, a refusal too): the template's turn markers
+        must be tokens of ``tokenizer`` (its ``check_tokenizer`` raises otherwise). Call it at
+        setup to refuse a template that does not fit before any sample is read. Returns this plugin's
+        media tokens that ``tokenizer`` does not keep as one known token: such a token in a
+        sample's expanded text would reach the model as pieces of text, so the sample's media
+        would find no place; a family may still never put it in a text (SmolVLM's videos
+        become image tokens), so the caller looks for these in each expanded text."""
+        cached = getattr(self, "_fit_cache", None)
+        if cached is not None and cached[0] is template and cached[1] is tokenizer:
+            if isinstance(cached[2], Exception):
+                raise type(cached[2])(*cached[2].args)
+            return cached[2]
+        try:
+            template.check_tokenizer(tokenizer)
+        except ValueError as exc:  # the same answer for every later sample, without tokenising again
+            self._fit_cache = (template, tokenizer, exc)
+            raise
+        tokens = [t for t in dict.fromkeys((self.image_token, self.video_token, self.audio_token)) if t]
+        unk = getattr(tokenizer, "unk_token_id", None)
+        batch = tokenizer(tokens, add_special_tokens=False)["input_ids"] if tokens else []
+        unknown = tuple(t for t, ids in zip(tokens, batch) if len(ids) != 1 or ids[0] == unk)
+        self._fit_cache = (template, tokenizer, unknown)
+        return unknown
+
+    def audio_limit(self, processor: Any) -> float | None:
+        """Seconds of audio the processor's feature extractor keeps (it cuts the rest), or None
+        when it keeps any length: Whisper-style extractors cut to ``n_samples`` (30 s chunks),
+        others where their call truncates by default (or the processor's audio defaults say so)
+        to ``max_length`` samples."""
+        fe = getattr(processor, "feature_extractor", None)
+        rate = getattr(fe, "sampling_rate", None)
+        if fe is None or not rate:
+            return None
+        params = inspect.signature(type(fe).__call__).parameters
+        kwargs = {name: p.default for name, p in params.items() if p.default is not inspect.Parameter.empty}
+        kwargs.update(self.processor_defaults(processor, "audio"))
+        if not kwargs.get("truncation"):
+            return None
+        samples = kwargs.get("max_length") or getattr(fe, "n_samples", None)
+        return samples / rate if samples else None
+
+    def media_notes(self, images: MediaList, videos: MediaList, audios: MediaList,
+                    processor: Any) -> list[tuple[str, str]]:
+        """What the processor will do to a sample's media that the user should hear of, as
+        ``(kind, detail)`` notes (tokens and tensors stay the processor's own): ``audio_cut``
+        for a clip longer than :meth:`audio_limit`, its length read from its header."""
+        limit = self.audio_limit(processor) if audios else None
+        if limit is None:
+            return []
+        notes = []
+        for k, audio in enumerate(audios, 1):
+            seconds = audio_seconds(audio, self.media.audio_sampling_rate)
+            if seconds > limit:
+                notes.append(("audio_cut", f"audio {k}: {seconds:.1f} s, the model takes {limit:.1f} s"))
+        return notes
 
     # ------------------------------------------------------------------ regularisation
     def image_sizes(self, images: MediaList) -> list[tuple[int, int]]:

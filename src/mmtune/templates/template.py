@@ -9,11 +9,66 @@ generic format below plus their plugin; a lookup that misses loads the families 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from mmtune.constants import IGNORE_INDEX
+from mmtune.errors import DataError, UserError
+
+#: the roles a normalised conversation holds
+ROLES = ("system", "user", "assistant")
+#: what a user or assistant turn at the wrong place should become, by role
+_FIX_SAME_ROLE = {
+    "user": "merge them into one turn, or put the assistant's answer between them",
+    "assistant": "merge them into one answer, or put the user's turn between them",
+}
+#: the special-token markers of a format string (``<|im_start|>``, ``<start_of_turn>``, ``</s>``);
+#: bracketed ones (``[INST]``) are left out: older Mistral tokenizers spell them as plain text
+_MARKER = re.compile(r"<\|[^|<>\s]+\|>|</?[A-Za-z_]\w*>")
+
+
+def tokenizer_name(tokenizer: Any) -> str:
+    """The tokenizer's class and the folder it was loaded from, for error messages."""
+    source = getattr(tokenizer, "name_or_path", "") or ""
+    return f"{type(tokenizer).__name__} of {source}" if source else type(tokenizer).__name__
+
+
+class TemplateFitError(UserError, ValueError):
+    """A chat template (or its plugin) that does not fit the model's tokenizer or processor:
+    training on it would feed the model text it has no tokens for."""
+
+
+def conversation_problem(roles: Sequence[str], positions: Sequence[int] | None = None) -> str | None:
+    """What is wrong with a conversation of these roles, or None when nothing is.
+
+    A conversation is an optional system turn first, then user and assistant turns taking
+    turns, starting with the user. Anything else has no single right rendering: a chat
+    template would have to drop, merge or reorder turns, so it is refused rather than
+    guessed. ``positions`` are the turns' 1-based numbers as the user's data counts them
+    (default: their order here). A last user turn is allowed (a generation prompt)."""
+    number = (lambda i: positions[i]) if positions is not None else (lambda i: i + 1)
+    previous: int | None = None  # index of the last user/assistant turn
+    for i, role in enumerate(roles):
+        if role not in ROLES:
+            return f"turn {number(i)} has the role {role!r}; expected system, user or assistant"
+        if role == "system":
+            if previous is not None or i > 0:
+                return (f"turn {number(i)} is a system turn after the conversation started: a system prompt must be "
+                        "the first turn (or in the row's system column); move it to the front or drop it")
+            continue
+        if previous is None:
+            if role == "assistant":
+                return (f"the conversation starts with an assistant turn (turn {number(i)}): an assistant turn must "
+                        "follow a user turn; add the user's prompt before it")
+        elif roles[previous] == role:
+            who = "the user" if role == "user" else "the assistant"
+            return f"turns {number(previous)} and {number(i)} are both from {who}: {_FIX_SAME_ROLE[role]}"
+        previous = i
+    if previous is None:
+        return "the conversation has no user turn: it needs a user's prompt and the assistant's answer"
+    return None
 
 
 @dataclass(frozen=True)
@@ -42,10 +97,45 @@ class Template:
     def bind(self, name: str, plugin: str, **changes: Any) -> Template:
         return dataclasses.replace(self, name=name, plugin=plugin, **changes)
 
+    # ---------------------------------------------------------------- fit
+    def turn_markers(self) -> list[str]:
+        """The special-token markers of the turn formats (user, assistant, suffix) and the stop
+        words: a model trained with this template must have each as one token, or it learns
+        their pieces as text and never stops where the template ends a turn. The prefix (a
+        BOS some tokenizers name otherwise) and the system format (used only by samples with
+        a system prompt; older tokenizers of a family lack its marker) are left out."""
+        texts = [self.user, self.assistant, self.suffix, *self.stop_words]
+        return list(dict.fromkeys(m for text in texts for m in _MARKER.findall(text.replace("{content}", " "))))
+
+    def missing_markers(self, tokenizer: Any) -> list[str]:
+        """The :meth:`turn_markers` that ``tokenizer`` does not keep as one known token."""
+        markers = self.turn_markers()
+        if not markers:
+            return []
+        unk = getattr(tokenizer, "unk_token_id", None)
+        batch = tokenizer(markers, add_special_tokens=False)["input_ids"]
+        return [m for m, ids in zip(markers, batch) if len(ids) != 1 or ids[0] == unk]
+
+    def check_tokenizer(self, tokenizer: Any) -> None:
+        """Raise :class:`TemplateFitError` when :meth:`missing_markers` finds any: the message
+        names the template, the tokenizer and the missing tokens."""
+        missing = self.missing_markers(tokenizer)
+        if missing:
+            raise TemplateFitError(
+                f"template {self.name!r} does not fit the model's tokenizer ({tokenizer_name(tokenizer)}): it has no "
+                f"{', '.join(missing)} token{'s' if len(missing) > 1 else ''}; leave `template` unset to use the one "
+                "the model's family declares, or name the model's own template")
+
     # ---------------------------------------------------------------- rendering
     def render_turns(self, messages: Sequence[dict[str, str]], system: str | None = None) -> list[tuple[str, str]]:
         """(prompt text, answer text) per user/assistant pair, the first prompt carrying the
-        prefix and system prompt. A trailing user turn gets an empty answer."""
+        prefix and system prompt. A trailing user turn gets an empty answer (the generation
+        prompt). A conversation that is not an optional system turn then alternating user and
+        assistant turns raises :class:`~mmtune.errors.DataError` (see
+        :func:`conversation_problem`): no turn is ever dropped or reordered to fit."""
+        problem = conversation_problem([m["role"] for m in messages])
+        if problem:
+            raise DataError(problem)
         system = self.default_system if system is None else system
         pairs: list[tuple[str, str]] = []
         pending: str | None = None
@@ -68,13 +158,9 @@ class Template:
                 if system and self.system_in_last_user and i == last_user:
                     content = f"{system}\n\n{content}"
                 pending = head + self.user.format(content=content)
-            elif role == "assistant":
-                if pending is None:
-                    raise ValueError("an assistant turn must follow a user turn")
+            else:  # an assistant turn, after a user turn (checked above)
                 pairs.append((pending, self.assistant.format(content=content)))
                 pending = None
-            else:
-                raise ValueError(f"unknown role {role!r} (expected system, user or assistant)")
         if pending is not None:
             pairs.append((pending, ""))
         elif pairs and self.suffix:
