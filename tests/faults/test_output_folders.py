@@ -154,6 +154,15 @@ def test_tensorboards_runs_folder_counts_as_content(ws, tmp_path, capsys, no_loa
     assert _snapshot(out) == before
 
 
+def test_an_output_dir_that_is_a_file_is_an_error(ws, tmp_path, capsys, no_loading):
+    out = tmp_path / "out"
+    out.write_text("not a folder")
+    before = _snapshot(out)
+    assert _train_cli(ws, tmp_path, out, "overwrite_output_dir=true") == 2
+    assert f"output_dir {out} is a file, not a folder: pick another output_dir" in _one_line(capsys, "train")
+    assert _snapshot(out) == before
+
+
 def test_an_empty_or_new_output_dir_trains_by_default(ws, tmp_path, no_loading):
     """The default (no flag) goes on to load the model where the folder is new or empty."""
     (tmp_path / "empty").mkdir()

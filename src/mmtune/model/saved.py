@@ -242,7 +242,10 @@ def check_apart(output_dir: str, inputs: list[tuple[str, str, str | None]], what
     """An :class:`OutputFolderError` when ``output_dir`` is, lies inside or contains one of
     ``inputs`` ((what it is, where it was named, path)): writing there would overwrite or delete
     the weights a run or an export reads (a base model, an adapter, the checkpoint a run starts
-    from). No option allows it. Paths that are not local (Hub ids) are apart."""
+    from). No option allows it. Paths that are not local (Hub ids) are apart. An ``output_dir``
+    that is a file is an error too."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise OutputFolderError(f"{what} {output_dir} is a file, not a folder: pick another {what}")
     for noun, key, path in inputs:
         relation = path_relation(output_dir, path) if path else None
         if relation is None:
