@@ -340,6 +340,23 @@ def test_a_full_runs_folder_with_a_stale_adapter_is_an_error_naming_it(ws, tmp_p
     assert _snapshot(folder) == before
 
 
+def test_a_full_record_beside_only_an_adapter_is_an_error(ws, tmp_path, capsys, no_loading):
+    """A full run that never saved its model, in a folder holding an earlier LoRA run's adapter."""
+    folder = _mixed(tmp_path, ws, "full")
+    for name in os.listdir(folder):
+        if name.startswith("model"):
+            (folder / name).unlink()
+    target = tmp_path / "export"
+    before = _snapshot(folder, target)
+    assert main(["export", str(folder), str(target)]) == 2
+    err = _one_line(capsys, "export")
+    assert f"{folder}: its mmtune_config.json records a full fine-tune, but the folder holds no full weights, only " \
+           f"a LoRA adapter (adapter_config.json, adapter_model.safetensors) left by another run: point at the " \
+           f"folder that holds that run's model, or open the adapter as --adapter {folder} with its base as MODEL" \
+           in err
+    assert _snapshot(folder, target) == before
+
+
 def test_a_lora_runs_folder_with_stale_full_weights_opens_the_adapter(ws, tmp_path, caplog):
     from mmtune.model.saved import inspect_folder
 
@@ -407,7 +424,7 @@ def test_export_overwrite_replaces_an_earlier_model_and_keeps_other_files(ws, tm
     names = sorted(os.listdir(target))
     assert not any(n.startswith(("adapter_", "checkpoint-")) for n in names) and "trainer_log.jsonl" not in names
     assert "model.safetensors" in names and _snapshot(target / "notes.txt") == kept
-    assert f"--overwrite: removed " in caplog.text and "kept 1 file(s)" in caplog.text
+    assert "--overwrite: removed " in caplog.text and "kept 1 file(s)" in caplog.text
     assert inspect_folder(str(target)).adapter_path is None
     exported = AutoModelForImageTextToText.from_pretrained(target).eval()
     full = AutoModelForImageTextToText.from_pretrained(ws["out"]).eval()

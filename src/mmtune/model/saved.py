@@ -152,8 +152,8 @@ def saved_product(folder: str) -> str:
         if finetuning in ("full", "freeze"):
             raise ModelFolderError(f"{folder}: its {MMTUNE_CONFIG_NAME} records a {finetuning} fine-tune, but the "
                                    f"folder holds no full weights, only a LoRA adapter ({', '.join(adapter)}) left by "
-                                   f"another run: point at the folder that holds that run's model, or delete "
-                                   f"{MMTUNE_CONFIG_NAME} to use the adapter")
+                                   f"another run: point at the folder that holds that run's model, or open the "
+                                   f"adapter as --adapter {folder} with its base as MODEL")
         return "adapter"
     stale = ", ".join(adapter)
     if finetuning in ("full", "freeze"):
