@@ -113,8 +113,9 @@ def patch_target_modules(model: nn.Module, finetuning_args: Any, target_modules:
     """Fully qualified names of the linear modules LoRA may wrap.
 
     ``target_modules`` is ``"all"`` (every linear of the trainable parts except the output
-    head) or short names like ``q_proj``; forbidden components and the family's
-    LoRA-conflict modules (e.g. a conv patch embedding) are never returned.
+    head) or names that end a module's path, as peft matches them (``q_proj``,
+    ``self_attn.q_proj``); forbidden components and the family's LoRA-conflict modules (e.g.
+    a conv patch embedding) are never returned.
     """
     if isinstance(target_modules, str):
         target_modules = [t.strip() for t in target_modules.split(",") if t.strip()]
@@ -134,9 +135,15 @@ def patch_target_modules(model: nn.Module, finetuning_args: Any, target_modules:
             continue
         if has_prefix(name, forbidden) or any(c in name.split(".") or name.endswith(c) or f".{c}." in f".{name}." for c in conflicts):
             continue
-        if use_all or name.split(".")[-1] in target_modules:
+        if use_all or any(names_module(name, t) for t in target_modules):
             names.append(name)
     return names
+
+
+def names_module(name: str, target: str) -> bool:
+    """Whether the ``lora_target`` entry ``target`` names the module at path ``name``: the whole
+    path or its end at a dot (``q_proj`` and ``self_attn.q_proj`` name ``...self_attn.q_proj``)."""
+    return name == target or name.endswith("." + target)
 
 
 def autocast_projector_dtype(model: nn.Module, model_args: Any) -> Any:

@@ -7,9 +7,9 @@ import logging
 import os
 from typing import Any
 
-
-from .adapters import init_adapter, prepare_quantization
+from .adapters import init_adapter, lora_plan, prepare_quantization
 from .composite import autocast_projector_dtype, configure_visual_model, get_composite_model, projector_override
+from .folders import check_model_args
 
 logger = logging.getLogger(__name__)
 
@@ -41,11 +41,20 @@ def _import_llava() -> Any:
 def load_tokenizer_and_processor(model_args: Any) -> tuple[Any, Any | None]:
     """The tokenizer, and the multimodal processor when the checkpoint has one (else None).
 
+    ``model_name_or_path`` and ``adapter_name_or_path`` are checked first
+    (:func:`mmtune.model.folders.check_model_args`): a missing folder, a folder that holds no
+    model, a model mmtune cannot build or an unknown Hub id is a one-line ModelFolderError
+    before anything loads. A LoRA adapter folder is read for its tokenizer (chat and export read
+    a LoRA output folder's own); one without a tokenizer is the error a run gives for an adapter
+    folder as its model (:func:`load_config` gives it for one with a tokenizer, before the data
+    or the model is read).
+
     A ``llava_llama`` checkpoint without processor files (what the original LLaVA code saves:
     config, weights and tokenizer) gets mmtune's ``LlavaLlamaProcessor``, built from the tower
     its config names and this tokenizer (see :func:`mmtune.llava.builder.llava_processor`)."""
     from transformers import AutoProcessor, AutoTokenizer
 
+    check_model_args(model_args, for_tokenizer=True)  # a missing or wrong folder: one line, before any load
     llava = _import_llava()
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, **_hub_kwargs(model_args))
     if assembles_llava(model_args):
@@ -130,8 +139,12 @@ def _llava_adapter_config(model_args: Any) -> Any:
 
 
 def load_config(model_args: Any) -> Any:
+    """The config the model is built from. ``model_name_or_path`` and ``adapter_name_or_path`` are
+    checked first (:func:`mmtune.model.folders.check_model_args`): a missing folder, an adapter
+    folder given as the model or a model mmtune cannot build is a one-line ModelFolderError."""
     from transformers import AutoConfig
 
+    check_model_args(model_args)
     _import_llava()
     config = AutoConfig.from_pretrained(model_args.model_name_or_path, **_hub_kwargs(model_args))
     adapter_config = _llava_adapter_config(model_args)
@@ -174,6 +187,8 @@ def load_model(
     dtype = model_args.compute_dtype(getattr(config, "dtype", None))
     cls = model_class_for(config)
     attn = resolve_attn_implementation(model_args.attn_implementation)
+    if is_trainable and model_args.model_name_or_path:
+        check_lora_target_before_loading(cls, config, model_args, finetuning_args)
     with projector_override(config):
         if model_args.model_name_or_path:
             model, info = cls.from_pretrained(model_args.model_name_or_path, config=config, dtype=dtype,
@@ -206,6 +221,39 @@ def load_model(
     if not is_trainable:
         model.eval()
     return model
+
+
+def check_lora_target_before_loading(cls: Any, config: Any, model_args: Any, finetuning_args: Any) -> bool:
+    """Check ``lora_target`` (:func:`mmtune.model.adapters.lora_plan`) on the model built from
+    ``config`` with its parameters on the meta device, so that a misnamed module fails before
+    the weights are read; returns whether it checked. The same check runs again on the loaded
+    model (it is what decides the targets), so the cases skipped here still fail before any
+    training step: ``lora_target: all`` (no name to miss), a LoRA adapter to continue
+    (``lora_target`` is not read), a native LLaVA assembled around a plain LM (its tower and
+    projector exist only once assembled), DeepSpeed ZeRO-3 (it partitions whatever is built),
+    and a model that cannot be built on the meta device."""
+    if finetuning_args.finetuning_type != "lora" or model_args.adapter_name_or_path or assembles_llava(model_args):
+        return False
+    if finetuning_args.train_mm_proj_only or all(t == "all" for t in finetuning_args.lora_targets):
+        return False
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        return False
+    import copy
+
+    from accelerate import init_empty_weights
+
+    skeleton_config = copy.deepcopy(config)  # building sets dtype and attention on the config it is given
+    try:
+        with init_empty_weights(), projector_override(skeleton_config):
+            skeleton = (cls.from_config(skeleton_config) if hasattr(cls, "from_config")
+                        else cls(skeleton_config))
+    except Exception as exc:  # noqa: BLE001 (the check on the loaded model still runs)
+        logger.debug("lora_target: not checked before loading (the meta-device build failed: %s)", exc)
+        return False
+    lora_plan(skeleton, finetuning_args)
+    return True
 
 
 def enable_gradient_checkpointing(model: Any) -> None:
