@@ -116,7 +116,9 @@ def cmd_chat(ns: argparse.Namespace) -> int:
     import os
 
     from mmtune.infer import ChatEngine, ChatSession, GenerationOptions
+    from mmtune.model.folders import check_saved_paths
 
+    check_saved_paths(ns.model, ns.adapter)  # a missing or wrong folder: one line, before anything loads
     try:
         options = GenerationOptions(max_new_tokens=ns.max_new_tokens, temperature=ns.temperature, top_p=ns.top_p,
                                     top_k=ns.top_k, repetition_penalty=ns.repetition_penalty)
@@ -176,7 +178,9 @@ def cmd_env(ns: argparse.Namespace) -> int:
 
 def cmd_export(ns: argparse.Namespace) -> int:
     from mmtune.infer import export_model
+    from mmtune.model.folders import check_saved_paths
 
+    check_saved_paths(ns.model, ns.adapter)  # a missing or wrong folder: one line, before any load or write
     print(export_model(ns.model, ns.output_dir, adapter_path=ns.adapter, dtype=ns.dtype, template=ns.template,
                        overwrite=ns.overwrite))
     return 0
