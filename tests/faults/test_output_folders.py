@@ -102,7 +102,8 @@ def _earlier_run(folder):
     """A finished LoRA run's files, as an earlier run leaves them."""
     os.makedirs(folder / "checkpoint-2")
     for name in ("adapter_config.json", "adapter_model.safetensors", "mmtune_config.json", "trainer_log.jsonl",
-                 "all_results.json", "training_loss.png", "tokenizer.json", "checkpoint-2/trainer_state.json"):
+                 "all_results.json", "training_loss.png", "tokenizer.json", "checkpoint-2/trainer_state.json",
+                 "checkpoint-2/adapter_model.safetensors"):
         (folder / name).write_text("{}")
     (folder / "README.md").write_text("---\nbase_model: m\nlibrary_name: peft\n---\n# Model Card\n")
 
