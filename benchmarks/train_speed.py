@@ -215,6 +215,7 @@ def bench_config(args: argparse.Namespace) -> dict:
                gradient_checkpointing=args.gradient_checkpointing, dataloader_num_workers=4 if cuda else 0,
                dataloader_pin_memory=cuda, use_cpu=not cuda, disable_tqdm=True, plot_loss=False,
                preprocessing_num_workers=8 if cuda else None, overwrite_cache=True,
+               overwrite_output_dir=True,  # a scratch folder: a rerun replaces the last one
                packing={"auto": None, "on": True, "off": False}[args.packing])
     cfg.update({LEVERS[name]: False for name in args.without})
     if args.ckpt_layers is not None:

@@ -432,3 +432,15 @@ def test_export_overwrite_replaces_an_earlier_model_and_keeps_other_files(ws, tm
     ids = torch.tensor([[5, 6, 7]])
     with torch.no_grad():
         assert torch.equal(exported(input_ids=ids).logits, full(input_ids=ids).logits)
+
+
+def test_mmtune_demo_reruns_into_its_own_folder(tmp_path):
+    """The demo owns its folder (it draws the data and builds the model anew): a second run
+    replaces the first run's files rather than stopping at the non-empty run folder."""
+    from mmtune.demo import run_demo
+
+    for _ in range(2):
+        result = run_demo(str(tmp_path), n_train=8, n_test=2, max_steps=2, batch_size=4, chat_examples=1)
+    with open(os.path.join(result.output_dir, "trainer_log.jsonl")) as fh:
+        steps = [json.loads(line)["step"] for line in fh]
+    assert steps == [2]  # the second run's log alone (logging_steps 20: its summary line), not appended to
