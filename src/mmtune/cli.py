@@ -269,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, UserError) as exc:  # a config, data or folder mistake: one line, no traceback
         print(f"mmtune {ns.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:  # Ctrl-C, or training stopped by a signal (its message): one line, 128 + signal
+        print(f"mmtune {ns.command}: {str(exc) or 'interrupted'}", file=sys.stderr)
+        return getattr(exc, "exit_code", 130)
 
 
 if __name__ == "__main__":

@@ -80,9 +80,19 @@ class MmtuneConfigCallback(TrainerCallback):
 
         return os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
 
+    def write_checkpoint(self, args: Any, state: Any, folder: str) -> None:
+        """Called by ``MMTrainer`` on a checkpoint it has staged, before the rename that completes
+        it: a ``checkpoint-N`` holds the config from the moment it exists."""
+        if args.should_save:
+            self.write(folder)
+
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """The checkpoint under its final name, where no staging wrote the config (a plain
+        Trainer, or a run that pushes to the Hub and saves in place)."""
+        from mmtune.model.saved import MMTUNE_CONFIG_NAME
+
         folder = self._checkpoint(args, state)
-        if args.should_save and os.path.isdir(folder):
+        if args.should_save and os.path.isdir(folder) and not os.path.isfile(os.path.join(folder, MMTUNE_CONFIG_NAME)):
             self.write(folder)
 
     def on_push_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

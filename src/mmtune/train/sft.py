@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+import shutil
 from typing import Any
 
 import torch
@@ -21,6 +23,8 @@ from mmtune.plugins import get_mm_plugin
 from mmtune.templates import get_template
 
 from .callbacks import JsonlLogCallback, MmtuneConfigCallback, plot_loss
+from .checkpoints import TRAINER_STATE, publish_checkpoint, resolve_resume, staging_folder
+from .interrupt import InterruptCallback
 from .outputs import prepare_output_dir
 
 logger = logging.getLogger(__name__)
@@ -147,6 +151,66 @@ class MMTrainer(Trainer):
             self._mmtune_num_parameters = self.model.num_parameters(exclude_embeddings=True)
         return 6 * inputs[main_input].numel() * self._mmtune_num_parameters
 
+    def _get_output_dir(self, trial: Any) -> str:
+        """The run's folder; while :meth:`_save_checkpoint` writes a checkpoint, its staging folder
+        (the Trainer writes ``checkpoint-N`` into the folder this returns)."""
+        staging = getattr(self, "_mmtune_staging", None)
+        return staging if staging is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        """The Trainer's checkpoint, written atomically: into ``tmp-checkpoint-N/checkpoint-N``
+        (every rank writes its files there), then, once complete (weights, optimizer, scheduler,
+        RNG states, ``trainer_state.json``, and what callbacks add through ``write_checkpoint``),
+        renamed to ``checkpoint-N`` by the saving process, the older checkpoints rotated out by
+        ``save_total_limit`` afterwards. A run killed during a save leaves a ``tmp-checkpoint-N``
+        that ``resume_from_checkpoint: true`` skips (it takes the previous checkpoint), never a
+        ``checkpoint-N`` that looks complete and is not. A rename, not a copy: the cost is nil.
+
+        transformers 4.36 staged checkpoints the same way and dropped it in 4.38: each rank renamed
+        (racing on shared filesystems) and staging names differed between ranks. Here one process
+        renames, between barriers, a name every rank derives from the step. A run that pushes to
+        the Hub writes in place as the Trainer does: its uploads read the checkpoint folder after
+        this returns, and a rename would move it under them."""
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        if self.args.push_to_hub:
+            return super()._save_checkpoint(model, trial)
+        run_dir = self._get_output_dir(trial)
+        staging = staging_folder(run_dir, self.state.global_step)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)  # left by a run killed while saving this step
+        self.accelerator.wait_for_everyone()  # no rank writes into the staging folder before it is empty
+        self._mmtune_staging = staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._mmtune_staging = None
+        self.accelerator.wait_for_everyone()  # every rank's files are in
+        if self.args.should_save:
+            self._publish_checkpoint(os.path.join(staging, name), os.path.join(run_dir, name), run_dir)
+            with contextlib.suppress(OSError):
+                os.rmdir(staging)
+        self.accelerator.wait_for_everyone()  # on_save callbacks find checkpoint-N
+
+    def _publish_checkpoint(self, staged: str, final: str, run_dir: str) -> None:
+        from transformers.trainer_utils import rotate_checkpoints
+
+        if not os.path.isdir(staged):  # the Trainer no longer writes where _get_output_dir says
+            raise RuntimeError(f"the Trainer wrote no checkpoint into {staged}: transformers' _save_checkpoint changed; "
+                               "mmtune's MMTrainer._save_checkpoint must follow it")
+        if self.state.best_model_checkpoint == staged:  # recorded while staging: the name it gets now
+            self.state.best_model_checkpoint = final
+            self.state.save_to_json(os.path.join(staged, TRAINER_STATE))
+        for callback in self.callback_handler.callbacks:
+            write = getattr(callback, "write_checkpoint", None)
+            if write is not None:
+                write(self.args, self.state, staged)
+        publish_checkpoint(staged, final)
+        # the Trainer rotated inside the staging folder; the run's folder is rotated here, as it would have been
+        rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                           best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False):
@@ -251,6 +315,7 @@ def run_sft(model_args: Any, data_args: Any, finetuning_args: Any, mm_args: Any,
             callbacks: list[Any] | None = None) -> dict[str, Any]:
     """Train, save (adapter or model + processor), log and plot; returns the metrics."""
     prepare_output_dir(model_args, mm_args, training_args)  # before anything loads: never over a run or a model
+    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)  # a complete checkpoint
     tokenizer, processor = load_tokenizer_and_processor(model_args)
     model_type = getattr(load_config(model_args), "model_type", None)
     data_args = dataclasses.replace(data_args, template=training_template(data_args.template, model_type))
@@ -281,6 +346,7 @@ def run_sft(model_args: Any, data_args: Any, finetuning_args: Any, mm_args: Any,
     # a LoRA of a LLaVA assembled around a plain LM: its config goes beside every adapter
     assembled_config = (model.config if getattr(model_args, "vision_tower", None)
                         and finetuning_args.finetuning_type == "lora" else None)
+    interrupt = InterruptCallback()  # Ctrl-C / SIGTERM: a checkpoint of the step reached, then TrainingInterrupted
     trainer = MMTrainer(
         model=model,
         args=training_args,
@@ -289,13 +355,17 @@ def run_sft(model_args: Any, data_args: Any, finetuning_args: Any, mm_args: Any,
         data_collator=collator,
         # the Trainer saves it into every checkpoint-N and the final folder, before any push
         processing_class=processor or tokenizer,
-        callbacks=[JsonlLogCallback(), MmtuneConfigCallback(record, assembled_config), *(callbacks or [])],
+        callbacks=[JsonlLogCallback(), MmtuneConfigCallback(record, assembled_config), interrupt, *(callbacks or [])],
         projector_lr=mm_args.projector_lr,
     )
     try:
-        result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        result = trainer.train(resume_from_checkpoint=resume)
     finally:
+        interrupt.restore()  # also where training raised before on_train_end
         torch.set_num_threads(threads_before)  # the caller's count again
+    stopped = interrupt.interruption(training_args.output_dir)
+    if stopped is not None:  # no final save: the folder holds checkpoints to resume from, not a finished run
+        raise stopped
     gather_fsdp_state_dict(trainer)
     if training_args.should_save:  # everything beside the weights first: save_model pushes with push_to_hub
         MmtuneConfigCallback(record, assembled_config).write(training_args.output_dir)

@@ -1,0 +1,166 @@
+"""Ctrl-C (SIGINT) and SIGTERM (issue 17, "Stops mid-run"): during training, a checkpoint of the step
+reached, one line on stderr, exit status 130 / 143, no final model in output_dir, and a resume that
+gives the losses of the uninterrupted run; before training, one line and 130. Each run is a real
+process signalled as a terminal (the whole process group) or a scheduler would."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mmtune.demo import build_model_dir, make_dataset
+from mmtune.train import parse_config, run_sft
+from mmtune.train.checkpoints import checkpoint_problem
+
+DRIVER = Path(__file__).with_name("train_driver.py")
+FINAL_FILES = ("adapter_model.safetensors", "adapter_config.json", "all_results.json", "mmtune_config.json",
+               "model.safetensors", "training_loss.png")
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    root = tmp_path_factory.mktemp("interrupt")
+    data, _ = make_dataset(str(root / "data"), n_train=24, n_test=0, size=56)
+    model = build_model_dir(str(root), hidden=64)
+    ws = {"root": root, "data": data, "model": model}
+    reference = root / "reference"
+    run_sft(*parse_config(None, extra=_config(ws, reference)))
+    ws["reference"] = _losses(reference)
+    assert sorted(ws["reference"]) == [1, 2, 3, 4, 5, 6]
+    return ws
+
+
+def _config(ws, out, **extra):
+    cfg = dict(model_name_or_path=ws["model"], dataset=ws["data"], template="qwen2_vl", finetuning_type="lora",
+               lora_rank=4, freeze_multi_modal_projector=False, torch_dtype="fp32", output_dir=str(out),
+               per_device_train_batch_size=4, max_steps=6, learning_rate=5e-3, logging_steps=1, save_steps=2,
+               save_strategy="steps", seed=0, data_seed=0, use_cpu=True, dataloader_num_workers=0,
+               disable_tqdm=True, cutoff_len=256, plot_loss=False)
+    cfg.update(extra)
+    return cfg
+
+
+def _losses(out):
+    rows = [json.loads(line) for line in open(os.path.join(out, "trainer_log.jsonl"))]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def _start(ws, name, hook, step, **extra):
+    """The driver in its own process group (as a shell runs a foreground job); returns the process,
+    the ready file and the output folder."""
+    out = ws["root"] / name
+    config = ws["root"] / f"{name}.yaml"
+    config.write_text(yaml.safe_dump(_config(ws, out, **extra)))
+    ready = str(ws["root"] / f"{name}.ready")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, str(DRIVER), str(config), hook, str(step), ready], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return proc, ready, out
+
+
+def _wait_ready(proc, ready, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(ready):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            pytest.fail(f"the run never reached its hook (exit {proc.returncode})\n{err[-4000:]}")
+        time.sleep(0.05)
+
+
+def _finish(proc, timeout=120):
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"the run did not stop after the signal\n{err[-4000:]}")
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_mid_run_saves_the_step_exits_with_one_line_and_resumes_exactly(ws, sig, status):
+    # one dataloader worker: a Ctrl-C reaches it too, and the last step must still get its batch
+    proc, ready, out = _start(ws, f"signal_{sig.name}", "handshake", 2, dataloader_num_workers=1)
+    _wait_ready(proc, ready)
+    os.killpg(proc.pid, sig)  # the whole group, as a terminal's Ctrl-C
+    Path(ready + ".sent").touch()
+    _, err = _finish(proc)
+
+    assert proc.returncode == status, err[-4000:]
+    assert "Traceback" not in err, err[-4000:]
+    # the signal came at the end of step 2: step 3 ran to its end and was saved
+    line = f"mmtune train: interrupted at step 3: saved {out}/checkpoint-3; resume with resume_from_checkpoint: true"
+    assert [x for x in err.splitlines() if "interrupted" in x] == [line]
+    assert checkpoint_problem(str(out / "checkpoint-3")) is None
+    assert (out / "checkpoint-3" / "mmtune_config.json").is_file()
+    assert not [n for n in os.listdir(out) if n in FINAL_FILES or n.startswith("tmp-")], os.listdir(out)
+    assert not (out / "checkpoint-4").exists()
+    assert _losses(out) == {s: ws["reference"][s] for s in (1, 2, 3)}
+
+    run_sft(*parse_config(None, extra=_config(ws, out, resume_from_checkpoint=True)))
+    resumed = _losses(out)
+    for step in (4, 5, 6):
+        assert resumed[step] == pytest.approx(ws["reference"][step], rel=1e-5, abs=1e-6), step
+    assert (out / "adapter_model.safetensors").is_file()  # now a finished run
+
+
+@pytest.mark.parametrize("stage", ["build_dataset", "load_model"])
+def test_ctrl_c_before_training_is_one_line_and_130(ws, tmp_path, monkeypatch, capsys, stage):
+    """Ctrl-C while tokenising or loading the model (a real SIGINT to this process, in the step
+    replaced here): the CLI prints one line and returns 130; nothing is written."""
+    import mmtune.train.sft as sft
+    from mmtune.cli import main
+
+    def ctrl_c(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(30)
+        raise AssertionError("SIGINT did not interrupt")
+
+    monkeypatch.setattr(sft, stage, ctrl_c)
+    out = tmp_path / "out"
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(_config(ws, out)))
+    assert main(["train", str(config)]) == 130
+    assert capsys.readouterr().err.splitlines() == ["mmtune train: interrupted"]
+    assert not out.exists() or os.listdir(out) == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_second_ctrl_c_aborts_at_once(ws, tmp_path):
+    """The first Ctrl-C asks for a checkpoint at the step's end; a second one (the step hangs, the
+    user insists) raises KeyboardInterrupt at once: no checkpoint of the step, no final save, and
+    the handlers of before training are back."""
+    from transformers import TrainerCallback
+
+    class TwoSignals(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.2)
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(30)
+                raise AssertionError("the second SIGINT did not interrupt")
+
+    out = tmp_path / "twice"
+    with pytest.raises(KeyboardInterrupt) as caught:
+        run_sft(*parse_config(None, extra=_config(ws, out)), callbacks=[TwoSignals()])
+    assert type(caught.value) is KeyboardInterrupt  # not a stop with a checkpoint
+    assert sorted(n for n in os.listdir(out) if "checkpoint" in n) == ["checkpoint-2"]
+    assert not [n for n in os.listdir(out) if n in FINAL_FILES]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_handlers_are_restored_after_training(ws, tmp_path):
+    """A run in-process leaves the signal handlers as it found them (library use: the caller's
+    own Ctrl-C handling comes back)."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    run_sft(*parse_config(None, extra=_config(ws, tmp_path / "o", max_steps=1, save_strategy="no")))
+    assert {s: signal.getsignal(s) for s in before} == before
