@@ -141,10 +141,13 @@ def test_a_second_ctrl_c_aborts_at_once(ws, tmp_path):
     from transformers import TrainerCallback
 
     class TwoSignals(TrainerCallback):
+        survived_the_first = False
+
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == 3:
                 os.kill(os.getpid(), signal.SIGINT)
                 time.sleep(0.2)
+                TwoSignals.survived_the_first = True
                 os.kill(os.getpid(), signal.SIGINT)
                 time.sleep(30)
                 raise AssertionError("the second SIGINT did not interrupt")
@@ -152,15 +155,53 @@ def test_a_second_ctrl_c_aborts_at_once(ws, tmp_path):
     out = tmp_path / "twice"
     with pytest.raises(KeyboardInterrupt) as caught:
         run_sft(*parse_config(None, extra=_config(ws, out)), callbacks=[TwoSignals()])
-    assert type(caught.value) is KeyboardInterrupt  # not a stop with a checkpoint
+    assert TwoSignals.survived_the_first  # the first one only asked for a stop
+    assert type(caught.value) is KeyboardInterrupt  # the second: not a stop with a checkpoint
     assert sorted(n for n in os.listdir(out) if "checkpoint" in n) == ["checkpoint-2"]
     assert not [n for n in os.listdir(out) if n in FINAL_FILES]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_handlers_are_restored_after_training(ws, tmp_path):
-    """A run in-process leaves the signal handlers as it found them (library use: the caller's
-    own Ctrl-C handling comes back)."""
+    """A run in-process installs its handlers for training alone and leaves them as it found them
+    (library use: the caller's own Ctrl-C handling comes back)."""
+    from transformers import TrainerCallback
+
+    during = []
+
+    class Handlers(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            during.append({s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)})
+
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    run_sft(*parse_config(None, extra=_config(ws, tmp_path / "o", max_steps=1, save_strategy="no")))
+    run_sft(*parse_config(None, extra=_config(ws, tmp_path / "o", max_steps=1, save_strategy="no")),
+            callbacks=[Handlers()])
+    assert during and all(during[0][s] != before[s] for s in before)  # training's own handlers
     assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_sigterm_to_torchrun_stops_every_rank_at_the_same_step(ws):
+    """Two ranks under torchrun, which passes a SIGTERM (a scheduler's) on to each rank: the ranks
+    agree on one step (the one after the signal's), write one checkpoint of it together (each
+    rank's RNG state in it), and each prints the same line, no traceback; no rank is left waiting in
+    a collective (the launch ends well within its timeout). The launcher's own SignalException
+    traceback is torchrun's."""
+    out = ws["root"] / "two_ranks"
+    config = ws["root"] / "two_ranks.yaml"
+    config.write_text(yaml.safe_dump(_config(ws, out, per_device_train_batch_size=2, ddp_timeout=60)))
+    ready = str(ws["root"] / "two_ranks.ready")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(DRIVER),
+           str(config), "handshake", "1", ready]
+    proc = subprocess.Popen(cmd, env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    _wait_ready(proc, ready, timeout=240)
+    proc.send_signal(signal.SIGTERM)  # to the launcher alone: it signals each rank
+    Path(ready + ".sent").touch()
+    log, _ = _finish(proc)
+    line = f"mmtune train: interrupted at step 3: saved {out}/checkpoint-3; resume with resume_from_checkpoint: true"
+    assert [x for x in log.splitlines() if "interrupted at step" in x] == [line, line], log[-4000:]
+    assert "TrainingInterrupted" not in log and "KeyboardInterrupt" not in log, log[-4000:]  # no rank traceback
+    assert checkpoint_problem(str(out / "checkpoint-3")) is None
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(os.listdir(out / "checkpoint-3"))
+    assert sorted(n for n in os.listdir(out) if "checkpoint" in n) == ["checkpoint-2", "checkpoint-3"]
+    assert not [n for n in os.listdir(out) if n in FINAL_FILES]

@@ -10,7 +10,8 @@ it is there, then waits:
   scheduler and RNG states are written and before ``trainer_state.json`` (the test SIGKILLs the
   process there); the file holds the folder being written.
 - ``handshake``: at the end of step STEP, until READY_FILE + ".sent" exists (the test signals the
-  process group, then creates it): the signal has then been handled before the step goes on.
+  process group, then creates it): the signal has then been handled before the step goes on. Under
+  torchrun, rank 0 waits (the others wait for it in the next collective).
 - ``block_in_load`` / ``block_in_tokenise``: in place of model loading / tokenising, before
   training (the test sends Ctrl-C there).
 
@@ -51,7 +52,7 @@ class Handshake(TrainerCallback):
         self.step, self.ready = step, ready
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.global_step != self.step:
+        if state.global_step != self.step or args.process_index != 0:  # several ranks: rank 0 waits
             return
         _ready(self.ready)
         deadline = time.monotonic() + WAIT_S

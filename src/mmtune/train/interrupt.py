@@ -46,12 +46,19 @@ class TrainingInterrupted(KeyboardInterrupt):
     A ``KeyboardInterrupt``, so code between the Trainer and the CLI lets it through as it lets
     Ctrl-C through; ``exit_code`` is the status the CLI exits with."""
 
-    def __init__(self, signum: int, step: int, checkpoint: str) -> None:
+    def __init__(self, signum: int, step: int, checkpoint: str | None, latest: str | None = None) -> None:
         self.signum = signum
         self.step = step
         self.checkpoint = checkpoint
         self.exit_code = 128 + int(signum)
-        super().__init__(f"interrupted at step {step}: saved {checkpoint}; resume with resume_from_checkpoint: true")
+        resume = "; resume with resume_from_checkpoint: true"
+        if checkpoint is not None:
+            text = f"saved {checkpoint}{resume}"
+        elif latest is not None:  # not seen from this process (another node's disk), or the save failed
+            text = f"no checkpoint of this step here, the newest complete one is {latest}{resume}"
+        else:
+            text = "no checkpoint saved"
+        super().__init__(f"interrupted at step {step}: {text}")
 
 
 class _RankVote:
@@ -157,6 +164,7 @@ class InterruptCallback(TrainerCallback):
         self.received = signum  # on a rank that got no signal itself: the one another rank got
         control.should_save = True
         control.should_training_stop = True
+        control.should_evaluate = False  # the user asked to stop; an eval here could also veto the save (save_strategy: best)
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.stopped_at is not None:  # the checkpoint of this step is written; no epoch-end eval or save
@@ -183,5 +191,9 @@ class InterruptCallback(TrainerCallback):
             return None
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+        from .checkpoints import checkpoint_problem, latest_complete_checkpoint
+
         checkpoint = os.path.join(output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.stopped_at}")
-        return TrainingInterrupted(self.received, self.stopped_at, checkpoint)
+        if checkpoint_problem(checkpoint) is None:
+            return TrainingInterrupted(self.received, self.stopped_at, checkpoint)
+        return TrainingInterrupted(self.received, self.stopped_at, None, latest_complete_checkpoint(output_dir))
