@@ -32,7 +32,7 @@ class BadSamplesError(DataError, MediaError):
     catch media errors keep working; the message is taken as it is (it names its samples)."""
 
     def __init__(self, message: str, bad: list[tuple[int, Any, str]] | None = None) -> None:
-        ValueError.__init__(self, message)
+        ValueError.__init__(self, _worker_message(message, type(self)))
         #: (position in the batch, the sample as collated, cause) of each bad sample, when
         #: raised by the collator: what ``skip_bad_samples`` replaces
         self.bad = bad or []
@@ -43,6 +43,17 @@ HINTS = {
     "DecompressionBombError": "downscale the image (PIL refuses to decode images this large)",
     "UnicodeDecodeError": "save the file as UTF-8",
 }
+
+
+def _worker_message(text: str, cls: type) -> str:
+    """The message alone of an exception that torch's DataLoader re-raised from a worker process:
+    it builds ``cls(text)`` with the worker's whole traceback in ``text``, which the CLI would
+    print as the error; the worker's own message is the text after the last ``module.Class: ``."""
+    if not text.startswith(f"Caught {cls.__name__} in DataLoader worker"):
+        return text
+    marker = f"{cls.__module__}.{cls.__qualname__}: "
+    at = text.rfind(marker)
+    return text[at + len(marker):].strip() if at >= 0 else text
 
 
 def one_line(text: str, limit: int = 300) -> str:

@@ -340,6 +340,11 @@ def run_sft(model_args: Any, data_args: Any, finetuning_args: Any, mm_args: Any,
                                   precompute=find_precompute(model))
     train_dataset, collator = maybe_pack(datasets["train"], collator, model, data_args.packing, data_args.packing_max_len,
                                          training_args.per_device_train_batch_size)
+    if data_args.skip_bad_samples:  # a sample whose media fail at batch time: replaced, counted, listed
+        from mmtune.data.skip import BadSampleGuard, SkippedSamplesCallback
+
+        collator = BadSampleGuard(collator, [datasets["train"], datasets.get("eval")], training_args.output_dir)
+        callbacks = [*(callbacks or []), SkippedSamplesCallback(collator.report_path)]
     threads_before = torch.get_num_threads()
     set_host_threads(mm_args.host_threads, training_args.device.type, training_args.dataloader_num_workers)
     record = run_record(model_args, data_args, finetuning_args, mm_args, model_type, template)
