@@ -403,17 +403,27 @@ def _reason_key(reason: str) -> str:
     return re.sub(r"\d+", "#", reason)
 
 
+def _nonempty(encoded: Any, column: str) -> tuple[list[int], list[str]]:
+    """Rows of a freshly mapped dataset (no index mapping) whose string ``column`` is not
+    empty, and those values; read in Arrow (a Python list of every row costs more than the
+    tokenising pass's own bookkeeping), nothing copied when all are empty."""
+    import pyarrow.compute as pc
+
+    values = encoded.data.column(column)
+    rows = pc.indices_nonzero(pc.not_equal(values, "")).to_pylist()
+    return rows, (values.take(rows).to_pylist() if rows else [])
+
+
 def _log_outcomes(path: str, encoded: Any) -> list[int] | None:
     """Log a dataset's dropped samples (one warning a reason) and notes (one a kind), each with
     its count and first example by sample index and line; return the rows kept (None: all)."""
     import pyarrow.compute as pc
 
     total = len(encoded)
-    reasons = encoded["dropped"]
-    groups: dict[str, list[int]] = {}
-    for row, reason in enumerate(reasons):
-        if reason:
-            groups.setdefault(_reason_key(reason), []).append(row)
+    dropped_rows, reasons = _nonempty(encoded, "dropped")
+    groups: dict[str, list[tuple[int, str]]] = {}
+    for row, reason in zip(dropped_rows, reasons):
+        groups.setdefault(_reason_key(reason), []).append((row, reason))
     notes = encoded.data.column("notes")
     by_kind: dict[str, list[tuple[int, str]]] = {}
     if pc.sum(pc.list_value_length(notes)).as_py():
@@ -424,20 +434,21 @@ def _log_outcomes(path: str, encoded: Any) -> list[int] | None:
             by_kind.setdefault(kind, []).append((owners[k], details[k]))
     if not groups and not by_kind:
         return None
-    indices = encoded["sample_index"]
-    lines = sample_lines(path, [indices[rows[0]] for rows in groups.values()]
-                         + [indices[items[0][0]] for items in by_kind.values()])
-    for rows in groups.values():
-        index = indices[rows[0]]
-        logger.warning("%s: dropped %d of %d samples: %s (first: %s)", path, len(rows), total, reasons[rows[0]],
-                       where(index, path, lines.get(index)))
+    firsts = [items[0][0] for items in groups.values()] + [items[0][0] for items in by_kind.values()]
+    index_of = dict(zip(firsts, encoded.data.column("sample_index").take(firsts).to_pylist()))
+    lines = sample_lines(path, index_of.values())
+    for items in groups.values():
+        row, reason = items[0]
+        logger.warning("%s: dropped %d of %d samples: %s (first: %s)", path, len(items), total, reason,
+                       where(index_of[row], path, lines.get(index_of[row])))
     for kind, items in by_kind.items():
-        index = indices[items[0][0]]
-        logger.warning("%s: %d of %d samples: %s (first: %s: %s)", path, len({row for row, _ in items}), total,
-                       NOTE_KINDS.get(kind, kind), where(index, path, lines.get(index)), items[0][1])
+        row, detail = items[0]
+        logger.warning("%s: %d of %d samples: %s (first: %s: %s)", path, len({r for r, _ in items}), total,
+                       NOTE_KINDS.get(kind, kind), where(index_of[row], path, lines.get(index_of[row])), detail)
     if not groups:
         return None
-    return [row for row, reason in enumerate(reasons) if not reason]
+    dropped = set(dropped_rows)
+    return [row for row in range(total) if row not in dropped]
 
 
 def sample_media(feature: dict[str, Any], kind: str) -> list[Any]:
@@ -598,8 +609,9 @@ def build_dataset(data_args: DataArguments, template: Any, plugin: Any, tokenize
             problems.append(problem)
             total_problems += 1
             continue
-        errors = [(i, e) for i, e in zip(encoded["sample_index"], encoded["error"]) if e]
-        if errors:
+        error_rows, causes = _nonempty(encoded, "error")
+        if error_rows:
+            errors = list(zip(encoded.data.column("sample_index").take(error_rows).to_pylist(), causes))
             total_problems += len(errors)
             room = max(0, MAX_LISTED - len(problems))
             problems.extend(name_samples(path, errors[:room]))
@@ -615,7 +627,7 @@ def build_dataset(data_args: DataArguments, template: Any, plugin: Any, tokenize
                         ", ".join(f"{kind} ({column!r})" for kind, column in carried.items()))
         keep = _log_outcomes(path, encoded)
         if keep is not None and not keep:
-            first = next(r for r in encoded["dropped"] if r)
+            first = _nonempty(encoded, "dropped")[1][0]
             problems.append(f"dataset {path!r}: all {len(encoded)} samples were dropped (e.g. {first}); "
                             f"{CHECK_HINT}")
             total_problems += 1
