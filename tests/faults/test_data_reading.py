@@ -191,6 +191,23 @@ def test_training_stops_on_a_broken_file_naming_its_line(kit, tmp_path, case):
         assert word in message, message
 
 
+def test_rows_after_an_unreadable_row_are_still_checked(kit, tmp_path):
+    """datasets reads a JSONL file with a non-UTF-8 byte and fails only on that row: the file's
+    line is named once, and the rows after it are checked one by one."""
+    good = json.dumps(TEXT).encode()
+    path = tmp_path / "latin.jsonl"
+    bad = b'{"messages": [{"role": "user", "content": "caf\xe9"}, {"role": "assistant", "content": "hi"}]}'
+    path.write_bytes(b"\n".join([good, good, bad, *[good] * 12]) + b"\n")  # one schema: datasets loads it
+    report = _check(kit, str(path))
+    assert report.samples == 15 and len(report.lengths) == 14, report.render()
+    (problem,) = report.problems
+    assert problem == (f"dataset {str(path)!r}: line 3, column 47: byte 0xe9 is not UTF-8 text; save the file as UTF-8 "
+                       "(e.g. `iconv -f latin1 -t utf-8`) (1 samples cannot be read)"), problem
+    with pytest.raises(DataError) as info:  # training: the tokenising pass meets the row, the file's line is named
+        _build(kit, str(path))
+    assert str(info.value) == problem[:problem.rindex(" (1 samples")]
+
+
 def test_sample_lines_of_json_arrays_and_json_lines(tmp_path):
     rows = [{"messages": [{"role": "user", "content": f"q{i}"}]} for i in range(4)]
     pretty = tmp_path / "p.json"

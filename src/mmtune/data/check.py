@@ -158,7 +158,7 @@ def check_dataset(data_args: DataArguments, template: Any, plugin: Any, tokenize
         dropped: list[tuple[int, str]] = []
         notes: list[tuple[int, str, str]] = []
         unreadable: list[tuple[int, str]] = []
-        for index, row, failure in _rows(tqdm(rows, desc=f"checking {os.path.basename(path)}")):
+        for index, row, failure in tqdm(_rows(rows), total=len(rows), desc=f"checking {os.path.basename(path)}"):
             report.samples += 1
             if failure is not None:
                 unreadable.append((index, f"cannot be read: {cause(failure)}"))
