@@ -375,3 +375,16 @@ def test_replacing_an_image_tokenises_again(kit, tmp_path):
     again = list(build()["train"][0]["input_ids"])
     fresh = list(_build(kit, path)["train"][0]["input_ids"])
     assert again == fresh and len(again) > len(first)
+
+
+def test_a_real_truncated_answer_is_counted_in_training_and_listed_by_check_data(kit, tmp_path, caplog):
+    """The tokeniser's own note (no stand-in): an answer cut by cutoff_len, with the defaults."""
+    long = {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "word " * 60}]}
+    path = _jsonl_file(tmp_path / "d.jsonl", [TEXT, long])
+    with caplog.at_level(logging.WARNING, logger="mmtune.data.loader"):
+        assert len(_build(kit, path, cutoff_len=40)["train"]) == 2
+    assert [r.message for r in caplog.records if "answers cut by cutoff_len" in r.message][0].startswith(
+        f"{path}: 1 of 2 samples: answers cut by cutoff_len (first: sample 1 of {path} (line 2): 40 of ")
+    report = _check(kit, path, cutoff_len=40)
+    assert report.ok and report.note_counts == {"truncated": 1}
+    assert report.note_examples["truncated"][0].startswith(f"sample 1 of {path} (line 2): 40 of ")
