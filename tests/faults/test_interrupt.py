@@ -82,7 +82,7 @@ def _finish(proc, timeout=120):
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
-        pytest.fail(f"the run did not stop after the signal\n{err[-4000:]}")
+        pytest.fail(f"the run did not end\n{err[-4000:]}")
 
 
 @pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
@@ -178,6 +178,15 @@ def test_handlers_are_restored_after_training(ws, tmp_path):
             callbacks=[Handlers()])
     assert during and all(during[0][s] != before[s] for s in before)  # training's own handlers
     assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_a_run_that_fails_with_dataloader_workers_still_exits(ws):
+    """The workers forked while training block SIGTERM; a run whose training raises keeps them alive
+    (the traceback holds their iterator), and multiprocessing's exit would SIGTERM and wait for them
+    for ever: the process must end, with the error."""
+    proc, _, _ = _start(ws, "fails", "raise_at_step", 2, dataloader_num_workers=1, save_strategy="no")
+    _, err = _finish(proc, timeout=90)
+    assert proc.returncode == 1 and "train_driver: raised at step 2" in err, err[-4000:]
 
 
 def test_sigterm_to_torchrun_stops_every_rank_at_the_same_step(ws):

@@ -12,6 +12,8 @@ it is there, then waits:
 - ``handshake``: at the end of step STEP, until READY_FILE + ".sent" exists (the test signals the
   process group, then creates it): the signal has then been handled before the step goes on. Under
   torchrun, rank 0 waits (the others wait for it in the next collective).
+- ``raise_at_step``: a RuntimeError at the end of step STEP (READY_FILE unused): training that
+  fails with dataloader workers alive.
 - ``block_in_load`` / ``block_in_tokenise``: in place of model loading / tokenising, before
   training (the test sends Ctrl-C there).
 
@@ -73,6 +75,13 @@ def install(hook: str, step: int, ready: str) -> None:
         sft.MMTrainer = BlockingTrainer
     elif hook == "handshake":
         mmtune.train.run_sft = functools.partial(sft.run_sft, callbacks=[Handshake(step, ready)])
+    elif hook == "raise_at_step":
+        class Raise(TrainerCallback):
+            def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                if state.global_step == step:
+                    raise RuntimeError(f"train_driver: raised at step {step}")
+
+        mmtune.train.run_sft = functools.partial(sft.run_sft, callbacks=[Raise()])
     elif hook == "block_in_load":
         sft.load_model = lambda *a, **kw: _block(ready)
     elif hook == "block_in_tokenise":

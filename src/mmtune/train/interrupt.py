@@ -12,6 +12,7 @@ the step itself hangs.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import signal
@@ -38,6 +39,28 @@ def _in_child() -> None:
     if os.getppid() in _TRAINING_PIDS:
         signal.pthread_sigmask(signal.SIG_BLOCK, InterruptCallback.SIGNALS)
     _TRAINING_PIDS.clear()
+
+
+def _end_blocked_workers() -> None:
+    """``atexit`` hook, run before ``multiprocessing``'s own (handlers run last registered first):
+    kill the daemonic children still alive. ``multiprocessing`` would end them with SIGTERM and
+    wait for them, but a dataloader worker forked during training blocks SIGTERM
+    (:func:`_in_child`), so a process whose training raised (its workers kept alive by the
+    traceback) would wait for ever. These children are ended at exit either way; SIGKILL only
+    makes sure that it happens."""
+    import multiprocessing
+
+    children = [child for child in multiprocessing.active_children() if child.daemon]
+    for child in children:  # all first: torch's SIGCHLD handler may raise on the first one's death
+        try:
+            child.kill()
+        except Exception:  # already gone
+            pass
+    for child in children:
+        try:
+            child.join(5)
+        except Exception:  # torch's SIGCHLD handler reporting the kill: expected here
+            pass
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -142,6 +165,9 @@ class InterruptCallback(TrainerCallback):
             self._previous[sig] = signal.signal(sig, self._on_signal)
         if not _FORK_HOOK:
             os.register_at_fork(after_in_child=_in_child)
+            import multiprocessing.util  # registers its exit function first: ours then runs before it
+
+            atexit.register(_end_blocked_workers)
             _FORK_HOOK.append(True)
         _TRAINING_PIDS.add(self._pid)
         self._vote = _RankVote.for_run(args)
