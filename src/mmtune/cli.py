@@ -79,11 +79,15 @@ def cmd_check_data(ns: argparse.Namespace) -> int:
     from mmtune.model.loader import load_config
     from mmtune.train.sft import training_template
 
+    from mmtune.model.folders import check_model_args
+
     model_args, data_args, _, mm_args, _ = parse_config(ns.config, ns.overrides)
+    check_model_args(model_args)  # a missing, adapter or non-VLM folder: one line before anything loads
     tokenizer, processor = load_tokenizer_and_processor(model_args)
     data_args.template = training_template(data_args.template, getattr(load_config(model_args), "model_type", None))
     template = get_template(data_args.template)
     plugin = get_mm_plugin(mm_args.plugin or template.plugin, media=data_args.media_config())
+    plugin.check_fit(template, tokenizer)  # a template that does not fit the model: one line, not one per sample
     report = check_dataset(data_args, template, plugin, tokenizer, processor)
     print(report.render())
     return 0 if report.ok else 1

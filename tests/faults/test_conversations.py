@@ -361,3 +361,21 @@ def test_an_image_pixtral_cannot_tile_is_named_not_a_bare_index_error(tmp_path):
     with pytest.raises(MediaError, match=r"^image 1 \(.*wide.png, 20000x20 px, aspect ratio 1000:1\) is refused by "
                                          r"the model's processor \(PixtralProcessor\): IndexError"):
         encode_sample(sample, get_template("pixtral"), get_mm_plugin("pixtral"), processor.tokenizer, processor)
+
+
+def test_check_data_reports_a_template_that_does_not_fit_once(tmp_path, tiny_model, capsys):
+    """One line for the run, not the same line for every sample: `mmtune check-data` checks the
+    template against the tokenizer before reading any sample."""
+    from mmtune.cli import main
+
+    row = {"messages": [{"role": "user", "content": "<image>hi"}, {"role": "assistant", "content": "ok"}],
+           "images": ["a.png"]}
+    (tmp_path / "data.json").write_text(json.dumps([row] * 5))
+    make_image_file(str(tmp_path / "a.png"), 56, 56)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model_name_or_path: {tiny_model}\ndataset: {tmp_path / 'data.json'}\ntemplate: llava\n")
+    assert main(["check-data", str(cfg)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out.count("does not fit") == 0
+    lines = [line for line in captured.err.splitlines() if "does not fit" in line]
+    assert len(lines) == 1 and lines[0].startswith("mmtune check-data: error: template 'llava' does not fit"), captured

@@ -226,3 +226,16 @@ def test_freeze_switches_set_to_no_reach_the_model_and_train_tower_and_projector
         if has_prefix(name, entry.vision_model_keys + [entry.projector_key]):
             assert param.requires_grad, name
 
+
+
+def test_a_misspelt_name_stops_the_run_before_the_data_is_read(ws, tmp_path, capsys, monkeypatch):
+    """The check comes before tokenising too: a large dataset is not read for a run that cannot start."""
+    import mmtune.train.sft as sft
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the data was read")
+
+    monkeypatch.setattr(sft, "build_dataset", refuse)
+    monkeypatch.setattr(sft, "load_tokenizer_and_processor", refuse)
+    line = _train_error(ws, tmp_path, capsys, lora_target="q_projj,v_proj")
+    assert "lora_target: no module named 'q_projj'" in line

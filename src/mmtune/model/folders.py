@@ -220,11 +220,14 @@ def check_model_args(model_args: Any, for_tokenizer: bool = False) -> ModelPath 
     the adapter an adapter folder. None when there is no path (a model built from a config).
 
     ``for_tokenizer``: the path is read for its tokenizer alone, so an adapter folder that
-    carries one passes (``chat`` and ``export`` read a LoRA output folder's own tokenizer); a run
+    carries one passes, and so does a folder of tokenizer / processor files alone (``chat`` and ``export`` read a LoRA output folder's own tokenizer); a run
     still gets the error from the check of its config, before the data or the model is read."""
     path = getattr(model_args, "model_name_or_path", None)
     if not path:
         return None
+    if for_tokenizer and os.path.isdir(path) and has_tokenizer(path) and not any(
+            os.path.isfile(os.path.join(path, name)) for name in (CONFIG_NAME, ADAPTER_CONFIG_NAME)):
+        return None  # a tokenizer / processor folder alone (benchmarks and tests read one): nothing to build
     hub = hub_kwargs_of(model_args)
     model = locate(path, "model_name_or_path", hub)
     if model.kind == "adapter" and not (for_tokenizer and (not model.local or has_tokenizer(model.path))):

@@ -16,7 +16,9 @@ from transformers import Trainer
 from mmtune.data import MultiModalCollator, build_dataset
 from mmtune.data.packing import dataset_lengths, maybe_pack
 from mmtune.model.composite import get_composite_model, has_prefix
-from mmtune.model.loader import load_config, load_model, load_tokenizer_and_processor
+from mmtune.model.folders import check_model_args
+from mmtune.model.loader import (check_lora_target_before_loading, load_config, load_model,
+                                  load_tokenizer_and_processor, model_class_for)
 from mmtune.model.precompute import find_precompute
 from mmtune.model.saved import resolve_template
 from mmtune.plugins import get_mm_plugin
@@ -316,11 +318,16 @@ def run_sft(model_args: Any, data_args: Any, finetuning_args: Any, mm_args: Any,
     """Train, save (adapter or model + processor), log and plot; returns the metrics."""
     prepare_output_dir(model_args, mm_args, training_args)  # before anything loads: never over a run or a model
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)  # a complete checkpoint
+    check_model_args(model_args)  # a missing, adapter or non-VLM model folder: one line, before anything loads
+    config = load_config(model_args)
+    if model_args.model_name_or_path:  # a misnamed lora_target: before the data is read (a meta-device build)
+        check_lora_target_before_loading(model_class_for(config), config, model_args, finetuning_args)
     tokenizer, processor = load_tokenizer_and_processor(model_args)
-    model_type = getattr(load_config(model_args), "model_type", None)
+    model_type = getattr(config, "model_type", None)
     data_args = dataclasses.replace(data_args, template=training_template(data_args.template, model_type))
     template = get_template(data_args.template)
     plugin = get_mm_plugin(mm_args.plugin or template.plugin, media=data_args.media_config())
+    plugin.check_fit(template, tokenizer)  # a template that does not fit the model: once, before any sample
     with training_args.main_process_first(desc="tokenising"):
         datasets = build_dataset(data_args, template, plugin, tokenizer, processor)
     gc = training_args.gradient_checkpointing
