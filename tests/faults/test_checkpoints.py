@@ -24,22 +24,9 @@ from mmtune.errors import ModelFolderError
 from mmtune.train import parse_config, run_sft
 from mmtune.train.checkpoints import checkpoint_problem, latest_complete_checkpoint, publish_checkpoint, resolve_resume
 
+from .conftest import logged_losses, lora_run_config
+
 DRIVER = Path(__file__).with_name("train_driver.py")
-
-
-def _config(ws, out, **extra):
-    cfg = dict(model_name_or_path=ws["model"], dataset=ws["data"], template="qwen2_vl", finetuning_type="lora",
-               lora_rank=4, freeze_multi_modal_projector=False, torch_dtype="fp32", output_dir=str(out),
-               per_device_train_batch_size=4, max_steps=6, learning_rate=5e-3, logging_steps=1, save_steps=2,
-               save_strategy="steps", seed=0, data_seed=0, use_cpu=True, dataloader_num_workers=0,
-               disable_tqdm=True, cutoff_len=256, plot_loss=False)
-    cfg.update(extra)
-    return cfg
-
-
-def _losses(out):
-    rows = [json.loads(line) for line in open(os.path.join(out, "trainer_log.jsonl"))]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
 class StagedFolders(TrainerCallback):
@@ -62,8 +49,8 @@ def ws(tmp_path_factory):
     model = build_model_dir(str(root), hidden=64)
     ws = {"root": root, "data": data, "model": model}
     reference, staged = root / "reference", StagedFolders()
-    run_sft(*parse_config(None, extra=_config(ws, reference, save_total_limit=2)), callbacks=[staged])
-    ws["reference"], ws["staged"] = _losses(reference), staged.seen
+    run_sft(*parse_config(None, extra=lora_run_config(ws, reference, save_total_limit=2)), callbacks=[staged])
+    ws["reference"], ws["staged"] = logged_losses(reference), staged.seen
     return ws
 
 
@@ -83,7 +70,7 @@ def test_checkpoints_are_staged_renamed_and_rotated(ws):
 def test_full_fine_tuning_checkpoints_are_staged_too(ws, tmp_path):
     staged = StagedFolders()
     out = tmp_path / "full"
-    run_sft(*parse_config(None, extra=_config(ws, out, finetuning_type="full", max_steps=2, save_steps=1,
+    run_sft(*parse_config(None, extra=lora_run_config(ws, out, finetuning_type="full", max_steps=2, save_steps=1,
                                               save_total_limit=1, learning_rate=1e-3)), callbacks=[staged])
     assert staged.seen == [(f"tmp-checkpoint-{n}/checkpoint-{n}", False, True) for n in (1, 2)]
     assert sorted(n for n in os.listdir(out) if "checkpoint" in n) == ["checkpoint-2"]
@@ -99,7 +86,7 @@ def test_kill_9_during_a_save_then_resume_true_gives_the_uninterrupted_losses(ws
     the uninterrupted run."""
     out = ws["root"] / "killed"
     config = ws["root"] / "killed.yaml"
-    config.write_text(yaml.safe_dump(_config(ws, out)))
+    config.write_text(yaml.safe_dump(lora_run_config(ws, out)))
     ready = str(ws["root"] / "killed.ready")
     proc = subprocess.Popen([sys.executable, str(DRIVER), str(config), "block_in_save", "4", ready],
                             env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
@@ -118,11 +105,11 @@ def test_kill_9_during_a_save_then_resume_true_gives_the_uninterrupted_losses(ws
     assert (partial / "adapter_model.safetensors").is_file() and not (partial / "trainer_state.json").exists()
 
     with caplog.at_level(logging.INFO, logger="mmtune.train.checkpoints"):
-        run_sft(*parse_config(None, extra=_config(ws, out, resume_from_checkpoint=True)))
+        run_sft(*parse_config(None, extra=lora_run_config(ws, out, resume_from_checkpoint=True)))
     messages = [r.getMessage() for r in caplog.records if r.name == "mmtune.train.checkpoints"]
     assert any("skipping" in m and "tmp-checkpoint-4" in m for m in messages), messages
     assert any(m.startswith(f"resume: from {out / 'checkpoint-2'}") for m in messages), messages
-    resumed = _losses(out)
+    resumed = logged_losses(out)
     assert sorted(resumed) == [1, 2, 3, 4, 5, 6]  # 1-4 logged by the killed run, 3-6 by the resumed one
     for step in (3, 4, 5, 6):
         assert resumed[step] == pytest.approx(ws["reference"][step], rel=1e-5, abs=1e-6), step
@@ -174,7 +161,7 @@ def test_an_explicit_incomplete_checkpoint_is_one_line_before_anything_loads(ws,
     partial = tmp_path / "run" / "checkpoint-4"
     _fake_checkpoint(partial, state=False)
     config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump(_config(ws, tmp_path / "new", resume_from_checkpoint=str(partial))))
+    config.write_text(yaml.safe_dump(lora_run_config(ws, tmp_path / "new", resume_from_checkpoint=str(partial))))
     before = sorted(str(p) for p in tmp_path.rglob("*"))
     assert main(["train", str(config)]) == 2
     err = capsys.readouterr().err.splitlines()
@@ -183,7 +170,7 @@ def test_an_explicit_incomplete_checkpoint_is_one_line_before_anything_loads(ws,
                    "the newest complete one of output_dir"]
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # nothing written
 
-    config.write_text(yaml.safe_dump(_config(ws, tmp_path / "run", resume_from_checkpoint=True)))
+    config.write_text(yaml.safe_dump(lora_run_config(ws, tmp_path / "run", resume_from_checkpoint=True)))
     assert main(["train", str(config)]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith(f"mmtune train: error: resume_from_checkpoint: true, but output_dir "

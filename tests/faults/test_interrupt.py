@@ -5,7 +5,6 @@ process signalled as a terminal (the whole process group) or a scheduler would."
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -20,6 +19,8 @@ from mmtune.demo import build_model_dir, make_dataset
 from mmtune.train import parse_config, run_sft
 from mmtune.train.checkpoints import checkpoint_problem
 
+from .conftest import logged_losses, lora_run_config
+
 DRIVER = Path(__file__).with_name("train_driver.py")
 FINAL_FILES = ("adapter_model.safetensors", "adapter_config.json", "all_results.json", "mmtune_config.json",
                "model.safetensors", "training_loss.png")
@@ -32,25 +33,10 @@ def ws(tmp_path_factory):
     model = build_model_dir(str(root), hidden=64)
     ws = {"root": root, "data": data, "model": model}
     reference = root / "reference"
-    run_sft(*parse_config(None, extra=_config(ws, reference)))
-    ws["reference"] = _losses(reference)
+    run_sft(*parse_config(None, extra=lora_run_config(ws, reference)))
+    ws["reference"] = logged_losses(reference)
     assert sorted(ws["reference"]) == [1, 2, 3, 4, 5, 6]
     return ws
-
-
-def _config(ws, out, **extra):
-    cfg = dict(model_name_or_path=ws["model"], dataset=ws["data"], template="qwen2_vl", finetuning_type="lora",
-               lora_rank=4, freeze_multi_modal_projector=False, torch_dtype="fp32", output_dir=str(out),
-               per_device_train_batch_size=4, max_steps=6, learning_rate=5e-3, logging_steps=1, save_steps=2,
-               save_strategy="steps", seed=0, data_seed=0, use_cpu=True, dataloader_num_workers=0,
-               disable_tqdm=True, cutoff_len=256, plot_loss=False)
-    cfg.update(extra)
-    return cfg
-
-
-def _losses(out):
-    rows = [json.loads(line) for line in open(os.path.join(out, "trainer_log.jsonl"))]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
 def _start(ws, name, hook, step, **extra):
@@ -58,7 +44,7 @@ def _start(ws, name, hook, step, **extra):
     the ready file and the output folder."""
     out = ws["root"] / name
     config = ws["root"] / f"{name}.yaml"
-    config.write_text(yaml.safe_dump(_config(ws, out, **extra)))
+    config.write_text(yaml.safe_dump(lora_run_config(ws, out, **extra)))
     ready = str(ws["root"] / f"{name}.ready")
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, str(DRIVER), str(config), hook, str(step), ready], env=env,
@@ -103,10 +89,10 @@ def test_a_signal_mid_run_saves_the_step_exits_with_one_line_and_resumes_exactly
     assert (out / "checkpoint-3" / "mmtune_config.json").is_file()
     assert not [n for n in os.listdir(out) if n in FINAL_FILES or n.startswith("tmp-")], os.listdir(out)
     assert not (out / "checkpoint-4").exists()
-    assert _losses(out) == {s: ws["reference"][s] for s in (1, 2, 3)}
+    assert logged_losses(out) == {s: ws["reference"][s] for s in (1, 2, 3)}
 
-    run_sft(*parse_config(None, extra=_config(ws, out, resume_from_checkpoint=True)))
-    resumed = _losses(out)
+    run_sft(*parse_config(None, extra=lora_run_config(ws, out, resume_from_checkpoint=True)))
+    resumed = logged_losses(out)
     for step in (4, 5, 6):
         assert resumed[step] == pytest.approx(ws["reference"][step], rel=1e-5, abs=1e-6), step
     assert (out / "adapter_model.safetensors").is_file()  # now a finished run
@@ -127,7 +113,7 @@ def test_ctrl_c_before_training_is_one_line_and_130(ws, tmp_path, monkeypatch, c
     monkeypatch.setattr(sft, stage, ctrl_c)
     out = tmp_path / "out"
     config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump(_config(ws, out)))
+    config.write_text(yaml.safe_dump(lora_run_config(ws, out)))
     assert main(["train", str(config)]) == 130
     assert capsys.readouterr().err.splitlines() == ["mmtune train: interrupted"]
     assert not out.exists() or os.listdir(out) == []
@@ -154,7 +140,7 @@ def test_a_second_ctrl_c_aborts_at_once(ws, tmp_path):
 
     out = tmp_path / "twice"
     with pytest.raises(KeyboardInterrupt) as caught:
-        run_sft(*parse_config(None, extra=_config(ws, out)), callbacks=[TwoSignals()])
+        run_sft(*parse_config(None, extra=lora_run_config(ws, out)), callbacks=[TwoSignals()])
     assert TwoSignals.survived_the_first  # the first one only asked for a stop
     assert type(caught.value) is KeyboardInterrupt  # the second: not a stop with a checkpoint
     assert sorted(n for n in os.listdir(out) if "checkpoint" in n) == ["checkpoint-2"]
@@ -174,7 +160,7 @@ def test_handlers_are_restored_after_training(ws, tmp_path):
             during.append({s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)})
 
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    run_sft(*parse_config(None, extra=_config(ws, tmp_path / "o", max_steps=1, save_strategy="no")),
+    run_sft(*parse_config(None, extra=lora_run_config(ws, tmp_path / "o", max_steps=1, save_strategy="no")),
             callbacks=[Handlers()])
     assert during and all(during[0][s] != before[s] for s in before)  # training's own handlers
     assert {s: signal.getsignal(s) for s in before} == before
@@ -197,7 +183,7 @@ def test_sigterm_to_torchrun_stops_every_rank_at_the_same_step(ws):
     traceback is torchrun's."""
     out = ws["root"] / "two_ranks"
     config = ws["root"] / "two_ranks.yaml"
-    config.write_text(yaml.safe_dump(_config(ws, out, per_device_train_batch_size=2, ddp_timeout=60)))
+    config.write_text(yaml.safe_dump(lora_run_config(ws, out, per_device_train_batch_size=2, ddp_timeout=60)))
     ready = str(ws["root"] / "two_ranks.ready")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(DRIVER),
            str(config), "handshake", "1", ready]
