@@ -12,6 +12,9 @@ from typing import Any
 
 import torch.nn as nn
 
+from mmtune.speed.capabilities import NONE as NO_SPEED_CAPABILITIES
+from mmtune.speed.capabilities import SpeedCapabilities
+
 
 @dataclass(frozen=True)
 class CompositeModel:
@@ -29,6 +32,8 @@ class CompositeModel:
     # ``template`` in the training config, no mmtune_config.json beside the weights, no
     # ``--template``); None: there is no safe default and the user must name one
     template: str | None = None
+    # what the speed levers may assume about this architecture (mmtune.speed.capabilities)
+    speed: SpeedCapabilities = NO_SPEED_CAPABILITIES
 
     def get_projector(self, module: nn.Module) -> nn.Module:
         """The projector submodule of ``module`` (a PEFT wrapper is looked through)."""
