@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from mmtune.model.composite import CompositeModel, register_composite_model
+from mmtune.speed.capabilities import SpeedCapabilities
 from mmtune.templates import Template, register_template
 from mmtune.testing import FamilyFixture, register_fixture
 
@@ -20,6 +21,7 @@ register_composite_model(
         vision_model_keys=["model.vision_tower"],
         language_model_keys=["model.language_model", "lm_head"],
         lora_conflict_keys=[],
+        speed=SpeedCapabilities(fusable_head=True),
     )
 )
 

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from mmtune.model.composite import CompositeModel, register_composite_model
+from mmtune.speed.capabilities import SpeedCapabilities
 from mmtune.plugins import IMAGE_PLACEHOLDER, BasePlugin, Message, register_mm_plugin
 from mmtune.templates import TEMPLATES, register_template
 from mmtune.testing import FamilyFixture, build_bpe_tokenizer, register_fixture
@@ -74,6 +75,7 @@ register_composite_model(
         vision_model_keys=["model.vision_tower"],
         language_model_keys=["model.language_model", "lm_head"],
         lora_conflict_keys=[],
+        speed=SpeedCapabilities(fusable_head=True),
     )
 )
 

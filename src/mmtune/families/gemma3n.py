@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from mmtune.model.composite import CompositeModel, register_composite_model
+from mmtune.speed.capabilities import SpeedCapabilities
 from mmtune.plugins import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER, BasePlugin, Message, register_mm_plugin
 from mmtune.templates import TEMPLATES, register_template
 from mmtune.testing import FamilyFixture, register_fixture
@@ -56,6 +57,7 @@ register_composite_model(
         vision_model_keys=["model.vision_tower", "model.audio_tower", "model.embed_audio"],
         language_model_keys=["model.language_model", "lm_head"],
         lora_conflict_keys=["timm_model", "subsample_conv_projection"],
+        speed=SpeedCapabilities(fusable_head=True),
     )
 )
 

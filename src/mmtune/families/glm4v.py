@@ -10,6 +10,7 @@ from typing import Any
 
 from mmtune.media import VideoClip
 from mmtune.model.composite import CompositeModel, register_composite_model
+from mmtune.speed.capabilities import SpeedCapabilities
 from mmtune.plugins import register_mm_plugin
 from mmtune.templates import Template, register_template
 from mmtune.testing import FamilyFixture, build_bpe_tokenizer, register_fixture
@@ -47,6 +48,7 @@ for _model_type in ("glm4v", "glm4v_moe"):
                                "model.visual.downsample"],
             language_model_keys=["model.language_model", "lm_head"],
             lora_conflict_keys=["patch_embed"],
+            speed=SpeedCapabilities(fusable_head=True, varlen_attention_classes=("Glm4vVisionAttention", "Glm4vMoeVisionAttention")),
         )
     )
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from mmtune.model.composite import CompositeModel, register_composite_model
+from mmtune.speed.capabilities import SpeedCapabilities
 from mmtune.templates import register_template
 from mmtune.testing import FamilyFixture, register_fixture
 
@@ -21,6 +22,7 @@ register_composite_model(
         vision_model_keys=["model.vision_model"],
         language_model_keys=["model.text_model", "lm_head"],
         lora_conflict_keys=[],
+        speed=SpeedCapabilities(fusable_head=True),
     )
 )
 

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from mmtune.model.composite import CompositeModel, register_composite_model
+from mmtune.speed.capabilities import SpeedCapabilities
 from mmtune.media import MediaError
 from mmtune.plugins import IMAGE_PLACEHOLDER, BasePlugin, Message, register_mm_plugin
 from mmtune.templates import Template, register_template
@@ -122,6 +123,7 @@ for _model_type in ("idefics3", "smolvlm"):
             vision_model_keys=["model.vision_model"],
             language_model_keys=["model.text_model", "lm_head"],
             lora_conflict_keys=[],
+            speed=SpeedCapabilities(fusable_head=True),
         )
     )
 

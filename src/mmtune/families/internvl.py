@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from mmtune.model.composite import CompositeModel, register_composite_model
+from mmtune.speed.capabilities import SpeedCapabilities
 from mmtune.plugins import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, BasePlugin, Message, register_mm_plugin
 from mmtune.templates import TEMPLATES, register_template
 from mmtune.testing import FamilyFixture, register_fixture
@@ -112,6 +113,7 @@ register_composite_model(
         vision_model_keys=["model.vision_tower"],
         language_model_keys=["model.language_model", "lm_head"],
         lora_conflict_keys=[],
+        speed=SpeedCapabilities(fusable_head=True),
     )
 )
 

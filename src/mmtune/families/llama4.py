@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from mmtune.model.composite import CompositeModel, register_composite_model
+from mmtune.speed.capabilities import SpeedCapabilities
 from mmtune.plugins import IMAGE_PLACEHOLDER, BasePlugin, Message, register_mm_plugin
 from mmtune.templates import Template, register_template
 from mmtune.testing import FamilyFixture, build_bpe_tokenizer, register_fixture
@@ -109,6 +110,7 @@ register_composite_model(
         language_model_keys=["language_model"],
         lora_conflict_keys=[],
         prepare=mend_image_outputs,
+        speed=SpeedCapabilities(fusable_head=True),
     )
 )
 

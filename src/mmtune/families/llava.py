@@ -20,6 +20,7 @@ import torch
 from mmtune.media import VideoClip, load_video
 from mmtune.media.image import resize_image
 from mmtune.model.composite import CompositeModel, register_composite_model
+from mmtune.speed.capabilities import SpeedCapabilities
 from mmtune.plugins import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, BasePlugin, Message, register_mm_plugin
 from mmtune.templates import TEMPLATES, register_template
 from mmtune.testing import FamilyFixture, register_fixture
@@ -145,6 +146,7 @@ for _model_type in ("llava", "vipllava"):  # VipLLaVA: same modules, multi-layer
             vision_model_keys=["model.vision_tower"],
             language_model_keys=["model.language_model", "lm_head"],
             lora_conflict_keys=[],
+            speed=SpeedCapabilities(fusable_head=True, varlen_attention_classes=("PixtralVisionModel",)),
         )
     )
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from mmtune.model.composite import CompositeModel, register_composite_model
+from mmtune.speed.capabilities import SpeedCapabilities
 from mmtune.plugins import BasePlugin, Message, register_mm_plugin
 from mmtune.templates import TEMPLATES, Template, register_template
 from mmtune.testing import FamilyFixture, register_fixture
@@ -120,6 +121,7 @@ register_composite_model(CompositeModel(
     projector_key="model.mm_projector",
     vision_model_keys=["model.vision_tower"],
     language_model_keys=["model.embed_tokens", "model.layers", "model.norm", "lm_head"],
+    speed=SpeedCapabilities(fusable_head=True),
 ))
 
 

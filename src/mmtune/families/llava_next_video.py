@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from mmtune.model.composite import CompositeModel, register_composite_model
+from mmtune.speed.capabilities import SpeedCapabilities
 from mmtune.plugins import register_mm_plugin
 from mmtune.templates import TEMPLATES, register_template
 from mmtune.testing import FamilyFixture, register_fixture
@@ -30,6 +31,7 @@ register_composite_model(
         vision_model_keys=["model.vision_tower", "model.image_newline", "model.vision_resampler"],
         language_model_keys=["model.language_model", "lm_head"],
         lora_conflict_keys=[],
+        speed=SpeedCapabilities(fusable_head=True),
     )
 )
 

@@ -39,6 +39,7 @@ from PIL import Image
 
 from mmtune.media import MediaError
 from mmtune.model.composite import CompositeModel, register_composite_model
+from mmtune.speed.capabilities import SpeedCapabilities
 from mmtune.plugins import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, BasePlugin, Message, register_mm_plugin
 from mmtune.templates import TEMPLATES, register_template
 
@@ -248,6 +249,7 @@ register_composite_model(
         vision_model_keys=["vpm"],
         language_model_keys=["llm"],
         lora_conflict_keys=[],
+        speed=SpeedCapabilities(fusable_head=False),
     )
 )
 

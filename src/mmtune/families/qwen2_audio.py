@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from mmtune.model.composite import CompositeModel, register_composite_model
+from mmtune.speed.capabilities import SpeedCapabilities
 from mmtune.plugins import AUDIO_PLACEHOLDER, BasePlugin, Message, register_mm_plugin
 from mmtune.templates import TEMPLATES, register_template
 from mmtune.testing import FamilyFixture, register_fixture
@@ -96,6 +97,7 @@ register_composite_model(
         vision_model_keys=["model.audio_tower"],
         language_model_keys=["model.language_model", "lm_head"],
         lora_conflict_keys=[],
+        speed=SpeedCapabilities(fusable_head=False),
     )
 )
 

@@ -17,6 +17,7 @@ import torch
 
 from mmtune.media import MediaError, VideoClip, load_audio
 from mmtune.model.composite import CompositeModel, register_composite_model
+from mmtune.speed.capabilities import SpeedCapabilities
 from mmtune.plugins import Message, register_mm_plugin
 from mmtune.templates import TEMPLATES, register_template
 from mmtune.testing import FamilyFixture, register_fixture
@@ -215,6 +216,7 @@ register_composite_model(
         vision_model_keys=[f"{_P}visual.patch_embed", f"{_P}visual.blocks", f"{_P}audio_tower"],
         language_model_keys=[f"{_P}language_model" if _P else "model", "lm_head"],
         lora_conflict_keys=["patch_embed"],
+        speed=SpeedCapabilities(fusable_head=True, varlen_attention_classes=("Qwen2_5OmniVisionAttention", "Qwen2_5OmniAudioAttention")),
     )
 )
 

@@ -24,6 +24,7 @@ import torch
 
 from mmtune.media import VideoClip
 from mmtune.model.composite import CompositeModel, register_composite_model
+from mmtune.speed.capabilities import SpeedCapabilities
 from mmtune.plugins import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, BasePlugin, Message, register_mm_plugin
 from mmtune.templates import TEMPLATES, register_template
 from mmtune.testing import FamilyFixture, build_bpe_tokenizer, register_fixture
@@ -297,6 +298,7 @@ for _model_type in ("qwen2_vl", "qwen2_5_vl"):
             vision_model_keys=["model.visual.patch_embed", "model.visual.blocks"],
             language_model_keys=["model.language_model", "lm_head"],
             lora_conflict_keys=["patch_embed"],
+            speed=SpeedCapabilities(fusable_head=True, varlen_attention_classes=("VisionAttention", "Qwen2_5_VLVisionAttention")),
         )
     )
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from mmtune.media import VideoClip
 from mmtune.model.composite import CompositeModel, register_composite_model
+from mmtune.speed.capabilities import SpeedCapabilities
 from mmtune.plugins import register_mm_plugin
 from mmtune.templates import TEMPLATES, register_template
 from mmtune.testing import FamilyFixture, register_fixture
@@ -51,6 +52,7 @@ for _model_type in ("qwen3_vl", "qwen3_vl_moe"):
                                "model.visual.deepstack_merger_list"],
             language_model_keys=["model.language_model", "lm_head"],
             lora_conflict_keys=["patch_embed"],
+            speed=SpeedCapabilities(fusable_head=True, varlen_attention_classes=("Qwen3VLVisionAttention", "Qwen3VLMoeVisionAttention")),
         )
     )
 

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from mmtune.model.composite import CompositeModel, register_composite_model
+from mmtune.speed.capabilities import SpeedCapabilities
 from mmtune.plugins import register_mm_plugin
 from mmtune.templates import TEMPLATES, register_template
 from mmtune.testing import FamilyFixture, register_fixture
@@ -43,6 +44,7 @@ register_composite_model(
         vision_model_keys=["model.image_tower", "model.video_tower"],
         language_model_keys=["model.language_model", "lm_head"],
         lora_conflict_keys=[],
+        speed=SpeedCapabilities(fusable_head=True),
     )
 )
 

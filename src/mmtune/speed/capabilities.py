@@ -18,8 +18,9 @@ class SpeedCapabilities:
     - ``fusable_head``: the model's training loss is transformers' causal-LM loss on its LM
       head's output (a plain ``nn.Linear``, optionally with the config's logit scale and final
       soft-cap), so the fused linear cross-entropy computes the same loss without full logits.
-    - ``varlen_attention_keys``: module-name suffixes of the vision tower's attention modules
-      whose forward takes ``cu_seqlens`` (one varlen kernel over all images of a batch).
+    - ``varlen_attention_classes``: class names of the tower modules (under the family's
+      ``vision_model_keys``) whose forward hands ``cu_seqlens`` to transformers' attention
+      function, so one varlen kernel can attend over all images of a batch at once.
     - ``tower_inputs``: ``fn(tower, grid_thw_cpu) -> dict`` of the keyword tensors the vision
       tower would otherwise derive from its grid on the device (rotary positions, ``cu_seqlens``,
       ...), computed on the host in the collator; None: the tower's inputs are not precomputed.
@@ -28,7 +29,7 @@ class SpeedCapabilities:
     """
 
     fusable_head: bool = False
-    varlen_attention_keys: tuple[str, ...] = ()
+    varlen_attention_classes: tuple[str, ...] = ()
     tower_inputs: Callable[[Any, Any], dict[str, Any]] | None = None
     grid_on_host: bool = False
 
