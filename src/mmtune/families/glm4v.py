@@ -40,6 +40,7 @@ for _model_type in ("glm4v", "glm4v_moe"):
     register_composite_model(
         CompositeModel(
             model_type=_model_type,
+            packing="mrope",
             template="glm4v",
             projector_key="model.visual.merger",
             vision_model_keys=["model.visual.patch_embed", "model.visual.embeddings", "model.visual.blocks",

@@ -117,6 +117,7 @@ for _model_type in ("idefics3", "smolvlm"):
     register_composite_model(
         CompositeModel(
             model_type=_model_type,
+            packing="causal",
             template=_model_type,  # idefics3 and smolvlm each have their template
             projector_key="model.connector",
             vision_model_keys=["model.vision_model"],

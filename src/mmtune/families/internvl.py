@@ -107,6 +107,7 @@ register_mm_plugin("internvl", InternVLPlugin)
 register_composite_model(
     CompositeModel(
         model_type="internvl",
+        packing="causal",
         template="internvl",
         projector_key="model.multi_modal_projector",
         vision_model_keys=["model.vision_tower"],

@@ -140,6 +140,7 @@ for _model_type in ("llava", "vipllava"):  # VipLLaVA: same modules, multi-layer
     register_composite_model(
         CompositeModel(
             model_type=_model_type,
+            packing={"llava": "causal"}.get(_model_type),  # VipLLaVA: not checked to pack exactly
             template={"llava": "llava"}.get(_model_type),  # VipLLaVA's own format has no template
             projector_key="model.multi_modal_projector",
             vision_model_keys=["model.vision_tower"],

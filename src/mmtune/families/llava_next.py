@@ -22,6 +22,7 @@ register_mm_plugin("llava_next", LlavaNextPlugin)
 register_composite_model(
     CompositeModel(
         model_type="llava_next",
+        packing="causal",
         template="llava_next",
         projector_key="model.multi_modal_projector",
         vision_model_keys=["model.vision_tower", "model.image_newline"],

@@ -25,6 +25,7 @@ register_mm_plugin("llava_next_video", LlavaNextVideoPlugin)
 register_composite_model(
     CompositeModel(
         model_type="llava_next_video",
+        packing="causal",
         template="llava_next_video",
         projector_key="model.multi_modal_projector",
         vision_model_keys=["model.vision_tower", "model.image_newline", "model.vision_resampler"],

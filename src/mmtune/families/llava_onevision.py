@@ -48,6 +48,7 @@ register_mm_plugin("llava_onevision", LlavaOnevisionPlugin)
 register_composite_model(
     CompositeModel(
         model_type="llava_onevision",
+        packing="causal",
         template="llava_onevision",
         projector_key="model.multi_modal_projector",
         vision_model_keys=["model.vision_tower", "model.image_newline"],

@@ -57,6 +57,7 @@ register_mm_plugin("mistral3", PixtralPlugin)
 register_composite_model(
     CompositeModel(
         model_type="mistral3",
+        packing="causal",
         template="mistral3",
         projector_key="model.multi_modal_projector",
         vision_model_keys=["model.vision_tower"],

@@ -91,6 +91,8 @@ register_mm_plugin("qwen2_audio", Qwen2AudioPlugin)
 register_composite_model(
     CompositeModel(
         model_type="qwen2_audio",
+        model_class="Qwen2AudioForConditionalGeneration",  # behind no image-text Auto class
+        packing="causal",
         template="qwen2_audio",
         projector_key="model.multi_modal_projector",
         vision_model_keys=["model.audio_tower"],

@@ -210,6 +210,7 @@ _P = _thinker_prefix()
 register_composite_model(
     CompositeModel(
         model_type="qwen2_5_omni_thinker",
+        model_class="Qwen2_5OmniThinkerForConditionalGeneration",  # the thinker alone trains
         template="qwen2_omni",
         projector_key=f"{_P}visual.merger",
         vision_model_keys=[f"{_P}visual.patch_embed", f"{_P}visual.blocks", f"{_P}audio_tower"],

@@ -292,6 +292,7 @@ for _model_type in ("qwen2_vl", "qwen2_5_vl"):
     register_composite_model(
         CompositeModel(
             model_type=_model_type,
+            packing="mrope",
             template=_model_type,  # qwen2_vl and qwen2_5_vl each have their template
             projector_key="model.visual.merger",
             vision_model_keys=["model.visual.patch_embed", "model.visual.blocks"],

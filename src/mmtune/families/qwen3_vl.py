@@ -45,6 +45,7 @@ for _model_type in ("qwen3_vl", "qwen3_vl_moe"):
     register_composite_model(
         CompositeModel(
             model_type=_model_type,
+            packing="mrope",
             template="qwen3_vl",
             projector_key="model.visual.merger",
             vision_model_keys=["model.visual.patch_embed", "model.visual.pos_embed", "model.visual.blocks",

@@ -38,6 +38,7 @@ register_mm_plugin("video_llava", VideoLlavaPlugin)
 register_composite_model(
     CompositeModel(
         model_type="video_llava",
+        packing="causal",
         template="video_llava",
         projector_key="model.multi_modal_projector",
         vision_model_keys=["model.image_tower", "model.video_tower"],
