@@ -5,13 +5,11 @@ import functools
 import pytest
 import torch
 
-from mmtune.families import load_families
 from mmtune.model.composite import COMPOSITE_MODELS
 from mmtune.testing import FIXTURES
 
 
 def _configs_by_type():
-    load_families()
     out = {}
     for fixture in FIXTURES.values():
         builders = [fixture.tiny_config] + [v for k, v in fixture.extra.items() if k.endswith("_config")]

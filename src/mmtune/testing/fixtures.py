@@ -1,4 +1,5 @@
-"""Fixture registry and the shared tiny-tokenizer builder."""
+"""Fixture registry and the shared tiny-tokenizer builder (the fixtures themselves are in
+``mmtune.testing.stand_ins``)."""
 
 from __future__ import annotations
 
