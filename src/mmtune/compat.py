@@ -39,12 +39,14 @@ def transformers_version() -> str:
 @dataclass(frozen=True)
 class Mend:
     """One upstream mend: ``apply(model)`` attaches it to a built model of one of
-    ``model_types`` when the installed transformers lies in ``versions`` (PEP 440 specifiers)."""
+    ``model_types`` when the installed transformers lies in ``versions`` (PEP 440 specifiers);
+    ``reason`` (what upstream gets wrong) goes into the line that says it was applied."""
 
     name: str
     model_types: tuple[str, ...]
     versions: str
     apply: Callable[[nn.Module], bool]
+    reason: str
 
     def needed(self, model_type: str, version: str | None = None) -> bool:
         """Whether this mend is for ``model_type`` under transformers ``version`` (default: the
@@ -89,7 +91,8 @@ def mend_llama4_image_outputs(model: nn.Module) -> bool:
 #: every mend, in the order they apply
 MENDS: tuple[Mend, ...] = (
     Mend(name="llama4_image_outputs", model_types=("llama4",), versions=">=5.24,<5.25",
-         apply=mend_llama4_image_outputs),
+         apply=mend_llama4_image_outputs,
+         reason="Llama4ForConditionalGeneration reads image_outputs its language model does not return"),
 )
 
 
@@ -101,7 +104,7 @@ def apply_mends(model_type: str, model: nn.Module, version: str | None = None) -
     for mend in MENDS:
         if mend.needed(model_type, version) and mend.apply(model):
             logger.info("transformers %s: mend %s applied to %s (%s)", version or transformers_version(), mend.name,
-                        model_type, (mend.apply.__doc__ or "").split(".")[0].strip().replace("\n", " "))
+                        model_type, mend.reason)
             applied.append(mend.name)
     return applied
 
