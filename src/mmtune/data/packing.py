@@ -255,7 +255,7 @@ def packing_unsupported_reason(model: Any, collator: MultiModalCollator) -> str 
         return (f"model type {model_type!r} is not among the types checked to pack exactly "
                 f"({', '.join(sorted(packable_model_types()))})")
     if layout == "mrope" and (collator.model is None or not collator.build_position_ids
-                                            or _find_rope_index(collator.model) is None):
+                              or _find_rope_index(collator.model) is None):
         return "M-RoPE positions must be built in the collator (build_rope_in_collator: true)"
     if getattr(collator.plugin, "token_type_key", None) == "token_type_ids":
         return "the family's token_type_ids make image attention bidirectional"
