@@ -125,10 +125,9 @@ def test_media_error_is_a_value_error():
 
 
 def _family_names():
-    from mmtune.families import load_families
     from mmtune.testing import FIXTURES
 
-    load_families()  # families with a tokenize of their own (llava_llama's -200) are tested in their file
+    # families with a tokenize of their own (llava_llama's -200) are tested in their file
     return sorted(name for name, fixture in FIXTURES.items()
                   if fixture.plugin and type(get_mm_plugin(fixture.plugin)).tokenize is BasePlugin.tokenize)
 

@@ -159,7 +159,7 @@ def test_distributed_examples_parse_and_name_files_that_exist(monkeypatch):
 @pytest.fixture(scope="module")
 def stand_ins(tmp_path_factory):
     """Tiny models built on first use, once per module."""
-    from mmtune.families.llava_llama import clip_tower_dir, plain_llama_dir
+    from mmtune.testing.stand_ins.llava_llama import clip_tower_dir, plain_llama_dir
     from mmtune.testing import tiny_model_dir
 
     root = str(tmp_path_factory.mktemp("stand_ins"))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mmtune.demo import make_dataset
-from mmtune.families.llava_llama import clip_tower_dir, plain_llama_dir
+from mmtune.testing.stand_ins.llava_llama import clip_tower_dir, plain_llama_dir
 from mmtune.train import parse_config, run_sft
 
 

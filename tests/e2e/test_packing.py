@@ -12,8 +12,6 @@ from PIL import Image
 
 from mmtune.data import MultiModalCollator, encode_sample, normalize_row
 from mmtune.data.packing import (
-    CAUSAL_MODEL_TYPES,
-    MROPE_MODEL_TYPES,
     PackedDataset,
     PackingCollator,
     dataset_lengths,
@@ -21,6 +19,7 @@ from mmtune.data.packing import (
     maybe_pack,
     packing_unsupported_reason,
 )
+from mmtune.model.composite import packable_model_types
 from mmtune.plugins import get_mm_plugin
 from mmtune.templates import get_template
 from mmtune.testing import get_fixture, load_processor, make_audio_file, make_image_file, make_video_file
@@ -193,7 +192,7 @@ _FIXTURE_OF.update({"qwen3_vl_moe": ("qwen3_vl", "moe_config"), "glm4v_moe": ("g
 
 
 def test_every_packable_type_is_checked():
-    assert MROPE_MODEL_TYPES | CAUSAL_MODEL_TYPES == set(_FIXTURE_OF) | {"qwen2_vl", "llava"}
+    assert packable_model_types() == set(_FIXTURE_OF) | {"qwen2_vl", "llava"}
 
 
 @pytest.mark.parametrize("model_type", sorted(_FIXTURE_OF))

@@ -4,6 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
+from mmtune.compat import apply_mends
 from mmtune.plugins import get_mm_plugin
 from mmtune.testing import get_fixture, load_processor, make_image_file
 from mmtune.testing.parity import MMSample, check_batch_parity, plugin_ids, render
@@ -50,6 +51,7 @@ def test_tiny_model_accepts_plugin_output(media):
     mm = plugin.get_mm_inputs(s.images, [], [], [2], [0], [0], [ids[0].tolist()], processor)
     torch.manual_seed(0)
     model = Llama4ForConditionalGeneration(get_fixture("llama4").tiny_config()).eval()
+    apply_mends("llama4", model)  # built here without the loader: its mends (mmtune.compat) by hand
     assert mm["pixel_values"].dtype == torch.bfloat16  # Llama4's processor emits bf16; the trainer casts
     with torch.no_grad():
         out = model(input_ids=ids, pixel_values=mm["pixel_values"].float())

@@ -23,7 +23,7 @@ def ws(tmp_path_factory):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from mmtune.demo import build_model_dir, make_dataset
-    from mmtune.families.llava_llama import clip_tower_dir, plain_llama_dir
+    from mmtune.testing.stand_ins.llava_llama import clip_tower_dir, plain_llama_dir
 
     root = tmp_path_factory.mktemp("folders")
     data, _ = make_dataset(str(root / "data"), n_train=4, n_test=1, size=56)

@@ -11,7 +11,7 @@ import torch
 
 
 def make_model(seed: int = 0, **changes):
-    from mmtune.families.llava_llama import tiny_llava_llama_config
+    from mmtune.testing.stand_ins.llava_llama import tiny_llava_llama_config
     from mmtune.llava import LlavaLlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -89,8 +89,8 @@ def write_original_checkpoint(root, kind: str = "full", tower_in_checkpoint: boo
     from safetensors.torch import save_file
     from transformers import CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
-    from mmtune.families.llava import build_llama_tokenizer
-    from mmtune.families.llava_llama import clip_tower_dir
+    from mmtune.testing.stand_ins.llava import build_llama_tokenizer
+    from mmtune.testing.stand_ins.llava_llama import clip_tower_dir
 
     root = str(root)
     clip = os.path.join(root, "clip")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from mmtune.families.llava_llama import TINY_TOWER
+from mmtune.testing.stand_ins.llava_llama import TINY_TOWER
 from mmtune.llava import IMAGE_TOKEN_INDEX, LlavaLlamaForCausalLM, load_pretrained_model
 
 from .conftest import make_model

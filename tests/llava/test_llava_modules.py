@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig
 
-from mmtune.families.llava_llama import TINY_TOWER, plain_llama_dir, tiny_tokenizer
+from mmtune.testing.stand_ins.llava_llama import TINY_TOWER, plain_llama_dir, tiny_tokenizer
 from mmtune.llava import (
     IMAGE_TOKEN_INDEX,
     LlavaConfig,

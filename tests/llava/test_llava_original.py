@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from transformers import AutoModel, AutoModelForCausalLM, CLIPImageProcessor
 
-from mmtune.families.llava import build_llama_tokenizer
+from mmtune.testing.stand_ins.llava import build_llama_tokenizer
 from mmtune.llava import IMAGE_TOKEN_INDEX, LlavaMetaForCausalLM, load_pretrained_model, preprocess_images
 from mmtune.llava.meta import unpad_features
 from mmtune.llava.mm_utils import background_colour

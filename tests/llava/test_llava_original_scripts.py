@@ -121,7 +121,7 @@ def test_a_plain_language_model_loads_as_the_original_loads_one(tmp_path):
 
 
 def test_tokenizer_image_token_follows_the_tokenizer_as_the_original():
-    from mmtune.families.llava import build_llama_tokenizer
+    from mmtune.testing.stand_ins.llava import build_llama_tokenizer
 
     without_bos = build_llama_tokenizer(())
     with_bos = build_llama_tokenizer(())

@@ -19,12 +19,10 @@ from mmtune.model.saved import (
 
 
 def test_every_declared_template_exists_with_its_plugin():
-    from mmtune.families import load_families
     from mmtune.model.composite import COMPOSITE_MODELS, declared_template
     from mmtune.plugins import PLUGINS
     from mmtune.templates import TEMPLATES
 
-    load_families()
     declared = {t: declared_template(t) for t in COMPOSITE_MODELS}
     for model_type, name in declared.items():
         if name is not None:

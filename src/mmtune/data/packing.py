@@ -26,7 +26,8 @@ the same memory carries more samples a step. It must change no result, so:
 
 Exactness depends on the model (no bidirectional image blocks, no cross-attention, media
 tensors per image not per sample), so packing is on by default only for the model types
-listed here, each checked by a test; see :func:`packing_unsupported_reason`.
+whose family declares a packing layout (``CompositeModel.packing``: ``"mrope"`` or
+``"causal"``), each checked by a test; see :func:`packing_unsupported_reason`.
 """
 
 from __future__ import annotations
@@ -39,16 +40,12 @@ from typing import Any
 
 import torch
 
+from mmtune.model.composite import packable_model_types, packing_layout
+
 from .collator import IGNORE_INDEX, MultiModalCollator, _find_rope_index
 
 logger = logging.getLogger(__name__)
 
-#: M-RoPE models whose text model reads packed text positions from row 0 of 4-row position ids
-MROPE_MODEL_TYPES = frozenset({"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe"})
-#: plain causal language models behind a per-image vision tower (2D position ids)
-CAUSAL_MODEL_TYPES = frozenset({"llava", "llava_next", "llava_next_video", "llava_onevision", "video_llava", "qwen2_audio",
-                                "internvl", "mistral3", "idefics3", "smolvlm"})
-PACKABLE_MODEL_TYPES = MROPE_MODEL_TYPES | CAUSAL_MODEL_TYPES
 #: attention implementations whose mask creation detects packed position ids
 PACKABLE_ATTENTION = ("sdpa", "eager", "flex_attention")
 #: packing is switched on by default when it should carry at least this many times the samples a step
@@ -253,11 +250,12 @@ def packing_unsupported_reason(model: Any, collator: MultiModalCollator) -> str 
     """Why packing would not be exact for this model and collator (``None``: it would be)."""
     config = _unwrap_config(model)
     model_type = getattr(config, "model_type", None)
-    if model_type not in PACKABLE_MODEL_TYPES:
+    layout = packing_layout(model_type or "")
+    if layout is None:
         return (f"model type {model_type!r} is not among the types checked to pack exactly "
-                f"({', '.join(sorted(PACKABLE_MODEL_TYPES))})")
-    if model_type in MROPE_MODEL_TYPES and (collator.model is None or not collator.build_position_ids
-                                            or _find_rope_index(collator.model) is None):
+                f"({', '.join(sorted(packable_model_types()))})")
+    if layout == "mrope" and (collator.model is None or not collator.build_position_ids
+                              or _find_rope_index(collator.model) is None):
         return "M-RoPE positions must be built in the collator (build_rope_in_collator: true)"
     if getattr(collator.plugin, "token_type_key", None) == "token_type_ids":
         return "the family's token_type_ids make image attention bidirectional"

@@ -1,47 +1,22 @@
-"""Model families: one file each (plugin, chat template, composite keys, tiny test fixture).
+"""Model families: one file each (its plugin, its chat template(s), its composite-model entry).
 
-Nothing low imports a family by name: registries call :func:`load_families` on a miss.
-Add a new family by adding its module name to ``FAMILY_MODULES``.
+Every module of this package is a family and is imported when ``mmtune`` is (``mmtune/__init__``
+imports this package last), so the plugin, template and composite-model registries are complete
+from then on; nothing keeps a list of the families. Add a family by adding its file here (and
+its tiny offline stand-ins under ``mmtune/testing/stand_ins/``). A module whose name starts with
+``_`` is a helper, not a family, and is not imported here.
 """
 
 from __future__ import annotations
 
 import importlib
-
-FAMILY_MODULES: tuple[str, ...] = (
-    "base",
-    "qwen2_vl",
-    "llava",
-    "llava_next",
-    "llava_next_video",
-    "llava_onevision",
-    "video_llava",
-    "gemma3",
-    "paligemma",
-    "qwen2_audio",
-    "qwen3_vl",
-    "glm4v",
-    "pixtral",
-    "internvl",
-    "idefics3",
-    "mllama",
-    "llama4",
-    "gemma3n",
-    "qwen2_omni",
-    "aya_vision",
-    "idefics2",
-    "minicpmv",
-    "llava_llama",
-)
-
-_LOADED = False
+import pkgutil
 
 
-def load_families() -> None:
-    """Import every family module once, filling the plugin/template/composite registries."""
-    global _LOADED
-    if _LOADED:
-        return
-    _LOADED = True
-    for name in FAMILY_MODULES:
-        importlib.import_module(f"{__name__}.{name}")
+def family_modules() -> list[str]:
+    """The names of the family modules of this package (every module not starting with ``_``)."""
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+
+
+for _name in family_modules():
+    importlib.import_module(f"{__name__}.{_name}")

@@ -5,9 +5,6 @@ best-fit rule; the text from the processor's ``_prompt_split_image``."""
 
 from __future__ import annotations
 
-import functools
-import inspect
-import logging
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -18,13 +15,6 @@ from mmtune.model.composite import CompositeModel, register_composite_model
 from mmtune.speed.capabilities import SpeedCapabilities
 from mmtune.plugins import IMAGE_PLACEHOLDER, BasePlugin, Message, register_mm_plugin
 from mmtune.templates import Template, register_template
-from mmtune.testing import FamilyFixture, build_bpe_tokenizer, register_fixture
-
-logger = logging.getLogger(__name__)
-
-LLAMA4_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|header_start|>", "<|header_end|>", "<|eot|>",
-                   "<|image_start|>", "<|image_end|>", "<|image|>", "<|patch|>", "<|tile_x_separator|>",
-                   "<|tile_y_separator|>", "<|finetune_right_pad|>")
 
 
 class Llama4Plugin(BasePlugin):
@@ -66,41 +56,6 @@ class Llama4Plugin(BasePlugin):
 register_mm_plugin("llama4", Llama4Plugin)
 
 
-def mend_image_outputs() -> bool:
-    """transformers 5.24's ``Llama4ForConditionalGeneration.forward`` ends by reading
-    ``outputs.image_outputs`` from its language model's output, a ``MoeCausalLMOutputWithPast``
-    that has no such field, so every forward raises ``AttributeError``. Where that is so, the
-    language model's outputs get the attribute (``None``: the output's ``image_outputs`` stays
-    empty; logits and loss are untouched). Returns whether it mended; a no-op elsewhere."""
-    import transformers
-    from transformers.models.llama4 import modeling_llama4 as m
-
-    lm_forward = m.Llama4ForCausalLM.forward
-    if getattr(lm_forward, "_mmtune_mended", False):
-        return True
-    try:
-        source = inspect.getsource(m.Llama4ForConditionalGeneration.forward)
-    except (OSError, TypeError):
-        return False
-    output_class = getattr(m, "MoeCausalLMOutputWithPast", None)  # absent before 5.24 (5.17: nothing to mend)
-    fields = getattr(output_class, "__dataclass_fields__", {})
-    if "outputs.image_outputs" not in source or output_class is None or "image_outputs" in fields:
-        return False
-
-    @functools.wraps(lm_forward)
-    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
-        out = lm_forward(self, *args, **kwargs)
-        if not isinstance(out, tuple) and not hasattr(out, "image_outputs"):
-            out.image_outputs = None
-        return out
-
-    forward._mmtune_mended = True  # type: ignore[attr-defined]
-    m.Llama4ForCausalLM.forward = forward
-    logger.info("transformers %s: Llama4ForConditionalGeneration reads image_outputs its language model does not "
-                "return; mended", transformers.__version__)
-    return True
-
-
 register_composite_model(
     CompositeModel(
         model_type="llama4",
@@ -109,45 +64,10 @@ register_composite_model(
         vision_model_keys=["vision_model"],
         language_model_keys=["language_model"],
         lora_conflict_keys=[],
-        prepare=mend_image_outputs,
         speed=SpeedCapabilities(fusable_head=True),
     )
 )
 
-
-def _tokenizer() -> Any:
-    from transformers import PreTrainedTokenizerFast
-
-    return PreTrainedTokenizerFast(tokenizer_object=build_bpe_tokenizer(LLAMA4_SPECIALS, vocab_size=400),
-                                   bos_token="<|begin_of_text|>", eos_token="<|eot|>", pad_token="<|finetune_right_pad|>",
-                                   additional_special_tokens=list(LLAMA4_SPECIALS[2:]))
-
-
-def _build(path: str) -> None:
-    from transformers import Llama4ImageProcessor, Llama4Processor
-
-    ip = Llama4ImageProcessor(size={"height": 112, "width": 112}, max_patches=6)
-    Llama4Processor(image_processor=ip, tokenizer=_tokenizer(), patch_size=14, pixel_shuffle_ratio=0.5).save_pretrained(path)
-
-
-def tiny_config() -> Any:
-    from transformers import Llama4Config
-
-    mend_image_outputs()  # tests build the class directly
-    tok = _tokenizer()
-    return Llama4Config(
-        vision_config=dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=112, patch_size=14, vision_output_dim=64, projector_input_dim=64,
-                           projector_output_dim=64, pixel_shuffle_ratio=0.5),
-        text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, intermediate_size_mlp=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                         num_local_experts=2, num_experts_per_tok=1, interleave_moe_layer_step=1,
-                         pad_token_id=tok.pad_token_id),
-        image_token_index=tok.convert_tokens_to_ids("<|patch|>"),
-    )
-
-
-register_fixture(FamilyFixture("llama4", build=_build, tiny_config=tiny_config, plugin="llama4"))
 
 # Llama 4's chat template (transformers' processing_llama4): BOS, then "<|header_start|>role<|header_end|>\n\n"
 # turns closed by "<|eot|>".

@@ -3,15 +3,11 @@ the grid pinpoints and unpadding, all inside the processor's size-only counter."
 
 from __future__ import annotations
 
-from typing import Any
-
+from mmtune.families.llava import LlavaPlugin
 from mmtune.model.composite import CompositeModel, register_composite_model
 from mmtune.speed.capabilities import SpeedCapabilities
 from mmtune.plugins import register_mm_plugin
 from mmtune.templates import TEMPLATES, Template, register_template
-from mmtune.testing import FamilyFixture, register_fixture
-
-from .llava import LlavaPlugin, build_llama_tokenizer, llama_token_ids, tiny_vision_text
 
 
 class LlavaNextPlugin(LlavaPlugin):
@@ -23,6 +19,7 @@ register_mm_plugin("llava_next", LlavaNextPlugin)
 register_composite_model(
     CompositeModel(
         model_type="llava_next",
+        packing="causal",
         template="llava_next",
         projector_key="model.multi_modal_projector",
         vision_model_keys=["model.vision_tower", "model.image_newline"],
@@ -32,28 +29,6 @@ register_composite_model(
     )
 )
 
-TINY_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
-
-
-def _build(path: str) -> None:
-    from transformers import LlavaNextImageProcessor, LlavaNextProcessor
-
-    ip = LlavaNextImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
-                                 image_grid_pinpoints=TINY_PINPOINTS)
-    LlavaNextProcessor(image_processor=ip, tokenizer=build_llama_tokenizer(("<image>",)), patch_size=14,
-                       vision_feature_select_strategy="default", num_additional_image_tokens=1).save_pretrained(path)
-
-
-def tiny_config() -> Any:
-    from transformers import LlavaNextConfig
-
-    tok = build_llama_tokenizer(("<image>",))
-    return LlavaNextConfig(**tiny_vision_text(tok), **llama_token_ids(tok),
-                           image_grid_pinpoints=TINY_PINPOINTS, vision_feature_select_strategy="default",
-                           vision_feature_layer=-2)
-
-
-register_fixture(FamilyFixture("llava_next", build=_build, tiny_config=tiny_config, plugin="llava_next"))
 
 # LLaVA-NeXT trains each checkpoint in its LLM's own format; Vicuna (llava-v1.6-vicuna) is the default.
 # BOS opens every LLaVA sequence: llava-hf's tokenizer adds it, as LLaVA's tokenizer_image_token does.

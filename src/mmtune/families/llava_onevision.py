@@ -7,15 +7,12 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from mmtune.families.llava import LlavaPlugin
 from mmtune.media import VideoClip
 from mmtune.model.composite import CompositeModel, register_composite_model
 from mmtune.speed.capabilities import SpeedCapabilities
 from mmtune.plugins import register_mm_plugin
 from mmtune.templates import TEMPLATES, register_template
-from mmtune.testing import FamilyFixture, register_fixture
-
-from .llava import LlavaPlugin, tiny_vision_text
-from .qwen2_vl import build_qwen_tokenizer
 
 
 class LlavaOnevisionPlugin(LlavaPlugin):
@@ -49,6 +46,7 @@ register_mm_plugin("llava_onevision", LlavaOnevisionPlugin)
 register_composite_model(
     CompositeModel(
         model_type="llava_onevision",
+        packing="causal",
         template="llava_onevision",
         projector_key="model.multi_modal_projector",
         vision_model_keys=["model.vision_tower", "model.image_newline"],
@@ -58,35 +56,6 @@ register_composite_model(
     )
 )
 
-PINPOINTS = [[384, 384], [384, 768], [768, 384], [768, 768]]
-
-
-def _tokenizer() -> Any:
-    return build_qwen_tokenizer(extra_special=("<image>", "<video>"))
-
-
-def _build(path: str) -> None:
-    from transformers import LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
-
-    ip = LlavaOnevisionImageProcessor(image_grid_pinpoints=PINPOINTS)
-    vp = LlavaOnevisionVideoProcessor()
-    LlavaOnevisionProcessor(image_processor=ip, video_processor=vp, tokenizer=_tokenizer(), num_image_tokens=729,
-                            vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9").save_pretrained(path)
-
-
-def tiny_config() -> Any:
-    from transformers import LlavaOnevisionConfig
-
-    tok = _tokenizer()
-    parts = tiny_vision_text(tok, vision="siglip_vision_model", image_size=384, text="qwen2")
-    return LlavaOnevisionConfig(**parts, image_token_id=tok.convert_tokens_to_ids("<image>"),
-                                video_token_id=tok.convert_tokens_to_ids("<video>"), image_grid_pinpoints=PINPOINTS,
-                                vision_feature_select_strategy="full", vision_feature_layer=-1,
-                                vision_aspect_ratio="anyres_max_9")
-
-
-register_fixture(FamilyFixture("llava_onevision", build=_build, tiny_config=tiny_config, plugin="llava_onevision",
-                               modalities=("image", "video")))
 
 # LLaVA-OneVision (Qwen2) trains with LLaVA-NeXT's "qwen_1_5" conversation: ChatML with Qwen's default system.
 register_template(TEMPLATES["chatml"].bind("llava_onevision", plugin="llava_onevision",

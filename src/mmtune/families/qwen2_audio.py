@@ -14,11 +14,6 @@ from mmtune.model.composite import CompositeModel, register_composite_model
 from mmtune.speed.capabilities import SpeedCapabilities
 from mmtune.plugins import AUDIO_PLACEHOLDER, BasePlugin, Message, register_mm_plugin
 from mmtune.templates import TEMPLATES, register_template
-from mmtune.testing import FamilyFixture, register_fixture
-
-from .qwen2_vl import build_qwen_tokenizer
-
-AUDIO_SPECIALS = ("<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>")
 
 
 class WhisperAudioMixin:
@@ -92,6 +87,8 @@ register_mm_plugin("qwen2_audio", Qwen2AudioPlugin)
 register_composite_model(
     CompositeModel(
         model_type="qwen2_audio",
+        model_class="Qwen2AudioForConditionalGeneration",  # behind no image-text Auto class
+        packing="causal",
         template="qwen2_audio",
         projector_key="model.multi_modal_projector",
         vision_model_keys=["model.audio_tower"],
@@ -101,30 +98,5 @@ register_composite_model(
     )
 )
 
-
-def _tokenizer() -> Any:
-    return build_qwen_tokenizer(extra_special=AUDIO_SPECIALS)
-
-
-def _build(path: str) -> None:
-    from transformers import Qwen2AudioProcessor, WhisperFeatureExtractor
-
-    Qwen2AudioProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=128), tokenizer=_tokenizer()).save_pretrained(path)
-
-
-def tiny_config() -> Any:
-    from transformers import Qwen2AudioConfig
-
-    tok = _tokenizer()
-    return Qwen2AudioConfig(
-        audio_config=dict(num_mel_bins=128, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64, d_model=32,
-                          max_source_positions=1500),
-        text_config=dict(model_type="qwen2", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
-        audio_token_index=tok.convert_tokens_to_ids("<|AUDIO|>"),
-    )
-
-
-register_fixture(FamilyFixture("qwen2_audio", build=_build, tiny_config=tiny_config, plugin="qwen2_audio", modalities=("audio",)))
 
 register_template(TEMPLATES["chatml"].bind("qwen2_audio", plugin="qwen2_audio", default_system="You are a helpful assistant."))

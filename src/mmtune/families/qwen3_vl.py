@@ -9,14 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from mmtune.families.qwen2_vl import Qwen2VLPlugin
 from mmtune.media import VideoClip
 from mmtune.model.composite import CompositeModel, register_composite_model
 from mmtune.speed.capabilities import SpeedCapabilities
 from mmtune.plugins import register_mm_plugin
 from mmtune.templates import TEMPLATES, register_template
-from mmtune.testing import FamilyFixture, register_fixture
-
-from .qwen2_vl import Qwen2VLPlugin, build_qwen_tokenizer, qwen_token_ids
 
 
 class Qwen3VLPlugin(Qwen2VLPlugin):
@@ -46,6 +44,7 @@ for _model_type in ("qwen3_vl", "qwen3_vl_moe"):
     register_composite_model(
         CompositeModel(
             model_type=_model_type,
+            packing="mrope",
             template="qwen3_vl",
             projector_key="model.visual.merger",
             vision_model_keys=["model.visual.patch_embed", "model.visual.pos_embed", "model.visual.blocks",
@@ -56,40 +55,5 @@ for _model_type in ("qwen3_vl", "qwen3_vl_moe"):
         )
     )
 
-
-def _build(path: str) -> None:
-    """Qwen3-VL checkpoints ship Qwen2-VL's image processor with 16-px patches and a
-    64k..16M pixel range, and Qwen3-VL's own video processor (defaults)."""
-    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
-
-    ip = Qwen2VLImageProcessor(patch_size=16, size={"shortest_edge": 65536, "longest_edge": 16777216})
-    Qwen3VLProcessor(image_processor=ip, video_processor=Qwen3VLVideoProcessor(),
-                     tokenizer=build_qwen_tokenizer()).save_pretrained(path)
-
-
-def tiny_config(model_type: str = "qwen3_vl") -> Any:
-    """A tiny Qwen3-VL (or, with ``model_type="qwen3_vl_moe"``, Qwen3-VL-MoE)."""
-    from transformers import AutoConfig
-
-    tok = build_qwen_tokenizer()
-    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
-                                 "mrope_interleaved": True},
-                bos_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    if model_type == "qwen3_vl_moe":
-        text.update(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1)
-    return AutoConfig.for_model(
-        model_type,
-        text_config=text,
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                           patch_size=16, num_position_embeddings=2304, deepstack_visual_indexes=[1]),
-        tie_word_embeddings=False,
-        **qwen_token_ids(tok),
-    )
-
-
-register_fixture(FamilyFixture("qwen3_vl", build=_build, tiny_config=tiny_config, plugin="qwen3_vl",
-                               modalities=("image", "video"), extra={"moe_config": lambda: tiny_config("qwen3_vl_moe")}))
 
 register_template(TEMPLATES["chatml"].bind("qwen3_vl", plugin="qwen3_vl"))

@@ -5,13 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from mmtune.families.llava import LlavaPlugin
 from mmtune.model.composite import CompositeModel, register_composite_model
 from mmtune.speed.capabilities import SpeedCapabilities
 from mmtune.plugins import register_mm_plugin
 from mmtune.templates import TEMPLATES, register_template
-from mmtune.testing import FamilyFixture, register_fixture
-
-from .llava import LlavaPlugin, build_llama_tokenizer, llama_token_ids, tiny_vision_text
 
 
 class VideoLlavaPlugin(LlavaPlugin):
@@ -39,6 +37,7 @@ register_mm_plugin("video_llava", VideoLlavaPlugin)
 register_composite_model(
     CompositeModel(
         model_type="video_llava",
+        packing="causal",
         template="video_llava",
         projector_key="model.multi_modal_projector",
         vision_model_keys=["model.image_tower", "model.video_tower"],
@@ -48,26 +47,6 @@ register_composite_model(
     )
 )
 
-
-def _build(path: str) -> None:
-    from transformers import VideoLlavaImageProcessor, VideoLlavaProcessor, VideoLlavaVideoProcessor
-
-    VideoLlavaProcessor(image_processor=VideoLlavaImageProcessor(), video_processor=VideoLlavaVideoProcessor(),
-                        tokenizer=build_llama_tokenizer(), patch_size=14, vision_feature_select_strategy="default",
-                        num_additional_image_tokens=1).save_pretrained(path)
-
-
-def tiny_config() -> Any:
-    from transformers import VideoLlavaConfig
-
-    tok = build_llama_tokenizer()
-    return VideoLlavaConfig(**tiny_vision_text(tok, image_size=224), **llama_token_ids(tok),
-                            vision_feature_select_strategy="default",
-                            vision_feature_layer=-2)
-
-
-register_fixture(FamilyFixture("video_llava", build=_build, tiny_config=tiny_config, plugin="video_llava",
-                               modalities=("image", "video")))
 
 # Video-LLaVA-7B is Vicuna-based and trained with LLaVA's v1 conversation (BOS first).
 register_template(TEMPLATES["vicuna_v1"].bind("video_llava", plugin="video_llava", prefix="<s>"))

@@ -5,15 +5,18 @@ Each family file registers a :class:`CompositeModel` per transformers ``model_ty
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch.nn as nn
 
+from mmtune.compat import LlavaMultiModalProjectorForYiVL  # noqa: F401 (public here; it lives in compat)
 from mmtune.speed.capabilities import NONE as NO_SPEED_CAPABILITIES
 from mmtune.speed.capabilities import SpeedCapabilities
+
+#: the packing layouts a family may declare (see ``CompositeModel.packing``)
+PackingLayout = Literal["mrope", "causal"]
 
 
 @dataclass(frozen=True)
@@ -25,15 +28,26 @@ class CompositeModel:
     vision_model_keys: list[str] = field(default_factory=list)
     language_model_keys: list[str] = field(default_factory=list)
     lora_conflict_keys: list[str] = field(default_factory=list)
-    # called once before a model of this type is built or loaded (e.g. to mend a transformers
-    # release's bug in that architecture); it must be idempotent
-    prepare: Callable[[], Any] | None = field(default=None, compare=False)
+    # the transformers class (a name in the ``transformers`` namespace) that builds this model
+    # type, for one its Auto classes do not reach (an audio model behind no image-text Auto
+    # class); None: the loader's choice, AutoModelForImageTextToText where transformers maps the
+    # type there, else AutoModelForCausalLM
+    model_class: str | None = None
+    # how samples of this model type pack into one row exactly (mmtune.data.packing):
+    # "mrope": M-RoPE text model reading packed text positions from row 0 of 4-row position
+    # ids; "causal": a plain causal language model behind a per-image tower (2D position ids);
+    # None: not checked to pack exactly, so packing stays off
+    packing: PackingLayout | None = None
     # the chat template a model of this type speaks when nothing else names one (no
     # ``template`` in the training config, no mmtune_config.json beside the weights, no
     # ``--template``); None: there is no safe default and the user must name one
     template: str | None = None
     # what the speed levers may assume about this architecture (mmtune.speed.capabilities)
     speed: SpeedCapabilities = NO_SPEED_CAPABILITIES
+
+    def __post_init__(self) -> None:
+        if self.packing is not None and self.packing not in get_args(PackingLayout):
+            raise ValueError(f"{self.model_type}: packing {self.packing!r} is none of {get_args(PackingLayout)}")
 
     def get_projector(self, module: nn.Module) -> nn.Module:
         """The projector submodule of ``module`` (a PEFT wrapper is looked through)."""
@@ -58,12 +72,21 @@ def register_composite_model(entry: CompositeModel) -> CompositeModel:
 
 
 def get_composite_model(model_type: str) -> CompositeModel | None:
-    """The entry for ``model_type``, loading the families on a miss; ``None`` if unknown."""
-    if model_type not in COMPOSITE_MODELS:
-        from mmtune.families import load_families
-
-        load_families()
+    """The entry for ``model_type``; ``None`` if unknown (the table is complete once ``mmtune``
+    is imported: every family registers itself then)."""
     return COMPOSITE_MODELS.get(model_type)
+
+
+def packing_layout(model_type: str) -> PackingLayout | None:
+    """The packing layout the family of ``model_type`` declares; None for an unknown type or a
+    family that declares none."""
+    entry = COMPOSITE_MODELS.get(model_type)
+    return entry.packing if entry is not None else None
+
+
+def packable_model_types() -> frozenset[str]:
+    """The model types whose families declare a packing layout."""
+    return frozenset(t for t, entry in COMPOSITE_MODELS.items() if entry.packing is not None)
 
 
 def declared_template(model_type: str) -> str | None:
@@ -167,55 +190,16 @@ def autocast_projector_dtype(model: nn.Module, model_args: Any) -> Any:
     return entry.get_projector(model).register_forward_hook(_cast)
 
 
-class LlavaMultiModalProjectorForYiVL(nn.Module):
-    """Yi-VL's projector: Linear -> LayerNorm -> GELU -> Linear -> LayerNorm (module names as
-    in Yi-VL checkpoints converted to transformers' llava layout)."""
-
-    def __init__(self, config: Any) -> None:
-        super().__init__()
-        vision, text = config.vision_config.hidden_size, config.text_config.hidden_size
-        self.linear_1 = nn.Linear(vision, text, bias=True)
-        self.linear_2 = nn.LayerNorm(text, bias=True)
-        self.linear_3 = nn.Linear(text, text, bias=True)
-        self.linear_4 = nn.LayerNorm(text, bias=True)
-        self.act = nn.GELU()
-
-    def forward(self, image_features: Any) -> Any:
-        hidden = self.linear_2(self.linear_1(image_features))
-        return self.linear_4(self.linear_3(self.act(hidden)))
-
-
 def configure_visual_model(config: Any) -> Any:
-    """Config patches needed before a VLM is instantiated.
-
-    * composite configs expose ``hidden_size`` of their text model (DeepSpeed and our
-      trainer read ``config.hidden_size``);
-    * a Yi-VL checkpoint (``is_yi_vl_derived_model``) marks its llava config so the loader
-      swaps in :class:`LlavaMultiModalProjectorForYiVL` while building the model.
-    """
+    """Config patches needed before a VLM is instantiated: a composite config exposes the
+    ``hidden_size`` of its text model (DeepSpeed and the trainer read ``config.hidden_size``).
+    A Yi-VL checkpoint (``is_yi_vl_derived_model``) needs nothing here: the loader builds it
+    inside :func:`mmtune.compat.yi_vl_projector`, which gives it
+    :class:`LlavaMultiModalProjectorForYiVL`."""
     text = getattr(config, "text_config", None)
     if text is not None and getattr(config, "hidden_size", None) is None and getattr(text, "hidden_size", None):
         try:
             config.hidden_size = text.hidden_size
         except AttributeError:  # some configs expose hidden_size as a read-only property
             pass
-    if getattr(config, "is_yi_vl_derived_model", False):
-        config.mmtune_projector = "yi_vl"
     return config
-
-
-@contextlib.contextmanager
-def projector_override(config: Any) -> Iterator[None]:
-    """While a Yi-VL model is built, transformers' llava projector class is Yi-VL's."""
-    if getattr(config, "mmtune_projector", None) != "yi_vl":
-        yield
-        return
-    from transformers.models.llava import modeling_llava
-
-    original = modeling_llava.LlavaMultiModalProjector
-    modeling_llava.LlavaMultiModalProjector = LlavaMultiModalProjectorForYiVL  # type: ignore[misc]
-    try:
-        yield
-    finally:
-        modeling_llava.LlavaMultiModalProjector = original  # type: ignore[misc]
-

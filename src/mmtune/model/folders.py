@@ -162,7 +162,6 @@ def check_buildable(model: ModelPath, option: str) -> None:
     )
 
     from .composite import get_composite_model
-    from .loader import AUDIO_CLASSES
 
     config, model_type = model.config, model.model_type
     where = f"{model.path} ({option})"
@@ -173,8 +172,7 @@ def check_buildable(model: ModelPath, option: str) -> None:
                                f"model came from")
     if model_type == "llava_llama" or config.get("mm_vision_tower") or get_composite_model(model_type) is not None:
         return
-    if model_type in AUDIO_CLASSES or model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES \
-            or model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    if model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES or model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         return
     if model_type not in CONFIG_MAPPING_NAMES:
         import transformers

@@ -7,17 +7,13 @@ import logging
 import os
 from typing import Any
 
+from mmtune.compat import apply_mends, yi_vl_projector
+
 from .adapters import init_adapter, lora_plan, prepare_quantization
-from .composite import autocast_projector_dtype, configure_visual_model, get_composite_model, projector_override
+from .composite import autocast_projector_dtype, configure_visual_model, get_composite_model
 from .folders import check_model_args
 
 logger = logging.getLogger(__name__)
-
-#: model types whose class is not behind AutoModelForImageTextToText
-AUDIO_CLASSES = {
-    "qwen2_audio": "Qwen2AudioForConditionalGeneration",
-    "qwen2_5_omni_thinker": "Qwen2_5OmniThinkerForConditionalGeneration",
-}
 
 
 def _hub_kwargs(model_args: Any) -> dict[str, Any]:
@@ -92,17 +88,17 @@ def _llava_checkpoint_processor(model_args: Any, tokenizer: Any) -> Any:
 
 
 def model_class_for(config: Any) -> Any:
-    """The transformers class that builds ``config`` (image-text-to-text, audio, or causal LM)."""
+    """The transformers class that builds ``config``: the one its family declares
+    (``CompositeModel.model_class``), else AutoModelForImageTextToText where transformers maps
+    the model type there, else AutoModelForCausalLM (mmtune's native LLaVA registers there)."""
     import transformers
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
     model_type = getattr(config, "model_type", "")
     entry = get_composite_model(model_type)
-    if entry is not None and entry.prepare is not None:
-        entry.prepare()
-    if model_type in AUDIO_CLASSES:
-        return getattr(transformers, AUDIO_CLASSES[model_type])
+    if entry is not None and entry.model_class is not None:
+        return getattr(transformers, entry.model_class)
     if model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
         return AutoModelForImageTextToText
     if model_type == "llava_llama":
@@ -189,7 +185,7 @@ def load_model(
     attn = resolve_attn_implementation(model_args.attn_implementation)
     if is_trainable and model_args.model_name_or_path:
         check_lora_target_before_loading(cls, config, model_args, finetuning_args)
-    with projector_override(config):
+    with yi_vl_projector(config):
         if model_args.model_name_or_path:
             model, info = cls.from_pretrained(model_args.model_name_or_path, config=config, dtype=dtype,
                                               attn_implementation=attn, output_loading_info=True,
@@ -201,6 +197,7 @@ def load_model(
         else:
             config._attn_implementation = attn
             model = cls.from_config(config, dtype=dtype) if hasattr(cls, "from_config") else cls(config).to(dtype)
+    apply_mends(getattr(config, "model_type", ""), model)  # what this transformers release needs (mmtune.compat)
     if assembles_llava(model_args):
         model.get_model().initialize_vision_modules(model_args)
     if tokenizer is not None and getattr(model.config, "model_type", "") == "llava_llama":
@@ -246,7 +243,7 @@ def check_lora_target_before_loading(cls: Any, config: Any, model_args: Any, fin
 
     skeleton_config = copy.deepcopy(config)  # building sets dtype and attention on the config it is given
     try:
-        with init_empty_weights(), projector_override(skeleton_config):
+        with init_empty_weights(), yi_vl_projector(skeleton_config):
             skeleton = (cls.from_config(skeleton_config) if hasattr(cls, "from_config")
                         else cls(skeleton_config))
     except Exception as exc:  # noqa: BLE001 (the check on the loaded model still runs)

@@ -271,10 +271,8 @@ def resolve_template(requested: str | None, model_type: str | None, record: dict
     name = declared_template(model_type) if model_type else None
     if name:
         return name, f"the default of model type {model_type!r}"
-    from mmtune.families import load_families
     from mmtune.hparams import ConfigError
 
-    load_families()  # the known names, for the message
     what = f"model type {model_type!r}" if model_type else "a model without config.json"
     why = f"no {MMTUNE_CONFIG_NAME}, and no family declares one" if record is not None else "no family declares one"
     raise ConfigError(f"{where + ': ' if where else ''}no chat template known for {what} ({why}); pass {option} "

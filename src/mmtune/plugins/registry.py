@@ -1,4 +1,4 @@
-"""Plugin registry. Families fill it; a miss loads ``mmtune.families`` once."""
+"""Plugin registry. The families fill it when ``mmtune`` is imported (``mmtune.families``)."""
 
 from __future__ import annotations
 
@@ -16,12 +16,6 @@ def register_mm_plugin(name: str, cls: type[BasePlugin]) -> None:
     PLUGINS[name] = cls
 
 
-def _ensure_families() -> None:
-    from mmtune.families import load_families
-
-    load_families()
-
-
 def get_mm_plugin(
     name: str,
     image_token: str | None = None,
@@ -35,8 +29,6 @@ def get_mm_plugin(
     ``default_image_token`` etc.). ``kwargs`` go to the plugin (``expand_mm_tokens``,
     ``media`` = a :class:`~mmtune.media.MediaConfig`, family options).
     """
-    if name not in PLUGINS:
-        _ensure_families()
     if name not in PLUGINS:
         raise ValueError(f"unknown multimodal plugin {name!r}; known: {', '.join(sorted(PLUGINS))}")
     return PLUGINS[name](image_token=image_token, video_token=video_token, audio_token=audio_token, **kwargs)

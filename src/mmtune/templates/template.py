@@ -266,9 +266,5 @@ def register_template(template: Template) -> Template:
 
 def get_template(name: str) -> Template:
     if name not in TEMPLATES:
-        from mmtune.families import load_families
-
-        load_families()
-    if name not in TEMPLATES:
         raise ValueError(f"unknown template {name!r}; known: {', '.join(sorted(TEMPLATES))}")
     return TEMPLATES[name]

@@ -1,7 +1,8 @@
 """Offline fixtures for tests, benchmarks and the demo: tiny tokenizers, real processors
 assembled from them and saved to disk, tiny random model configs, synthetic media.
 
-Each family registers a :class:`FamilyFixture` in its own file; :func:`processor_dir`
+Each family's :class:`FamilyFixture` lives in ``mmtune.testing.stand_ins.<family>`` (imported
+with this package, so ``FIXTURES`` is complete once it is); :func:`processor_dir`
 builds it once per process into a temp dir and returns the path, so callers load it
 with ``AutoProcessor.from_pretrained(path)`` exactly as they would a hub checkpoint.
 """
@@ -17,6 +18,8 @@ from .fixtures import (
     tiny_model_dir,
 )
 from .media import make_audio_file, make_image, make_image_file, make_video_file
+
+from . import stand_ins  # noqa: E402,I001 (last: the stand-ins register into FIXTURES)
 
 __all__ = [
     "FIXTURES",

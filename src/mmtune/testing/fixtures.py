@@ -1,4 +1,5 @@
-"""Fixture registry and the shared tiny-tokenizer builder."""
+"""Fixture registry and the shared tiny-tokenizer builder (the fixtures themselves are in
+``mmtune.testing.stand_ins``)."""
 
 from __future__ import annotations
 
@@ -78,10 +79,6 @@ def register_fixture(fixture: FamilyFixture) -> FamilyFixture:
 
 
 def get_fixture(name: str) -> FamilyFixture:
-    if name not in FIXTURES:
-        from mmtune.families import load_families
-
-        load_families()
     if name not in FIXTURES:
         raise KeyError(f"no test fixture named {name!r}; known: {', '.join(sorted(FIXTURES))}")
     return FIXTURES[name]

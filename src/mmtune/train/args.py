@@ -191,20 +191,17 @@ def _check_report_to(value: Any, where: str) -> Any:
 
 
 def _check_registries(data: dict[str, Any], mm: dict[str, Any], sources: dict[str, str]) -> None:
-    """A template or plugin named by the user exists (the registries fill when the families load)."""
-    from mmtune.families import load_families
+    """A template or plugin named by the user exists (the families fill the registries at ``import mmtune``)."""
     from mmtune.plugins import PLUGINS
     from mmtune.templates import TEMPLATES
 
     template = data.get("template")
     plugin = mm.get("plugin")
     if "template" in sources and isinstance(template, str) and template not in ("", "auto"):
-        load_families()
         if template not in TEMPLATES:
             raise ConfigError(f"{sources['template']}: template: {template!r} is not a template"
                               f"{did_you_mean(template, TEMPLATES)} (known: {', '.join(sorted(TEMPLATES))})")
     if "plugin" in sources and plugin:
-        load_families()
         if plugin not in PLUGINS:
             raise ConfigError(f"{sources['plugin']}: plugin: {plugin!r} is not a multimodal plugin"
                               f"{did_you_mean(plugin, PLUGINS)} (known: {', '.join(sorted(PLUGINS))})")
