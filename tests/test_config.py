@@ -8,11 +8,11 @@ import warnings
 
 import pytest
 
-from mmtune.hparams import ConfigError
-from mmtune.hparams.aliases import ALIASES, UNSUPPORTED
-from mmtune.train import args as args_module
-from mmtune.train import parse_config
-from mmtune.train.args import describe_options, option_groups
+from mmtune.config import ConfigError
+from mmtune.config.aliases import ALIASES, UNSUPPORTED
+from mmtune.config import parsing as args_module
+from mmtune.config import parse_config
+from mmtune.config.parsing import describe_options, option_groups
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -239,9 +239,9 @@ def test_every_alias_has_a_case():
 
 @pytest.mark.parametrize("alias, text, key, expected", ALIAS_CASES, ids=[c[0] for c in ALIAS_CASES])
 def test_alias_sets_mmtunes_key_with_one_info_line(alias, text, key, expected, caplog):
-    with caplog.at_level(logging.INFO, logger="mmtune.hparams.aliases"):
+    with caplog.at_level(logging.INFO, logger="mmtune.config.aliases"):
         parsed = parse_config(None, [f"{alias}={text}"])
-    lines = [r.getMessage() for r in caplog.records if r.name == "mmtune.hparams.aliases"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "mmtune.config.aliases"]
     assert len(lines) == 1 and alias in lines[0]
     if key is not None:
         assert _value(parsed, key) == expected
@@ -318,7 +318,7 @@ def test_options_filter_and_cli(capsys):
 # ---------------------------------------------------------------- precision follows the device
 def test_bf16_true_in_a_yaml_on_a_machine_without_bf16_warns_once_and_trains_in_fp32(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(args_module, "_bf16_available", lambda: False)
-    with caplog.at_level(logging.WARNING, logger="mmtune.train.args"):
+    with caplog.at_level(logging.WARNING, logger="mmtune.config.parsing"):
         model, *_, training = parse_config(_yaml(tmp_path, "bf16: true\n"))
     assert training.bf16 is False and model.torch_dtype == "fp32"
     assert len([r for r in caplog.records if "bf16" in r.getMessage()]) == 1
@@ -432,7 +432,7 @@ def _deprecations(records, caught):
 def test_loading_a_model_raises_no_torch_dtype_deprecation(tiny_run, transformers_records):
     from transformers.utils import logging as hf_logging
 
-    from mmtune.hparams import FinetuningArguments, ModelArguments
+    from mmtune.config import FinetuningArguments, ModelArguments
     from mmtune.model.loader import load_model
 
     hf_logging.warning_once.cache_clear()  # an earlier test's warning must not hide this one

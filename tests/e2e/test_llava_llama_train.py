@@ -11,7 +11,8 @@ import torch
 
 from mmtune.demo import make_dataset
 from mmtune.families.llava_llama import clip_tower_dir, plain_llama_dir
-from mmtune.train import parse_config, run_sft
+from mmtune.config import parse_config
+from mmtune.train import run_sft
 
 
 @pytest.fixture(scope="module")

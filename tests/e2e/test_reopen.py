@@ -13,7 +13,8 @@ import torch
 
 from mmtune.demo import build_model_dir, make_dataset
 from mmtune.model.saved import read_mmtune_config
-from mmtune.train import parse_config, run_sft
+from mmtune.config import parse_config
+from mmtune.train import run_sft
 
 PROMPT = ["--prompt", "What shape is this?", "--max-new-tokens", "3"]
 

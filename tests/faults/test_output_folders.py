@@ -15,7 +15,8 @@ import torch
 from mmtune.cli import main
 from mmtune.demo import build_model_dir, make_dataset
 from mmtune.model.saved import read_mmtune_config
-from mmtune.train import parse_config, run_sft
+from mmtune.config import parse_config
+from mmtune.train import run_sft
 
 
 class Loaded(Exception):
@@ -49,11 +50,11 @@ def no_loading(monkeypatch):
 
     import mmtune.model.loader
     import mmtune.model.saved
-    import mmtune.train.sft
+    import mmtune.train.recipe
 
-    for module, name in ((mmtune.train.sft, "load_tokenizer_and_processor"), (mmtune.train.sft, "load_model"),
+    for module, name in ((mmtune.train.recipe, "load_tokenizer_and_processor"), (mmtune.train.recipe, "load_model"),
                          (mmtune.model.loader, "load_model"), (mmtune.model.loader, "load_tokenizer_and_processor"),
-                         (mmtune.model.saved, "load_saved_processor")):
+                         (mmtune.model.saved, "load_saved_processor"), (mmtune.train.recipe, "load_saved_processor")):
         monkeypatch.setattr(module, name, refuse)
 
 

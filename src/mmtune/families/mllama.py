@@ -21,7 +21,6 @@ LLAMA3_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>"
 
 class MllamaPlugin(BasePlugin):
     default_image_token = "<|image|>"
-    supports_no_expand = False
 
     def process_messages(
         self, messages: Sequence[Message], images: Sequence[Any], videos: Sequence[Any], audios: Sequence[Any], processor: Any

@@ -20,7 +20,6 @@ from .gemma3 import build_gemma_tokenizer
 class PaliGemmaPlugin(BasePlugin):
     default_image_token = "<image>"
     token_type_key = "token_type_ids"
-    supports_no_expand = False
 
     def process_messages(
         self, messages: Sequence[Message], images: Sequence[Any], videos: Sequence[Any], audios: Sequence[Any], processor: Any

@@ -272,7 +272,7 @@ def resolve_template(requested: str | None, model_type: str | None, record: dict
     if name:
         return name, f"the default of model type {model_type!r}"
     from mmtune.families import load_families
-    from mmtune.hparams import ConfigError
+    from mmtune.config import ConfigError
 
     load_families()  # the known names, for the message
     what = f"model type {model_type!r}" if model_type else "a model without config.json"
@@ -286,7 +286,7 @@ def load_saved_processor(folder: SavedFolder) -> tuple[Any, Any | None]:
     without a processor (one written before checkpoints carried it) takes its base's, with a
     warning; with no base to take it from it is an error naming the folder, rather than a
     model that cannot read an image."""
-    from mmtune.hparams import ModelArguments
+    from mmtune.config import ModelArguments
     from mmtune.model.composite import get_composite_model
     from mmtune.model.loader import load_tokenizer_and_processor
 
