@@ -57,6 +57,8 @@ def _yaml(ws, tmp_path, **keys) -> str:
                torch_dtype="fp32", per_device_train_batch_size=2, max_steps=1, use_cpu=True, disable_tqdm=True,
                plot_loss=False, dataloader_num_workers=0, save_strategy="no", report_to="none")
     cfg.update(keys)
+    if cfg.get("finetuning_type", "lora") != "lora":
+        cfg.pop("lora_rank")  # only LoRA reads it: a full or freeze run refuses it
     path = tmp_path / "run.yaml"
     path.write_text("".join(f"{k}: {v}\n" for k, v in cfg.items()))
     return str(path)

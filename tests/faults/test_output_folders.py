@@ -82,6 +82,8 @@ def _config(model, data, out, **extra):
                learning_rate=1e-3, seed=0, data_seed=0, use_cpu=True, disable_tqdm=True, plot_loss=False,
                dataloader_num_workers=0)
     cfg.update(extra)
+    if cfg.get("finetuning_type", "lora") != "lora":
+        cfg.pop("lora_rank")  # only LoRA reads it: a full or freeze run refuses it
     return parse_config(None, extra=cfg)
 
 
