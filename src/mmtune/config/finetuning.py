@@ -24,7 +24,9 @@ class FinetuningArguments:
     freeze_vision_tower: bool = field(default=True, metadata={"help": "Keep the vision/audio tower frozen."})
     freeze_multi_modal_projector: bool = field(default=True, metadata={"help": "Keep the projector frozen."})
     freeze_language_model: bool = field(default=False, metadata={"help": "Keep the language model frozen."})
-    train_mm_proj_only: bool = field(default=False, metadata={"help": "Train the projector alone (LLaVA stage 1)."})
+    train_mm_proj_only: bool = field(default=False, metadata={
+        "help": "Train the projector alone (LLaVA stage 1): the tower and the language model stay frozen; a freeze_* "
+                "switch set otherwise beside it is an error."})
     lora_rank: int = field(default=8, metadata={"help": "LoRA's rank r."})
     lora_alpha: int | None = field(default=None, metadata={"help": "Defaults to 2 x rank."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on LoRA's input."})
@@ -38,7 +40,8 @@ class FinetuningArguments:
     stage: Literal["sft", "pretrain", "finetune"] = field(
         default="sft",
         metadata={"help": "LLaVA recipe: pretrain = projector alone (tower, LM frozen); finetune = projector + LM "
-                          "(tower frozen unless freeze_vision_tower=false); sft = as the freeze_* flags say."},
+                          "(tower frozen unless freeze_vision_tower=false); sft = as the freeze_* flags say. A "
+                          "freeze_* or train_mm_proj_only value set beside it that the stage overrides is an error."},
     )
 
     def __post_init__(self) -> None:
