@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from mmtune.hparams import FinetuningArguments, ModelArguments
+from mmtune.config import FinetuningArguments, ModelArguments
 from mmtune.model.adapters import count_parameters
 from mmtune.model.loader import load_model
 

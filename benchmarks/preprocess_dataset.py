@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     import datasets  # noqa: F401  imported before the clock starts, as the peer's harness does (~0.5 s)
 
-    from mmtune.data.loader import DataArguments, build_dataset
-    from mmtune.hparams import ModelArguments
+    from mmtune.config import DataArguments, ModelArguments
+    from mmtune.data.loader import build_dataset
     from mmtune.model.loader import load_tokenizer_and_processor
     from mmtune.plugins import get_mm_plugin
     from mmtune.templates import get_template

@@ -181,14 +181,10 @@ def main(argv: list[str] | None = None) -> dict:
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     args.output_dir, args.cutoff_len = "/tmp/mmtune_anatomy", 1024
 
-    from mmtune.data import MultiModalCollator, build_dataset
+    from mmtune.config import parse_config
     from mmtune.model.composite import get_composite_model
-    from mmtune.model.loader import load_model, load_tokenizer_and_processor
-    from mmtune.model.precompute import find_precompute
     from mmtune.model.speed import unwrap_model
-    from mmtune.plugins import get_mm_plugin
-    from mmtune.templates import get_template
-    from mmtune.train import parse_config
+    from mmtune.train.recipe import build
 
     cfg = bench_config(args)
     if args.check_graphs:
@@ -196,16 +192,10 @@ def main(argv: list[str] | None = None) -> dict:
     for item in args.set:
         key, _, value = item.partition("=")
         cfg[key] = yaml.safe_load(value)  # numbers and booleans as YAML reads them
-    model_args, data_args, ft_args, mm_args, _ = parse_config(None, extra=cfg)
-    tokenizer, processor = load_tokenizer_and_processor(model_args)
-    template = get_template(data_args.template)
-    plugin = get_mm_plugin(mm_args.plugin or template.plugin, media=data_args.media_config())
-    data = build_dataset(data_args, template, plugin, tokenizer, processor)["train"]
-    longest = max(len(x) for x in data[: 4 * args.batch]["input_ids"])
-    model = load_model(model_args, ft_args, is_trainable=True, tokenizer=tokenizer, device_type=device,
-                       batch_tokens=args.batch * longest)
+    model_args, data_args, ft_args, mm_args, training_args = parse_config(None, extra=cfg)
+    parts = build(model_args, data_args, ft_args, training_args, mm_args=mm_args)  # as `mmtune train` builds it
+    data, model, collator = parts.train_dataset, parts.model, parts.collator
     model.to(device).train()
-    collator = MultiModalCollator(plugin, processor, tokenizer, model=model, precompute=find_precompute(model))
     batches = [_to(collator([data[j] for j in range(i * args.batch, (i + 1) * args.batch)]), device) for i in range(4)]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=device == "cuda")

@@ -209,7 +209,7 @@ def bench_config(args: argparse.Namespace) -> dict:
     """The ``mmtune train`` config of a benchmark run (what a user's YAML would say)."""
     cuda = torch.cuda.is_available() and not args.cpu
     cfg = dict(model_name_or_path=args.model, dataset=args.data, template="qwen2_vl", finetuning_type=args.method,
-               lora_rank=8, lora_target="all", cutoff_len=args.cutoff_len, output_dir=args.output_dir,
+               cutoff_len=args.cutoff_len, output_dir=args.output_dir,
                per_device_train_batch_size=args.batch, max_steps=args.steps, learning_rate=1e-4, warmup_steps=0,
                logging_steps=10, save_strategy="no", bf16=cuda, torch_dtype="bf16" if cuda else "fp32",
                gradient_checkpointing=args.gradient_checkpointing, dataloader_num_workers=4 if cuda else 0,
@@ -217,6 +217,8 @@ def bench_config(args: argparse.Namespace) -> dict:
                preprocessing_num_workers=8 if cuda else None, overwrite_cache=True,
                overwrite_output_dir=True,  # a scratch folder: a rerun replaces the last one
                packing={"auto": None, "on": True, "off": False}[args.packing])
+    if args.method == "lora":  # LoRA's keys only where LoRA reads them (elsewhere they are refused)
+        cfg.update(lora_rank=8, lora_target="all")
     cfg.update({LEVERS[name]: False for name in args.without})
     if args.ckpt_layers is not None:
         cfg["gradient_checkpointing_layers"] = args.ckpt_layers
@@ -256,7 +258,8 @@ def main(argv: list[str] | None = None) -> dict:
                          "the host free to run ahead across steps. Not a figure to pair with the peer's")
     args = ap.parse_args(argv)
 
-    from mmtune.train import parse_config, run_sft
+    from mmtune.config import parse_config
+    from mmtune.train import run_sft
 
     cuda = torch.cuda.is_available() and not args.cpu
     peer = None
@@ -353,15 +356,12 @@ def _tokens_per_sample(parsed: tuple, args: argparse.Namespace) -> float:
     """Mean tokenised length of the first 32 samples, as the trainer sees them."""
     from mmtune.data.formats import normalize_row
     from mmtune.data.tokenize import encode_sample
-    from mmtune.model.loader import load_tokenizer_and_processor
-    from mmtune.plugins import get_mm_plugin
-    from mmtune.templates import get_template
+    from mmtune.train.recipe import build
     import os
 
-    model_args, data_args = parsed[0], parsed[1]
-    tok, proc = load_tokenizer_and_processor(model_args)
-    template = get_template(data_args.template)
-    plugin = get_mm_plugin(template.plugin, media=data_args.media_config())
+    model_args, data_args, finetuning_args, mm_args, _ = parsed
+    parts = build(model_args, data_args, finetuning_args, mm_args=mm_args, datasets=False, model=False)
+    tok, proc, template, plugin = parts.tokenizer, parts.processor, parts.template, parts.plugin
     rows = json.load(open(args.data))[:32]
     encoded = [encode_sample(normalize_row(r, os.path.dirname(os.path.abspath(args.data))), template, plugin, tok, proc,
                              data_args.cutoff_len).input_ids for r in rows]

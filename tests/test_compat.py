@@ -108,7 +108,7 @@ def _tiny_llava_config():
 def test_the_yi_vl_projector_does_not_leak_out_of_the_build(caplog):
     from transformers.models.llava import modeling_llava
 
-    from mmtune.hparams import FinetuningArguments, ModelArguments
+    from mmtune.config import FinetuningArguments, ModelArguments
     from mmtune.model.composite import COMPOSITE_MODELS
     from mmtune.model.loader import load_model
 

@@ -8,11 +8,11 @@ import warnings
 
 import pytest
 
-from mmtune.hparams import ConfigError
-from mmtune.hparams.aliases import ALIASES, UNSUPPORTED
-from mmtune.train import args as args_module
-from mmtune.train import parse_config
-from mmtune.train.args import describe_options, option_groups
+from mmtune.config import ConfigError
+from mmtune.config.aliases import ALIASES, UNSUPPORTED
+from mmtune.config import parsing as args_module
+from mmtune.config import parse_config
+from mmtune.config.parsing import describe_options, option_groups
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -239,9 +239,9 @@ def test_every_alias_has_a_case():
 
 @pytest.mark.parametrize("alias, text, key, expected", ALIAS_CASES, ids=[c[0] for c in ALIAS_CASES])
 def test_alias_sets_mmtunes_key_with_one_info_line(alias, text, key, expected, caplog):
-    with caplog.at_level(logging.INFO, logger="mmtune.hparams.aliases"):
+    with caplog.at_level(logging.INFO, logger="mmtune.config.aliases"):
         parsed = parse_config(None, [f"{alias}={text}"])
-    lines = [r.getMessage() for r in caplog.records if r.name == "mmtune.hparams.aliases"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "mmtune.config.aliases"]
     assert len(lines) == 1 and alias in lines[0]
     if key is not None:
         assert _value(parsed, key) == expected
@@ -318,7 +318,7 @@ def test_options_filter_and_cli(capsys):
 # ---------------------------------------------------------------- precision follows the device
 def test_bf16_true_in_a_yaml_on_a_machine_without_bf16_warns_once_and_trains_in_fp32(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(args_module, "_bf16_available", lambda: False)
-    with caplog.at_level(logging.WARNING, logger="mmtune.train.args"):
+    with caplog.at_level(logging.WARNING, logger="mmtune.config.parsing"):
         model, *_, training = parse_config(_yaml(tmp_path, "bf16: true\n"))
     assert training.bf16 is False and model.torch_dtype == "fp32"
     assert len([r for r in caplog.records if "bf16" in r.getMessage()]) == 1
@@ -432,7 +432,7 @@ def _deprecations(records, caught):
 def test_loading_a_model_raises_no_torch_dtype_deprecation(tiny_run, transformers_records):
     from transformers.utils import logging as hf_logging
 
-    from mmtune.hparams import FinetuningArguments, ModelArguments
+    from mmtune.config import FinetuningArguments, ModelArguments
     from mmtune.model.loader import load_model
 
     hf_logging.warning_once.cache_clear()  # an earlier test's warning must not hide this one
@@ -460,3 +460,131 @@ def test_readme_override_trains_on_a_cpu_with_a_gpu_config(tiny_run, tmp_path, m
     assert os.path.exists(tmp_path / "out" / "all_results.json")
     assert _deprecations(transformers_records, caught) == []
     assert not [r for r in transformers_records if "non_blocking" in r.getMessage()]
+
+
+# ---------------------------------------------------------------- settings that contradict each other
+CONTRADICTIONS = [
+    (["stage=pretrain", "freeze_vision_tower=false"], "stage: pretrain", "freeze_vision_tower: false"),
+    (["stage=pretrain", "freeze_language_model=false"], "stage: pretrain", "freeze_language_model: false"),
+    (["stage=pretrain", "freeze_multi_modal_projector=true"], "stage: pretrain", "freeze_multi_modal_projector: true"),
+    (["stage=pretrain", "train_mm_proj_only=false"], "stage: pretrain", "train_mm_proj_only: false"),
+    (["stage=finetune", "freeze_language_model=true"], "stage: finetune", "freeze_language_model: true"),
+    (["stage=finetune", "freeze_multi_modal_projector=yes"], "stage: finetune", "freeze_multi_modal_projector: true"),
+    (["stage=finetune", "train_mm_proj_only=true"], "stage: finetune", "train_mm_proj_only: true"),
+    (["train_mm_proj_only=true", "freeze_vision_tower=no"], "train_mm_proj_only: true", "freeze_vision_tower: false"),
+    (["train_mm_proj_only=true", "freeze_multi_modal_projector=true"], "train_mm_proj_only: true",
+     "freeze_multi_modal_projector: true"),
+    (["tune_mm_mlp_adapter=true", "freeze_backbone=false"], "tune_mm_mlp_adapter (train_mm_proj_only): true",
+     "freeze_backbone (freeze_language_model): false"),
+    (["finetuning_type=full", "lora_rank=4"], "finetuning_type: full", "lora_rank: 4"),
+    (["finetuning_type=freeze", "lora_target=q_proj"], "finetuning_type: freeze", "lora_target: q_proj"),
+    (["finetuning_type=full", "lora_alpha=16"], "finetuning_type: full", "lora_alpha: 16"),
+    (["finetuning_type=full", "lora_dropout=0.1"], "finetuning_type: full", "lora_dropout: 0.1"),
+    (["finetuning_type=freeze", "use_dora=true"], "finetuning_type: freeze", "use_dora: true"),
+    (["finetuning_type=full", "adapter_fp32=true"], "finetuning_type: full", "adapter_fp32: true"),
+    (["finetuning_type=full", "lora_r=8"], "finetuning_type: full", "lora_r (lora_rank): 8"),
+    (["finetuning_type=full", "freeze_trainable_layers=1"], "finetuning_type: full", "freeze_trainable_layers: 1"),
+    (["freeze_trainable_layers=1"], "finetuning_type: lora", "freeze_trainable_layers: 1"),
+]
+
+
+@pytest.mark.parametrize("overrides, first, second", CONTRADICTIONS, ids=[" ".join(c[0]) for c in CONTRADICTIONS])
+def test_contradicting_settings_are_one_line_naming_both_keys(overrides, first, second):
+    with pytest.raises(ConfigError) as info:
+        parse_config(None, overrides)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("command line: ")
+    assert f"{first} contradicts {second}" in message or f"{second} contradicts {first}" in message, message
+
+
+def test_a_contradiction_in_a_file_names_the_file(tmp_path):
+    path = _yaml(tmp_path, "stage: pretrain\nfreeze_language_model: false\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: stage: pretrain contradicts freeze_language_model: false "
+                                          r"\(stage pretrain sets freeze_language_model to true\); remove one of them$"):
+        parse_config(path)
+    path = _yaml(tmp_path, "finetuning_type: full\nlora_rank: 16\n", name="full.yaml")
+    with pytest.raises(ConfigError, match=rf"^{path}: finetuning_type: full contradicts lora_rank: 16 \(only "
+                                          r"finetuning_type lora reads lora_rank\)"):
+        parse_config(path)
+
+
+def test_the_cli_prints_a_contradiction_in_one_line(tmp_path, capsys):
+    from mmtune.cli import main
+
+    assert main(["train", _yaml(tmp_path, "finetuning_type: full\n"), "lora_target=q_proj"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["mmtune train: error: command line: finetuning_type: full contradicts lora_target: q_proj (only "
+                   "finetuning_type lora reads lora_target); remove one of them"]
+
+
+# (overrides, the finetuning arguments that result: what these settings did before contradictions were checked)
+AGREEING = [
+    ([], dict(finetuning_type="lora", freeze_vision_tower=True, freeze_multi_modal_projector=True,
+              freeze_language_model=False, train_mm_proj_only=False)),
+    (["stage=pretrain"], dict(train_mm_proj_only=True, freeze_vision_tower=True, freeze_language_model=True,
+                              freeze_multi_modal_projector=False)),
+    (["stage=pretrain", "freeze_vision_tower=true", "train_mm_proj_only=true", "freeze_multi_modal_projector=false"],
+     dict(train_mm_proj_only=True, freeze_vision_tower=True, freeze_language_model=True,
+          freeze_multi_modal_projector=False)),
+    (["stage=finetune"], dict(freeze_multi_modal_projector=False, freeze_language_model=False, freeze_vision_tower=True)),
+    (["stage=finetune", "freeze_vision_tower=false", "freeze_language_model=false"],
+     dict(freeze_multi_modal_projector=False, freeze_language_model=False, freeze_vision_tower=False)),
+    (["train_mm_proj_only=true", "freeze_language_model=true"],
+     dict(train_mm_proj_only=True, freeze_vision_tower=True, freeze_language_model=True,
+          freeze_multi_modal_projector=False)),
+    (["stage=sft", "freeze_vision_tower=false", "freeze_language_model=true"],
+     dict(freeze_vision_tower=False, freeze_language_model=True, freeze_multi_modal_projector=True)),
+    (["finetuning_type=full", "freeze_vision_tower=false"], dict(finetuning_type="full", freeze_vision_tower=False)),
+    (["finetuning_type=freeze", "freeze_trainable_layers=1"], dict(finetuning_type="freeze", freeze_trainable_layers=1)),
+    (["finetuning_type=lora", "lora_rank=4", "lora_target=q_proj", "use_dora=true"],
+     dict(lora_rank=4, lora_alpha=8, lora_target="q_proj", use_dora=True)),
+    (["stage=finetune", "finetuning_type=lora", "lora_rank=16"], dict(lora_rank=16, freeze_language_model=False)),
+]
+
+
+@pytest.mark.parametrize("overrides, expected", AGREEING, ids=[" ".join(a[0]) or "defaults" for a in AGREEING])
+def test_settings_that_agree_still_parse_as_before(overrides, expected):
+    finetuning = parse_config(None, overrides)[2]
+    assert {key: getattr(finetuning, key) for key in expected} == expected
+
+
+def test_the_examples_contradict_nothing():
+    import glob
+
+    examples = sorted(glob.glob(os.path.join(ROOT, "examples", "*.yaml")))
+    assert examples
+    for path in examples:
+        assert parse_config(path)[2] is not None, path
+
+
+# ---------------------------------------------------------------- no dead fields
+DEAD = ("config_dict", "extra", "supports_no_expand", "pad_to_multiple_of")
+
+
+def test_no_option_is_a_field_nothing_reads():
+    names = {f.name for _, cls in option_groups()[:4] for f in dataclasses.fields(cls)}
+    assert not names & set(DEAD)
+    text = describe_options()
+    for name in ("config_dict", "supports_no_expand", "pad_to_multiple_of"):
+        assert name not in text
+    with pytest.raises(ConfigError, match="unknown option 'config_dict'"):
+        parse_config(None, extra={"config_dict": {}})
+
+
+def test_no_plugin_or_collator_carries_a_dead_field():
+    from mmtune.data import MultiModalCollator
+    from mmtune.plugins import PLUGINS, BasePlugin
+
+    assert "pad_to_multiple_of" not in {f.name for f in dataclasses.fields(MultiModalCollator)}
+    for cls in [BasePlugin, *PLUGINS.values()]:
+        assert not any("supports_no_expand" in vars(klass) for klass in cls.__mro__), cls
+
+
+def test_every_argument_dataclass_lives_in_mmtune_config():
+    import mmtune.config as config
+
+    for _, cls in option_groups()[:4]:
+        assert cls.__module__.startswith("mmtune.config."), cls
+        assert getattr(config, cls.__name__) is cls
+    src = os.path.join(ROOT, "src", "mmtune")
+    assert not os.path.exists(os.path.join(src, "hparams")) and not os.path.exists(os.path.join(src, "train", "args.py"))

@@ -80,7 +80,7 @@ def test_env_follows_a_yaml_config(model_dir, tmp_path, capsys):
 
 
 def test_env_on_something_that_is_not_a_model_says_so_in_one_line(tmp_path, capsys):
-    from mmtune.hparams import ConfigError
+    from mmtune.config import ConfigError
 
     config = tmp_path / "bad.yaml"
     config.write_text("model_name_or_path: x\nlearning_rat: 1\n")

@@ -21,7 +21,8 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
     if ns.nproc and ns.nproc > 1 and "LOCAL_RANK" not in os.environ:
         return _launch_ranks(ns)
-    from mmtune.train import parse_config, run_sft
+    from mmtune.config import parse_config
+    from mmtune.train import run_sft
 
     metrics = run_sft(*parse_config(ns.config, ns.overrides))
     print(json.dumps(metrics, indent=1))
@@ -30,7 +31,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
 def cmd_options(ns: argparse.Namespace) -> int:
     """Every config key with its type, default and help, grouped; ``mmtune options lora`` filters."""
-    from mmtune.train.args import describe_options
+    from mmtune.config import describe_options
 
     text = describe_options(ns.filter)
     if not text:
@@ -70,25 +71,15 @@ def cmd_demo(ns: argparse.Namespace) -> int:
 
 
 def cmd_check_data(ns: argparse.Namespace) -> int:
+    """Read every sample of the config's data as training would (the same template, plugin and
+    tokenizer, from :func:`mmtune.train.recipe.build`), without loading the model."""
+    from mmtune.config import parse_config
     from mmtune.data.check import check_dataset
-    from mmtune.model.loader import load_tokenizer_and_processor
-    from mmtune.plugins import get_mm_plugin
-    from mmtune.templates import get_template
-    from mmtune.train import parse_config
+    from mmtune.train import recipe
 
-    from mmtune.model.loader import load_config
-    from mmtune.train.sft import training_template
-
-    from mmtune.model.folders import check_model_args
-
-    model_args, data_args, _, mm_args, _ = parse_config(ns.config, ns.overrides)
-    check_model_args(model_args)  # a missing, adapter or non-VLM folder: one line before anything loads
-    tokenizer, processor = load_tokenizer_and_processor(model_args)
-    data_args.template = training_template(data_args.template, getattr(load_config(model_args), "model_type", None))
-    template = get_template(data_args.template)
-    plugin = get_mm_plugin(mm_args.plugin or template.plugin, media=data_args.media_config())
-    plugin.check_fit(template, tokenizer)  # a template that does not fit the model: one line, not one per sample
-    report = check_dataset(data_args, template, plugin, tokenizer, processor)
+    model_args, data_args, finetuning_args, mm_args, _ = parse_config(ns.config, ns.overrides)
+    parts = recipe.build(model_args, data_args, finetuning_args, mm_args=mm_args, datasets=False, model=False)
+    report = check_dataset(parts.data_args, parts.template, parts.plugin, parts.tokenizer, parts.processor)
     print(report.render())
     return 0 if report.ok else 1
 
@@ -266,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _setup_logging()
     from mmtune.errors import UserError
-    from mmtune.hparams import ConfigError
+    from mmtune.config import ConfigError
 
     try:
         return ns.func(ns)

@@ -292,11 +292,8 @@ def text_only_baseline(train_path: str, items: list[dict]) -> float:
 def run_demo(output_dir: str = "demo_output", n_train: int = 2000, n_test: int = 200, max_steps: int = 1500,
              batch_size: int = 16, learning_rate: float = 2e-3, seed: int = 0, chat_examples: int = 4,
              image_size: int = 56) -> DemoResult:
-    from mmtune.model.loader import load_model
-    from mmtune.plugins import get_mm_plugin
-    from mmtune.templates import get_template
-    from mmtune.train import parse_config, run_sft
-    from transformers import AutoProcessor
+    from mmtune.config import parse_config
+    from mmtune.train import build_saved, run_sft
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     data_dir = os.path.join(output_dir, "data")
@@ -313,13 +310,8 @@ def run_demo(output_dir: str = "demo_output", n_train: int = 2000, n_test: int =
     start = time.perf_counter()
     run_sft(*args)
     seconds = time.perf_counter() - start
-    from mmtune.hparams import FinetuningArguments, ModelArguments
-
-    model = load_model(ModelArguments(model_name_or_path=run_dir, torch_dtype="fp32"), FinetuningArguments(),
-                       is_trainable=False)
-    processor = AutoProcessor.from_pretrained(run_dir)
-    template = get_template("qwen2_vl")
-    plugin = get_mm_plugin("qwen2_vl")
+    parts = build_saved(run_dir, dtype="fp32")  # the trained folder, reopened as chat reopens it
+    model, processor, template, plugin = parts.model, parts.processor, parts.template, parts.plugin
     accuracy = evaluate(model, processor, template, plugin, data_dir, test_items)
     baseline = text_only_baseline(train_path, test_items)
     logger.info("held-out accuracy %.1f%% (text-only best %.1f%%) after %.0f s of training", 100 * accuracy,

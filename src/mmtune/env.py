@@ -99,7 +99,7 @@ class _Collect(logging.Handler):
 def _run_args(target: str) -> tuple[Any, Any, Any, Any, bool]:
     """(model_args, data_args, finetuning_args, training_args, from_yaml) for a YAML config or a
     model folder / Hub id (the defaults of ``mmtune train`` for the rest)."""
-    from mmtune.train import parse_config
+    from mmtune.config import parse_config
 
     from_yaml = os.path.isfile(target) and target.lower().endswith((".yaml", ".yml"))
     if from_yaml:
@@ -126,7 +126,7 @@ def lever_report(target: str) -> LeverReport:
                          architecture=", ".join(getattr(config, "architectures", None) or []) or "?",
                          finetuning_type=finetuning_args.finetuning_type, device_type=device_type,
                          model_args=model_args)
-    if getattr(model_args, "quantization_bit", None):
+    if model_args.quantization_bit:
         config.quantization_config = {"quant_method": "bitsandbytes",
                                       f"load_in_{model_args.quantization_bit}bit": True}
     batch_tokens = None
@@ -184,7 +184,7 @@ def _lever_state(lever: Any, report: LeverReport) -> str:
 
 def _lever_lines(target: str) -> list[str]:
     """The speed-lever section of the report for ``target``."""
-    from mmtune.hparams import ConfigError
+    from mmtune.config import ConfigError
     from mmtune.model.speed import LEVERS
 
     try:

@@ -37,7 +37,8 @@ from accelerate.utils import DistributedType
 from torch.distributed.tensor import DTensor
 from transformers import AutoTokenizer, TrainerCallback
 
-from mmtune.train import parse_config, run_sft
+from mmtune.config import parse_config
+from mmtune.train import run_sft
 
 IMAGE_TOKEN = "<|image_pad|>"
 

@@ -134,7 +134,8 @@ def _probe(out_dir, rank):
 @pytest.fixture(scope="module")
 def reference(ws):
     """One process, batch 2B: the losses every 2-rank run must reproduce."""
-    from mmtune.train import parse_config, run_sft
+    from mmtune.config import parse_config
+    from mmtune.train import run_sft
 
     out = {}
     for method in ("full", "lora"):

@@ -9,7 +9,8 @@ import logging
 import pytest
 
 from mmtune.testing import tiny_model_dir
-from mmtune.train import parse_config, run_sft
+from mmtune.config import parse_config
+from mmtune.train import run_sft
 
 
 def _data(tmp_path):

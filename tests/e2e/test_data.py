@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from mmtune.data import MultiModalCollator, encode_sample, normalize_row
-from mmtune.data.loader import DataArguments, build_dataset
+from mmtune.config import DataArguments
+from mmtune.data.loader import build_dataset
 from mmtune.media import MediaError
 from mmtune.plugins import get_mm_plugin
 from mmtune.templates import get_template

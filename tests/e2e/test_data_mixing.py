@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from mmtune.data.loader import DataArguments, build_dataset
+from mmtune.config import DataArguments
+from mmtune.data.loader import build_dataset
 from mmtune.templates import get_template
 from mmtune.plugins import get_mm_plugin
 from mmtune.testing.fixtures import load_processor

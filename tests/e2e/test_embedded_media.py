@@ -12,7 +12,8 @@ from datasets import Features, Image, List, Value
 
 from mmtune.data import MultiModalCollator
 from mmtune.data.check import check_dataset
-from mmtune.data.loader import DataArguments, build_dataset
+from mmtune.config import DataArguments
+from mmtune.data.loader import build_dataset
 from mmtune.media import MediaError, load_audio, load_image, load_video, media_reference, sample_context
 from mmtune.plugins import get_mm_plugin
 from mmtune.templates import get_template
@@ -189,7 +190,8 @@ def test_training_on_embedded_images_equals_training_on_paths(data, tmp_path):
     """``mmtune train`` on a Hub-layout folder (a split picked, an eval split, default packing)
     logs the same losses as on the same data given as paths."""
     from mmtune.testing import tiny_model_dir
-    from mmtune.train import parse_config, run_sft
+    from mmtune.config import parse_config
+    from mmtune.train import run_sft
 
     model = tiny_model_dir("qwen2_vl", str(tmp_path))
     metrics = {}

@@ -12,7 +12,7 @@ import re
 import numpy as np
 import pytest
 
-from mmtune.train import parse_config
+from mmtune.config import parse_config
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 EXAMPLES = sorted(glob.glob(os.path.join(REPO, "examples", "*.yaml")))

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from mmtune.demo import build_model_dir, make_dataset
-from mmtune.train import parse_config, run_sft
+from mmtune.config import parse_config
+from mmtune.train import run_sft
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from mmtune.demo import make_dataset
+from mmtune.config import parse_config
 from mmtune.testing.stand_ins.llava_llama import clip_tower_dir, plain_llama_dir
-from mmtune.train import parse_config, run_sft
+from mmtune.train import run_sft
 
 
 @pytest.fixture(scope="module")

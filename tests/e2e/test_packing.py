@@ -263,7 +263,8 @@ def test_train_packed_equals_padded_over_steps(tmp_path, caplog):
     """`mmtune train` with every sample in one step: the packed run's losses and gradient norms equal the
     padded run's, before and after an optimizer step."""
     from mmtune.testing import tiny_model_dir
-    from mmtune.train import parse_config, run_sft
+    from mmtune.config import parse_config
+    from mmtune.train import run_sft
 
     rows = []
     for i in range(6):

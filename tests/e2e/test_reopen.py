@@ -13,7 +13,8 @@ import torch
 
 from mmtune.demo import build_model_dir, make_dataset
 from mmtune.model.saved import read_mmtune_config
-from mmtune.train import parse_config, run_sft
+from mmtune.config import parse_config
+from mmtune.train import run_sft
 
 PROMPT = ["--prompt", "What shape is this?", "--max-new-tokens", "3"]
 
@@ -24,6 +25,8 @@ def _config(model, data, out, **extra):
                learning_rate=1e-3, seed=0, data_seed=0, use_cpu=True, disable_tqdm=True, plot_loss=False,
                dataloader_num_workers=0)  # no template: the model type's declared one
     cfg.update(extra)
+    if cfg.get("finetuning_type", "lora") != "lora":
+        cfg.pop("lora_rank")  # only LoRA reads it: a full or freeze run refuses it
     return parse_config(None, extra=cfg)
 
 

@@ -6,7 +6,8 @@ import os
 import pytest
 
 from mmtune.demo import build_model_dir, make_dataset
-from mmtune.train import parse_config, run_sft
+from mmtune.config import parse_config
+from mmtune.train import run_sft
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +25,8 @@ def _config(ws, out, **extra):
                save_strategy="steps", seed=0, use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
                cutoff_len=256, data_seed=0)
     cfg.update(extra)
+    if cfg.get("finetuning_type", "lora") != "lora":
+        cfg.pop("lora_rank")  # only LoRA reads it: a full or freeze run refuses it
     return parse_config(None, extra=cfg)
 
 

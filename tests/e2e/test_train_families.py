@@ -8,7 +8,8 @@ import os
 import pytest
 
 from mmtune.testing import make_audio_file, make_image_file, tiny_model_dir
-from mmtune.train import parse_config, run_sft
+from mmtune.config import parse_config
+from mmtune.train import run_sft
 
 CASES = {  # fixture -> (template, media kind)
     "llava": ("llava", "image"),

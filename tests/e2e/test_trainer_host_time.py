@@ -50,8 +50,8 @@ def test_batches_go_to_the_device_without_blocking_by_default(tmp_path, monkeypa
     """What parse_config sets when training on CUDA (reported available here) reaches accelerate."""
     from torch.utils.data import DataLoader
 
-    from mmtune.train import args as args_module
-    from mmtune.train import parse_config
+    from mmtune.config import parsing as args_module
+    from mmtune.config import parse_config
 
     monkeypatch.setattr(args_module, "_cuda_available", lambda: True)
     monkeypatch.setattr(args_module, "_any_accelerator", lambda: True)
@@ -175,7 +175,7 @@ def test_host_threads_default_to_one_on_cuda_with_workers_only():
 
 
 def test_host_threads_is_a_config_key():
-    from mmtune.train import parse_config
+    from mmtune.config import parse_config
 
     assert parse_config(None, extra={"host_threads": 3})[3].host_threads == 3
     assert parse_config(None)[3].host_threads is None

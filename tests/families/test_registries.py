@@ -141,7 +141,7 @@ def test_no_family_model_type_is_named_outside_its_family_file():
 def test_no_default_template_is_made_up():
     """A model type whose family declares no template has none: resolving it is an error that
     names the choices (no silent fallback to another family's template)."""
-    from mmtune.hparams import ConfigError
+    from mmtune.config import ConfigError
     from mmtune.model.saved import resolve_template
 
     undeclared = [t for t, entry in COMPOSITE_MODELS.items() if entry.template is None]

@@ -21,7 +21,8 @@ from transformers import Trainer, TrainerCallback
 
 from mmtune.demo import build_model_dir, make_dataset
 from mmtune.errors import ModelFolderError
-from mmtune.train import parse_config, run_sft
+from mmtune.config import parse_config
+from mmtune.train import run_sft
 from mmtune.train.checkpoints import checkpoint_problem, latest_complete_checkpoint, publish_checkpoint, resolve_resume
 
 from .conftest import logged_losses, lora_run_config
@@ -150,14 +151,14 @@ def test_resume_true_takes_the_newest_complete_checkpoint_and_names_each_skipped
 
 
 def test_an_explicit_incomplete_checkpoint_is_one_line_before_anything_loads(ws, tmp_path, monkeypatch, capsys):
-    import mmtune.train.sft as sft
+    import mmtune.train.recipe as recipe
     from mmtune.cli import main
 
     def must_not_load(*args, **kwargs):
         raise AssertionError("loaded before the checkpoint was checked")
 
-    monkeypatch.setattr(sft, "load_tokenizer_and_processor", must_not_load)
-    monkeypatch.setattr(sft, "load_model", must_not_load)
+    monkeypatch.setattr(recipe, "load_tokenizer_and_processor", must_not_load)
+    monkeypatch.setattr(recipe, "load_model", must_not_load)
     partial = tmp_path / "run" / "checkpoint-4"
     _fake_checkpoint(partial, state=False)
     config = tmp_path / "c.yaml"

@@ -110,7 +110,7 @@ def tiny_model(tmp_path_factory):
 
 
 def _run_sft_config(tmp_path, model, rows, **extra):
-    from mmtune.train import parse_config
+    from mmtune.config import parse_config
 
     data = tmp_path / "data.json"
     data.write_text(json.dumps(rows, indent=1))
@@ -123,12 +123,12 @@ def _run_sft_config(tmp_path, model, rows, **extra):
 
 
 def _no_model_load(monkeypatch):
-    import mmtune.train.sft as sft
+    import mmtune.train.recipe as recipe
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(sft, "load_model", refuse)
+    monkeypatch.setattr(recipe, "load_model", refuse)
 
 
 def _nothing_written(out):

@@ -11,7 +11,8 @@ import pytest
 import mmtune.data.check as check_module
 import mmtune.data.loader as loader_module
 from mmtune.data.check import check_dataset
-from mmtune.data.loader import DataArguments, build_dataset
+from mmtune.config import DataArguments
+from mmtune.data.loader import build_dataset
 from mmtune.data.problems import sample_lines
 from mmtune.errors import DataError
 from mmtune.plugins import get_mm_plugin
@@ -237,7 +238,7 @@ def test_training_lists_every_bad_sample_at_once_with_lines(kit, tmp_path):
 
 
 def _train_config(model_dir, data, out, **extra):
-    from mmtune.train import parse_config
+    from mmtune.config import parse_config
 
     cfg = dict(model_name_or_path=model_dir, dataset=data, template="qwen2_vl", finetuning_type="lora", lora_rank=4,
                torch_dtype="fp32", output_dir=str(out), per_device_train_batch_size=2, max_steps=1, use_cpu=True,
@@ -249,12 +250,12 @@ def _train_config(model_dir, data, out, **extra):
 @pytest.fixture
 def no_model(monkeypatch):
     """load_model raises: a data error that comes first is the one seen."""
-    import mmtune.train.sft as sft
+    import mmtune.train.recipe as recipe
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the data error")
 
-    monkeypatch.setattr(sft, "load_model", refuse)
+    monkeypatch.setattr(recipe, "load_model", refuse)
 
 
 def _written(out):

@@ -16,7 +16,8 @@ import pytest
 import yaml
 
 from mmtune.demo import build_model_dir, make_dataset
-from mmtune.train import parse_config, run_sft
+from mmtune.config import parse_config
+from mmtune.train import run_sft
 from mmtune.train.checkpoints import checkpoint_problem
 
 from .conftest import logged_losses, lora_run_config
@@ -102,7 +103,7 @@ def test_a_signal_mid_run_saves_the_step_exits_with_one_line_and_resumes_exactly
 def test_ctrl_c_before_training_is_one_line_and_130(ws, tmp_path, monkeypatch, capsys, stage):
     """Ctrl-C while tokenising or loading the model (a real SIGINT to this process, in the step
     replaced here): the CLI prints one line and returns 130; nothing is written."""
-    import mmtune.train.sft as sft
+    import mmtune.train.recipe as recipe
     from mmtune.cli import main
 
     def ctrl_c(*args, **kwargs):
@@ -110,7 +111,7 @@ def test_ctrl_c_before_training_is_one_line_and_130(ws, tmp_path, monkeypatch, c
         time.sleep(30)
         raise AssertionError("SIGINT did not interrupt")
 
-    monkeypatch.setattr(sft, stage, ctrl_c)
+    monkeypatch.setattr(recipe, stage, ctrl_c)
     out = tmp_path / "out"
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(lora_run_config(ws, out)))

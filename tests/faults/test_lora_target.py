@@ -13,7 +13,7 @@ import functools
 import pytest
 import torch
 
-from mmtune.hparams import ConfigError, FinetuningArguments, ModelArguments
+from mmtune.config import ConfigError, FinetuningArguments, ModelArguments
 from mmtune.model.adapters import init_adapter, lora_plan
 from mmtune.model.composite import COMPOSITE_MODELS, has_prefix
 
@@ -57,6 +57,8 @@ def _yaml(ws, tmp_path, **keys) -> str:
                torch_dtype="fp32", per_device_train_batch_size=2, max_steps=1, use_cpu=True, disable_tqdm=True,
                plot_loss=False, dataloader_num_workers=0, save_strategy="no", report_to="none")
     cfg.update(keys)
+    if cfg.get("finetuning_type", "lora") != "lora":
+        cfg.pop("lora_rank")  # only LoRA reads it: a full or freeze run refuses it
     path = tmp_path / "run.yaml"
     path.write_text("".join(f"{k}: {v}\n" for k, v in cfg.items()))
     return str(path)
@@ -189,7 +191,7 @@ FORMS = [("yaml", "no"), ("cli", "no"), ("cli", "off"), ("cli", "false"), ("cli"
 def test_freeze_switches_set_to_no_reach_the_model_and_train_tower_and_projector(ws, tmp_path, monkeypatch, where,
                                                                                  word):
     """The strings "no" / "off" were truthy: the tower and the projector stayed frozen."""
-    import mmtune.train.sft as sft
+    import mmtune.train.recipe as recipe
     from mmtune.cli import main
     from mmtune.model.loader import load_model
 
@@ -202,7 +204,7 @@ def test_freeze_switches_set_to_no_reach_the_model_and_train_tower_and_projector
         seen["args"] = finetuning_args
         raise Reached
 
-    monkeypatch.setattr(sft, "load_model", capture)
+    monkeypatch.setattr(recipe, "load_model", capture)
     keys = {"freeze_vision_tower": word, "freeze_multi_modal_projector": word} if where == "yaml" else {}
     overrides = [f"freeze_vision_tower={word}", f"freeze_multi_modal_projector={word}"] if where == "cli" else []
     with pytest.raises(Reached):
@@ -230,12 +232,12 @@ def test_freeze_switches_set_to_no_reach_the_model_and_train_tower_and_projector
 
 def test_a_misspelt_name_stops_the_run_before_the_data_is_read(ws, tmp_path, capsys, monkeypatch):
     """The check comes before tokenising too: a large dataset is not read for a run that cannot start."""
-    import mmtune.train.sft as sft
+    import mmtune.train.recipe as recipe
 
     def refuse(*args, **kwargs):
         raise AssertionError("the data was read")
 
-    monkeypatch.setattr(sft, "build_dataset", refuse)
-    monkeypatch.setattr(sft, "load_tokenizer_and_processor", refuse)
+    monkeypatch.setattr(recipe, "build_dataset", refuse)
+    monkeypatch.setattr(recipe, "load_tokenizer_and_processor", refuse)
     line = _train_error(ws, tmp_path, capsys, lora_target="q_projj,v_proj")
     assert "lora_target: no module named 'q_projj'" in line

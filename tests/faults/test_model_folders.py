@@ -13,7 +13,7 @@ import pytest
 
 from mmtune.cli import main
 from mmtune.errors import ModelFolderError
-from mmtune.hparams import ModelArguments
+from mmtune.config import ModelArguments
 from mmtune.model.folders import check_model_args, check_saved_paths, looks_local
 
 
@@ -45,25 +45,25 @@ def ws(tmp_path_factory):
 @pytest.fixture
 def nothing_loads(monkeypatch):
     """Reading a tokenizer or loading a model fails the test: the checks come first."""
-    import mmtune.train.sft as sft
+    import mmtune.train.recipe as recipe
     from transformers import AutoTokenizer
 
     def loaded(*args, **kwargs):
         raise AssertionError("a tokenizer or a model was loaded")
 
     monkeypatch.setattr(AutoTokenizer, "from_pretrained", loaded)
-    monkeypatch.setattr(sft, "load_model", loaded)
+    monkeypatch.setattr(recipe, "load_model", loaded)
 
 
 @pytest.fixture
 def no_model(monkeypatch):
     """Loading the model fails the test (the tokenizer may load)."""
-    import mmtune.train.sft as sft
+    import mmtune.train.recipe as recipe
 
     def loaded(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(sft, "load_model", loaded)
+    monkeypatch.setattr(recipe, "load_model", loaded)
 
 
 def _error_line(capsys, command: str) -> str:

@@ -15,7 +15,8 @@ import torch
 from mmtune.cli import main
 from mmtune.demo import build_model_dir, make_dataset
 from mmtune.model.saved import read_mmtune_config
-from mmtune.train import parse_config, run_sft
+from mmtune.config import parse_config
+from mmtune.train import run_sft
 
 
 class Loaded(Exception):
@@ -49,11 +50,11 @@ def no_loading(monkeypatch):
 
     import mmtune.model.loader
     import mmtune.model.saved
-    import mmtune.train.sft
+    import mmtune.train.recipe
 
-    for module, name in ((mmtune.train.sft, "load_tokenizer_and_processor"), (mmtune.train.sft, "load_model"),
+    for module, name in ((mmtune.train.recipe, "load_tokenizer_and_processor"), (mmtune.train.recipe, "load_model"),
                          (mmtune.model.loader, "load_model"), (mmtune.model.loader, "load_tokenizer_and_processor"),
-                         (mmtune.model.saved, "load_saved_processor")):
+                         (mmtune.model.saved, "load_saved_processor"), (mmtune.train.recipe, "load_saved_processor")):
         monkeypatch.setattr(module, name, refuse)
 
 
@@ -81,6 +82,8 @@ def _config(model, data, out, **extra):
                learning_rate=1e-3, seed=0, data_seed=0, use_cpu=True, disable_tqdm=True, plot_loss=False,
                dataloader_num_workers=0)
     cfg.update(extra)
+    if cfg.get("finetuning_type", "lora") != "lora":
+        cfg.pop("lora_rank")  # only LoRA reads it: a full or freeze run refuses it
     return parse_config(None, extra=cfg)
 
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from mmtune.data import MultiModalCollator
-from mmtune.data.loader import DataArguments, build_dataset
+from mmtune.config import DataArguments
+from mmtune.data.loader import build_dataset
 from mmtune.data.packing import PackingCollator
 from mmtune.data.problems import BadSamplesError
 from mmtune.data.skip import SKIPPED_FILE, BadSampleGuard
@@ -49,7 +50,7 @@ def workspace(tmp_path_factory):
 
 
 def _config(ws, out, **extra):
-    from mmtune.train import parse_config
+    from mmtune.config import parse_config
 
     cfg = dict(model_name_or_path=ws["model"], dataset=ws["data"], template="qwen2_vl", finetuning_type="lora",
                lora_rank=4, torch_dtype="fp32", output_dir=str(out), per_device_train_batch_size=2, max_steps=3,

@@ -31,6 +31,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 import mmtune.train
+import mmtune.train.recipe as recipe
 import mmtune.train.sft as sft
 from mmtune.cli import main
 
@@ -83,9 +84,9 @@ def install(hook: str, step: int, ready: str) -> None:
 
         mmtune.train.run_sft = functools.partial(sft.run_sft, callbacks=[Raise()])
     elif hook == "block_in_load":
-        sft.load_model = lambda *a, **kw: _block(ready)
+        recipe.load_model = lambda *a, **kw: _block(ready)
     elif hook == "block_in_tokenise":
-        sft.build_dataset = lambda *a, **kw: _block(ready)
+        recipe.build_dataset = lambda *a, **kw: _block(ready)
     else:
         raise SystemExit(f"train_driver: unknown hook {hook!r}")
 

@@ -6,7 +6,7 @@ benchmarks/README.md for the device check (same tower outputs, same losses)."""
 import pytest
 import torch
 
-from mmtune.hparams import ModelArguments
+from mmtune.config import ModelArguments
 from mmtune.model import speed
 from mmtune.model.graphs import BlockGraphs, GraphShare, graph_blocks, signature
 

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from mmtune.hparams import FinetuningArguments, ModelArguments
+from mmtune.config import FinetuningArguments, ModelArguments
 from mmtune.model.adapters import count_parameters, init_adapter
 from mmtune.model.composite import (
     COMPOSITE_MODELS,

@@ -260,7 +260,7 @@ def test_towers_mmtune_cannot_read_are_left_alone():
 
 
 def test_the_lever_is_on_by_default_and_switchable():
-    from mmtune.hparams import ModelArguments
+    from mmtune.config import ModelArguments
 
     assert ModelArguments().sync_free_forward is True
     model = _model("qwen2_vl")

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from mmtune.hparams import ConfigError
+from mmtune.config import ConfigError
 from mmtune.model.saved import (
     MMTUNE_CONFIG_NAME,
     inspect_folder,
@@ -47,9 +47,9 @@ def test_template_resolution_order_and_error():
 
 
 def test_training_template_defaults_to_the_model_type_and_logs_it(caplog):
-    from mmtune.train.sft import training_template
+    from mmtune.train.recipe import training_template
 
-    with caplog.at_level(logging.INFO, logger="mmtune.train.sft"):
+    with caplog.at_level(logging.INFO, logger="mmtune.train.recipe"):
         assert training_template(None, "gemma3") == "gemma3"
     assert "template: gemma3 (the default of model type 'gemma3'" in caplog.text
     assert training_template("llava", "gemma3") == "llava"

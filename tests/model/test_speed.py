@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmtune.hparams import FinetuningArguments, ModelArguments
+from mmtune.config import FinetuningArguments, ModelArguments
 from mmtune.model import speed
 from mmtune.model.adapters import init_adapter
 
@@ -533,7 +533,7 @@ def test_load_model_applies_the_default_levers_on_cpu(caplog):
     import logging
 
     from mmtune.model.loader import load_model
-    from mmtune.train import parse_config
+    from mmtune.config import parse_config
 
     config = copy.deepcopy(tiny_model("qwen2_vl").config)
     with caplog.at_level(logging.INFO, logger="mmtune.model.speed"):
@@ -571,7 +571,8 @@ def test_mmtune_train_with_levers_gives_the_losses_of_levers_off(tmp_path, caplo
     from transformers import set_seed
 
     from mmtune.demo import build_model_dir, make_dataset
-    from mmtune.train import parse_config, run_sft
+    from mmtune.config import parse_config
+    from mmtune.train import run_sft
 
     data, _ = make_dataset(str(tmp_path / "data"), n_train=16, n_test=0, size=56)
     model = build_model_dir(str(tmp_path), hidden=64)
@@ -717,7 +718,7 @@ def test_cpp_wrapper_setting_from_the_config():
     setting = lambda v, device: speed._cpp_wrapper_setting(types.SimpleNamespace(compile_cpp_wrapper=v), device)  # noqa
     assert setting(None, "cuda") is True and setting(None, "cpu") is False
     assert setting("all", "cpu") == "all" and setting("ALL", "cuda") == "all" and setting(False, "cuda") is False
-    from mmtune.train import parse_config
+    from mmtune.config import parse_config
 
     assert parse_config(None, extra={"compile_cpp_wrapper": "all"})[0].compile_cpp_wrapper == "all"
 

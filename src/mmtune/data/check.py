@@ -21,10 +21,11 @@ from typing import Any
 from PIL import Image
 from tqdm import tqdm
 
+from mmtune.config.data import DataArguments
 from mmtune.media import load_audio, load_image, load_video, sample_context
 
 from .formats import normalize_row
-from .loader import NOTE_KINDS, DataArguments, default_media_dir, load_samples
+from .loader import NOTE_KINDS, default_media_dir, load_samples
 from .problems import cause, file_problem, name_samples, one_line
 from .tokenize import encode_sample
 

@@ -62,7 +62,6 @@ class MultiModalCollator:
     tokenizer: Any
     padding_side: str = "right"
     model: Any = None
-    pad_to_multiple_of: int | None = None
     build_position_ids: bool = True
     #: give text-only batches one dummy image so every rank runs the vision tower (ZeRO-3 / FSDP
     #: otherwise deadlock when ranks disagree); its tokens are masked out and carry no label
@@ -92,12 +91,6 @@ class MultiModalCollator:
     def pad_id(self) -> int:
         """The tokenizer's pad id (0 when it has none)."""
         return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-
-    def padded_length(self, longest: int) -> int:
-        """``longest`` rounded up to ``pad_to_multiple_of`` (when set)."""
-        if self.pad_to_multiple_of:
-            return -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        return longest
 
     def media_inputs(self, features: list[dict[str, Any]], ids: list[list[int]]) -> dict[str, Any]:
         """The plugin's tensors for the samples' media (flattened in sample order); {} if none.
@@ -142,7 +135,7 @@ class MultiModalCollator:
             features, fake_span = self._fake_image(features)
         ids = [list(f["input_ids"]) for f in features]
         labels = [list(f.get("labels", f["input_ids"])) for f in features]
-        length = self.padded_length(max(len(x) for x in ids))
+        length = max(len(x) for x in ids)
         input_ids = torch.full((len(ids), length), self.pad_id, dtype=torch.long)
         label_t = torch.full((len(ids), length), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((len(ids), length), dtype=torch.long)

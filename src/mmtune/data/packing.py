@@ -181,7 +181,7 @@ class PackingCollator(MultiModalCollator):
             if y:
                 y[0] = IGNORE_INDEX
         row_lens = [sum(len(s["input_ids"]) for s in r) for r in rows]
-        length = self.padded_length(max(row_lens))
+        length = max(row_lens)
         input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
         labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
         text_pos = torch.zeros((len(rows), length), dtype=torch.long)

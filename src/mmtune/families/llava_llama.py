@@ -28,7 +28,6 @@ class LlavaLlamaPlugin(BasePlugin):
     processor's aspect-ratio rule (square, pad, anyres) makes them."""
 
     default_image_token = "<image>"
-    supports_no_expand = False
     #: ids that stand for media after :meth:`process_token_ids` (truncation never cuts them)
     placeholder_ids = (IMAGE_TOKEN_INDEX,)
 

@@ -131,7 +131,6 @@ def reshape_by_patch(image: torch.Tensor, patch_size: int) -> torch.Tensor:
 class MiniCPMVPlugin(BasePlugin):
     default_image_token = "<image>"
     default_video_token = "<video>"
-    supports_no_expand = False
     #: MiniCPM-V 2.6 defaults; a loaded processor's own values win
     query_num = 64
     max_slice_nums = 9

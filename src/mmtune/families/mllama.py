@@ -18,7 +18,6 @@ from mmtune.templates import TEMPLATES, register_template
 
 class MllamaPlugin(BasePlugin):
     default_image_token = "<|image|>"
-    supports_no_expand = False
 
     def process_messages(
         self, messages: Sequence[Message], images: Sequence[Any], videos: Sequence[Any], audios: Sequence[Any], processor: Any

@@ -17,7 +17,6 @@ from mmtune.templates import Template, register_template
 class PaliGemmaPlugin(BasePlugin):
     default_image_token = "<image>"
     token_type_key = "token_type_ids"
-    supports_no_expand = False
 
     def process_messages(
         self, messages: Sequence[Message], images: Sequence[Any], videos: Sequence[Any], audios: Sequence[Any], processor: Any

@@ -14,7 +14,7 @@ import logging
 import os
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -76,15 +76,6 @@ class _StopOnEvent(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
-def _media_config(saved: dict[str, Any] | None) -> Any:
-    """The run's media settings (pixel caps, video fps ...) from mmtune_config.json, so chat
-    preprocesses as training did; unknown keys (a newer mmtune's) are ignored."""
-    from mmtune.media import MediaConfig
-
-    names = {f.name for f in fields(MediaConfig)}
-    return MediaConfig(**{k: v for k, v in (saved or {}).items() if k in names})
-
-
 class ChatEngine:
     """Load once, then ``stream(messages, images=..., videos=..., audios=...)`` yields text pieces.
 
@@ -96,26 +87,15 @@ class ChatEngine:
     def __init__(self, model_path: str, adapter_path: str | None = None, template: str | None = None,
                  dtype: str = "auto", max_new_tokens: int | None = None,
                  generation: GenerationOptions | None = None) -> None:
-        from mmtune.hparams import FinetuningArguments, ModelArguments
-        from mmtune.model.loader import load_model
-        from mmtune.model.saved import inspect_folder, load_saved_processor, resolve_template
-        from mmtune.plugins import get_mm_plugin
-        from mmtune.templates import get_template
+        from mmtune.train import recipe
 
-        folder = inspect_folder(model_path, adapter_path)
-        name, source = resolve_template(template, folder.model_type, folder.record, where=folder.files)
-        self.template = get_template(name)
-        recorded = folder.record.get("template") == name and folder.record.get("plugin")
-        plugin = recorded or self.template.plugin
-        self.plugin = get_mm_plugin(plugin, media=_media_config(folder.record.get("media")))
-        logger.info("chat: template %s (%s), plugin %s", name, source, plugin)
         self.generation = generation or GenerationOptions()
         if max_new_tokens is not None:
             self.generation = dataclasses.replace(self.generation, max_new_tokens=max_new_tokens)
-        self.tokenizer, self.processor = load_saved_processor(folder)
-        args = ModelArguments(model_name_or_path=folder.model_path, adapter_name_or_path=folder.adapter_path,
-                              torch_dtype=dtype)
-        self.model = load_model(args, FinetuningArguments(), is_trainable=False)
+        parts = recipe.build_saved(model_path, adapter_path, template=template, dtype=dtype)
+        self.template, self.plugin, self.collator = parts.template, parts.plugin, parts.collator
+        logger.info("chat: template %s (%s), plugin %s", self.template.name, parts.template_source, parts.plugin_name)
+        self.tokenizer, self.processor, self.model = parts.tokenizer, parts.processor, parts.model
         self.stop_ids = self._stop_ids()
 
     def _stop_ids(self) -> list[int] | None:
@@ -130,15 +110,11 @@ class ChatEngine:
 
     def _inputs(self, messages: list[dict[str, str]], images: list[Any], videos: list[Any], audios: list[Any],
                 system: str | None = None) -> dict:
-        from mmtune.data.collator import MultiModalCollator
-
         expanded = self.plugin.process_messages(messages, images, videos, audios, self.processor)
         prompt = "".join(p + a for p, a in self.template.render_turns(expanded, system))
         ids = self.plugin.tokenize(prompt, self.tokenizer)
         ids, _ = self.plugin.process_token_ids(ids, None, images, videos, audios, self.tokenizer, self.processor)
-        collator = MultiModalCollator(self.plugin, self.processor, self.tokenizer, padding_side="left",
-                                      build_position_ids=False)
-        batch = collator([{"input_ids": ids, "images": images, "videos": videos, "audios": audios}])
+        batch = self.collator([{"input_ids": ids, "images": images, "videos": videos, "audios": audios}])
         batch.pop("labels")
         device = next(self.model.parameters()).device
         return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

@@ -83,21 +83,16 @@ def export_model(model_path: str, output_dir: str, adapter_path: str | None = No
     merge) to ``output_dir``; returns ``output_dir``. ``template`` overrides the recorded one.
     ``output_dir`` must be new or empty unless ``overwrite`` (see :func:`prepare_export_dir`);
     that is checked before the model loads."""
-    from mmtune.hparams import ConfigError, FinetuningArguments, ModelArguments
-    from mmtune.model.loader import load_model
-    from mmtune.model.saved import inspect_folder, load_saved_processor, resolve_template, write_mmtune_config
+    from mmtune.model.saved import inspect_folder, write_mmtune_config
+    from mmtune.train import recipe
 
     folder = inspect_folder(model_path, adapter_path)
     prepare_export_dir(output_dir, folder, model_path, overwrite)
-    try:
-        name, source = resolve_template(template, folder.model_type, folder.record, where=folder.files)
-    except ConfigError:  # the export still works; chat on it will ask for --template
-        name, source = None, "none known"
-    logger.info("export: template %s (%s)", name, source)
-    tokenizer, processor = load_saved_processor(folder)  # before the weights: a folder that cannot reopen fails fast
-    args = ModelArguments(model_name_or_path=folder.model_path, adapter_name_or_path=folder.adapter_path,
-                          torch_dtype=dtype)
-    model = load_model(args, FinetuningArguments(), is_trainable=False)
+    # no template known: the export still works; chat on it will ask for --template
+    parts = recipe.build_saved(folder, template=template, dtype=dtype, template_required=False)
+    name = parts.template.name if parts.template is not None else None
+    logger.info("export: template %s (%s)", name, parts.template_source)
+    tokenizer, processor, model = parts.tokenizer, parts.processor, parts.model
     merged = hasattr(model, "merge_and_unload")
     if merged:
         model = model.merge_and_unload()

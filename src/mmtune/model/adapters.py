@@ -141,7 +141,7 @@ def _unmatched(name: str, model: nn.Module, wrappable: list[str], entry: Any, fo
 def lora_plan(model: nn.Module, finetuning_args: Any) -> tuple[list[str], list[str] | None]:
     """The modules LoRA wraps on ``model`` (fully qualified names) and the ones that train in
     full beside it (``modules_to_save``: a training projector), from ``lora_target`` and the
-    ``freeze_*`` switches. A one-line :class:`~mmtune.hparams.ConfigError` where they disagree,
+    ``freeze_*`` switches. A one-line :class:`~mmtune.config.ConfigError` where they disagree,
     so that a LoRA run never trains something other than what was asked:
 
     * every name in ``lora_target`` must name at least one linear layer outside the frozen
@@ -155,7 +155,7 @@ def lora_plan(model: nn.Module, finetuning_args: Any) -> tuple[list[str], list[s
       (LLaVA's stage 1; ``lora_target`` is not read), or ``lora_target: all`` with both the
       tower and the language model frozen (a warning says that a whole model is saved).
     """
-    from mmtune.hparams import ConfigError
+    from mmtune.config import ConfigError
 
     config = model.config
     entry = get_composite_model(getattr(config, "model_type", ""))

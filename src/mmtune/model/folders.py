@@ -208,7 +208,7 @@ def _check_adapter(path: str, option: str, hub_kwargs: dict[str, Any], model_hin
 
 
 def hub_kwargs_of(model_args: Any) -> dict[str, Any]:
-    return {"cache_dir": getattr(model_args, "cache_dir", None), "revision": getattr(model_args, "revision", None)}
+    return {"cache_dir": model_args.cache_dir, "revision": model_args.revision}
 
 
 def check_model_args(model_args: Any, for_tokenizer: bool = False) -> ModelPath | None:
@@ -220,7 +220,7 @@ def check_model_args(model_args: Any, for_tokenizer: bool = False) -> ModelPath 
     ``for_tokenizer``: the path is read for its tokenizer alone, so an adapter folder that
     carries one passes, and so does a folder of tokenizer / processor files alone (``chat`` and ``export`` read a LoRA output folder's own tokenizer); a run
     still gets the error from the check of its config, before the data or the model is read."""
-    path = getattr(model_args, "model_name_or_path", None)
+    path = model_args.model_name_or_path
     if not path:
         return None
     if for_tokenizer and os.path.isdir(path) and has_tokenizer(path) and not any(
@@ -230,9 +230,9 @@ def check_model_args(model_args: Any, for_tokenizer: bool = False) -> ModelPath 
     model = locate(path, "model_name_or_path", hub)
     if model.kind == "adapter" and not (for_tokenizer and (not model.local or has_tokenizer(model.path))):
         raise ModelFolderError(adapter_as_model(model))
-    if getattr(model_args, "adapter_name_or_path", None):
+    if model_args.adapter_name_or_path:
         _check_adapter(model_args.adapter_name_or_path, "adapter_name_or_path", hub, "model_name_or_path")
-    if model.kind == "model" and not getattr(model_args, "vision_tower", None):
+    if model.kind == "model" and not model_args.vision_tower:
         check_buildable(model, "model_name_or_path")
     return model
 

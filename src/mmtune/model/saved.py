@@ -271,7 +271,7 @@ def resolve_template(requested: str | None, model_type: str | None, record: dict
     name = declared_template(model_type) if model_type else None
     if name:
         return name, f"the default of model type {model_type!r}"
-    from mmtune.hparams import ConfigError
+    from mmtune.config import ConfigError
 
     what = f"model type {model_type!r}" if model_type else "a model without config.json"
     why = f"no {MMTUNE_CONFIG_NAME}, and no family declares one" if record is not None else "no family declares one"
@@ -284,7 +284,7 @@ def load_saved_processor(folder: SavedFolder) -> tuple[Any, Any | None]:
     without a processor (one written before checkpoints carried it) takes its base's, with a
     warning; with no base to take it from it is an error naming the folder, rather than a
     model that cannot read an image."""
-    from mmtune.hparams import ModelArguments
+    from mmtune.config import ModelArguments
     from mmtune.model.composite import get_composite_model
     from mmtune.model.loader import load_tokenizer_and_processor
 

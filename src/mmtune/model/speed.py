@@ -1,4 +1,4 @@
-"""Training speed levers, each behind a switch in :class:`~mmtune.hparams.ModelArguments`.
+"""Training speed levers, each behind a switch in :class:`~mmtune.config.ModelArguments`.
 
 A lever is on by default only where it changes no result (numerical noise aside); each one
 logs when it is applied and each has a CPU test comparing losses with the lever off.

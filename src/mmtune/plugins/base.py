@@ -45,8 +45,6 @@ class BasePlugin:
     default_audio_token: str | None = None
     #: frames per video are rounded to a multiple of this (Qwen: temporal patch 2)
     video_frame_factor: int = 1
-    #: whether ``expand_mm_tokens=False`` is meaningful for this family
-    supports_no_expand: bool = True
     #: model-input name of per-token modality ids (Qwen: ``mm_token_type_ids``, Gemma 3:
     #: ``token_type_ids``); None when the model needs none
     token_type_key: str | None = None

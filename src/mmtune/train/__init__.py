@@ -1,6 +1,8 @@
-"""Training: arguments from YAML, the SFT recipe on HF Trainer, progress and plots."""
+"""Training: the recipe that assembles the pipeline, the SFT run on HF Trainer, progress and plots.
 
-from .args import parse_config
+Arguments are parsed by :func:`mmtune.config.parse_config`."""
+
+from .recipe import Parts, build, build_saved
 from .sft import run_sft
 
-__all__ = ["parse_config", "run_sft"]
+__all__ = ["Parts", "build", "build_saved", "run_sft"]

@@ -107,7 +107,7 @@ def _as_flag(value: Any) -> bool | None:
         return value
     if not isinstance(value, str) or os.path.exists(value):
         return None
-    from mmtune.hparams.parsing import is_true
+    from mmtune.config.values import is_true
 
     try:
         return is_true(value)

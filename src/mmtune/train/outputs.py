@@ -40,9 +40,9 @@ OPTION = "overwrite_output_dir"
 def training_inputs(model_args: Any) -> list[tuple[str, str, str | None]]:
     """The local paths a run reads weights from, as :func:`~mmtune.model.saved.check_apart` takes them."""
     return [("model folder", "model_name_or_path", model_args.model_name_or_path),
-            ("adapter folder", "adapter_name_or_path", getattr(model_args, "adapter_name_or_path", None)),
-            ("vision tower", "vision_tower", getattr(model_args, "vision_tower", None)),
-            ("stage-1 projector", "pretrain_mm_mlp_adapter", getattr(model_args, "pretrain_mm_mlp_adapter", None))]
+            ("adapter folder", "adapter_name_or_path", model_args.adapter_name_or_path),
+            ("vision tower", "vision_tower", model_args.vision_tower),
+            ("stage-1 projector", "pretrain_mm_mlp_adapter", model_args.pretrain_mm_mlp_adapter)]
 
 
 def resumes_in(resume_from_checkpoint: Any, output_dir: str) -> bool:
@@ -81,7 +81,7 @@ def prepare_output_dir(model_args: Any, mm_args: Any, training_args: Any) -> lis
     check_apart(output_dir, training_inputs(model_args), "output_dir")
     if not folder_entries(output_dir):
         return []
-    overwrite = bool(getattr(mm_args, "overwrite_output_dir", False))
+    overwrite = mm_args.overwrite_output_dir
     if resumes_in(training_args.resume_from_checkpoint, output_dir):
         if overwrite:
             logger.warning("%s: ignored, the run resumes from a checkpoint in %s (its files are kept)", OPTION,

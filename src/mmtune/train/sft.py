@@ -13,17 +13,9 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-from mmtune.data import MultiModalCollator, build_dataset
-from mmtune.data.packing import dataset_lengths, maybe_pack
 from mmtune.model.composite import get_composite_model, has_prefix
-from mmtune.model.folders import check_model_args
-from mmtune.model.loader import (check_lora_target_before_loading, load_config, load_model,
-                                  load_tokenizer_and_processor, model_class_for)
-from mmtune.model.precompute import find_precompute
-from mmtune.model.saved import resolve_template
-from mmtune.plugins import get_mm_plugin
-from mmtune.templates import get_template
 
+from . import recipe
 from .callbacks import JsonlLogCallback, MmtuneConfigCallback, plot_loss
 from .checkpoints import TRAINER_STATE, publish_checkpoint, resolve_resume, staging_folder
 from .interrupt import InterruptCallback
@@ -315,38 +307,17 @@ def save_projector(model: Any, output_dir: str) -> str | None:
 
 def run_sft(model_args: Any, data_args: Any, finetuning_args: Any, mm_args: Any, training_args: Any,
             callbacks: list[Any] | None = None) -> dict[str, Any]:
-    """Train, save (adapter or model + processor), log and plot; returns the metrics."""
+    """Train, save (adapter or model + processor), log and plot; returns the metrics.
+
+    The output folder and the checkpoint to resume from are checked first (nothing loads for a
+    run that cannot start); the pipeline comes from :func:`mmtune.train.recipe.build`."""
     prepare_output_dir(model_args, mm_args, training_args)  # before anything loads: never over a run or a model
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)  # a complete checkpoint
-    check_model_args(model_args)  # a missing, adapter or non-VLM model folder: one line, before anything loads
-    config = load_config(model_args)
-    if model_args.model_name_or_path:  # a misnamed lora_target: before the data is read (a meta-device build)
-        check_lora_target_before_loading(model_class_for(config), config, model_args, finetuning_args)
-    tokenizer, processor = load_tokenizer_and_processor(model_args)
-    model_type = getattr(config, "model_type", None)
-    data_args = dataclasses.replace(data_args, template=training_template(data_args.template, model_type))
-    template = get_template(data_args.template)
-    plugin = get_mm_plugin(mm_args.plugin or template.plugin, media=data_args.media_config())
-    plugin.check_fit(template, tokenizer)  # a template that does not fit the model: once, before any sample
-    with training_args.main_process_first(desc="tokenising"):
-        datasets = build_dataset(data_args, template, plugin, tokenizer, processor)
-    gc = training_args.gradient_checkpointing
-    from transformers import set_seed
-
-    set_seed(training_args.seed)  # adapters are initialised below, before the Trainer seeds
-    longest = max(dataset_lengths(datasets["train"]), default=data_args.cutoff_len)  # sizes auto checkpointing
-    batch_tokens = training_args.per_device_train_batch_size * max(longest, data_args.packing_max_len or 0)
-    model = load_model(model_args, finetuning_args, is_trainable=True, gradient_checkpointing=gc, tokenizer=tokenizer,
-                       device_type=training_args.device.type, batch_tokens=batch_tokens)
-    training_args = dataclasses.replace(training_args, gradient_checkpointing=False)  # enabled above, once
-    fake = mm_args.fake_media_for_text_only
-    if fake is None:
-        fake = training_args.world_size > 1
-    collator = MultiModalCollator(plugin, processor, tokenizer, model=model if mm_args.build_rope_in_collator else None,
-                                  fake_media_for_text_only=bool(fake) and processor is not None,
-                                  precompute=find_precompute(model))
-    train_dataset, collator = maybe_pack(datasets["train"], collator, model, data_args.packing, data_args.packing_max_len,
-                                         training_args.per_device_train_batch_size)
+    parts = recipe.build(model_args, data_args, finetuning_args, training_args, mm_args=mm_args)
+    model, template, model_type, data_args = parts.model, parts.template, parts.model_type, parts.data_args
+    tokenizer, processor, datasets = parts.tokenizer, parts.processor, parts.datasets
+    train_dataset, collator = parts.train_dataset, parts.collator
+    training_args = dataclasses.replace(training_args, gradient_checkpointing=False)  # build enabled it, once
     if data_args.skip_bad_samples:  # a sample whose media fail at batch time: replaced, counted, listed
         from mmtune.data.skip import BadSampleGuard, SkippedSamplesCallback
 
@@ -356,7 +327,7 @@ def run_sft(model_args: Any, data_args: Any, finetuning_args: Any, mm_args: Any,
     set_host_threads(mm_args.host_threads, training_args.device.type, training_args.dataloader_num_workers)
     record = run_record(model_args, data_args, finetuning_args, mm_args, model_type, template)
     # a LoRA of a LLaVA assembled around a plain LM: its config goes beside every adapter
-    assembled_config = (model.config if getattr(model_args, "vision_tower", None)
+    assembled_config = (model.config if model_args.vision_tower
                         and finetuning_args.finetuning_type == "lora" else None)
     interrupt = InterruptCallback()  # Ctrl-C / SIGTERM: a checkpoint of the step reached, then TrainingInterrupted
     trainer = MMTrainer(
@@ -391,16 +362,6 @@ def run_sft(model_args: Any, data_args: Any, finetuning_args: Any, mm_args: Any,
     if mm_args.plot_loss and trainer.is_world_process_zero():
         plot_loss(training_args.output_dir)
     return metrics
-
-
-def training_template(requested: str | None, model_type: str | None) -> str:
-    """The run's chat template: ``template`` from the config, else the one the model's family
-    declares for its ``model_type`` (logged, so a run never trains on a template it did not
-    say); neither is a one-line error naming the ``template`` key."""
-    name, source = resolve_template(requested, model_type, option="`template:` in the config, e.g. template:")
-    if source != "given":
-        logger.info("template: %s (%s; set `template` to choose another)", name, source)
-    return name
 
 
 def run_record(model_args: Any, data_args: Any, finetuning_args: Any, mm_args: Any, model_type: str | None,

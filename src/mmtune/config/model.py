@@ -78,8 +78,6 @@ class ModelArguments:
         default=None, metadata={"help": "GPU memory the auto checkpointing plans for; default: what is free."})
     liger_kernels: bool | None = field(
         default=None, metadata={"help": "Liger RMSNorm/SwiGLU/rotary kernels; default: on with CUDA when installed."})
-    extra: dict[str, Any] = field(default_factory=dict, metadata={"help": "Not read by mmtune's loaders; kept for "
-                                                                            "scripts that carry their own settings."})
     # ---- native LLaVA (llava_llama): assemble a VLM from a Llama-architecture LM + a tower
     vision_tower: str | None = field(default=None, metadata={"help": "CLIP / SigLIP checkpoint: builds llava_llama "
                                                                      "around model_name_or_path (a plain LM)."})

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .parsing import ConfigError
+from .values import ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -12,13 +12,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import textwrap
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from mmtune.data.loader import DataArguments
-from mmtune.hparams import FinetuningArguments, ModelArguments
-from mmtune.hparams.aliases import ALIASES, UNSUPPORTED, resolve_alias
-from mmtune.hparams.parsing import (
+from .aliases import ALIASES, UNSUPPORTED, resolve_alias
+from .data import DataArguments
+from .finetuning import FinetuningArguments, check_contradictions
+from .model import ModelArguments
+from .training import MMTrainingArguments
+from .values import (
     ConfigError,
     convert_field,
     did_you_mean,
@@ -30,36 +32,7 @@ from mmtune.hparams.parsing import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ConfigError", "MMTrainingArguments", "describe_options", "option_groups", "parse_config"]
-
-
-@dataclass
-class MMTrainingArguments:
-    """mmtune's own training options (beside transformers' TrainingArguments)."""
-
-    plugin: str | None = field(default=None, metadata={"help": "Multimodal plugin; default: the template's."})
-    projector_lr: float | None = field(default=None, metadata={"help": "Learning rate of the projector."})
-    plot_loss: bool = field(default=True, metadata={"help": "Save training_loss.png in output_dir after training."})
-    overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Train into an output_dir that is not empty: the earlier run's files there "
-                                         "(weights, adapter, checkpoints, logs, mmtune_config.json, runs/) are removed "
-                                         "first, other files are kept. Off: a non-empty output_dir is an error before "
-                                         "anything loads, unless the run resumes from a checkpoint in it. An "
-                                         "output_dir that is or holds the model or adapter trained from is always an "
-                                         "error."})
-    build_rope_in_collator: bool = field(
-        default=True, metadata={"help": "Build M-RoPE position ids in the collator (dataloader workers) instead of "
-                                        "in the model's forward; packing needs it."})
-    fake_media_for_text_only: bool | None = field(
-        default=None, metadata={"help": "Dummy image in text-only batches; default: on when training on several ranks."}
-    )
-    host_threads: int | None = field(
-        default=None, metadata={"help": "torch's intra-op CPU threads in the training process; default: 1 when "
-                                        "training on CUDA with dataloader workers (the host then only launches GPU "
-                                        "work), torch's own count otherwise."})
-    config_dict: dict[str, Any] | None = field(
-        default=None, metadata={"help": "Not read by mmtune train; kept for scripts that build a model from a "
-                                        "config dict."})
+__all__ = ["ConfigError", "describe_options", "option_groups", "parse_config"]
 
 
 #: the option groups in the order ``mmtune options`` prints them
@@ -227,13 +200,16 @@ def parse_config(path: str | None, overrides: list[str] | None = None, extra: di
     ``extra`` (a dict, as scripts and tests pass) applies after the file and before the
     ``key=value`` overrides. Aliases (``dtype``, ``flash_attn``, ``torch_compile``, ...) map to
     mmtune's keys; every value is converted to its field's type; a key, value, template, plugin or
-    ``report_to`` logger that cannot work is a ConfigError here, before any model or data loads."""
+    ``report_to`` logger that cannot work, or finetuning keys the user set that contradict each
+    other (:func:`~mmtune.config.finetuning.check_contradictions`), is a ConfigError here, before
+    any model or data loads."""
     from transformers import TrainingArguments
 
     options = _options()
     known = set(options) | set(ALIASES) | set(UNSUPPORTED)
     groups: list[dict[str, Any]] = [{} for _ in GROUP_TITLES]
-    sources: dict[str, str] = {}
+    sources: dict[str, str] = {}  # every key the user set, by mmtune's name: where it was set
+    spelled: dict[str, str] = {}  # ... and the name the user typed (an alias)
     for key, value, where in _entries(path, overrides, extra):
         if key not in known:
             raise ConfigError(f"{where}: unknown option {key!r}{did_you_mean(key, known)} "
@@ -251,7 +227,9 @@ def parse_config(path: str | None, overrides: list[str] | None = None, extra: di
                                   hint_may_be_narrow=option.group == len(GROUP_TITLES) - 1)
         groups[option.group][name] = value
         sources[name] = where
+        spelled[name] = key
     model, data, finetuning, mm, training = groups
+    check_contradictions(finetuning, spelled, sources)
     for name, default in TRAINING_DEFAULTS.items():
         training.setdefault(name, default)
     _device_defaults(training, model, set(sources), cuda=_cuda_available(), bf16=_bf16_available(),

@@ -1,4 +1,4 @@
-"""Reading config values: YAML scalars, conversion to each field's type hint, one-line errors.
+"""Reading config values (the layer under :mod:`mmtune.config.parsing`): YAML scalars, conversion to each field's type hint, one-line errors.
 
 A flat YAML file and ``key=value`` overrides reach dataclass fields (mmtune's and transformers'
 ``TrainingArguments``) as whatever YAML made of them. Each value is converted here to its field's
