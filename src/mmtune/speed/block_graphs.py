@@ -234,6 +234,7 @@ class BlockGraphs:
         self.seen: dict[tuple, int] = {}
         self.graphs: dict[tuple, Any] = {}
         self.failed = False  # a capture failed (the block syncs with the host, say): run as usual from then on
+        self.enabled = True  # False: every call runs as usual (a comparison with the graphs off)
 
     def call(self, *args: Any, **kwargs: Any) -> Any:
         """The block's own call: its class's ``__call__`` (hooks, gradient checkpointing, and the
@@ -242,7 +243,7 @@ class BlockGraphs:
 
     def graphable(self) -> bool:
         block = self.block_ref()
-        return (block is not None and not self.failed and (self.runs_without_grad or not torch.is_grad_enabled())
+        return (block is not None and self.enabled and not self.failed and (self.runs_without_grad or not torch.is_grad_enabled())
                 and not torch.compiler.is_compiling()
                 and not (self.rng_modules and block.training) and self.share.backend.ready())
 
