@@ -4,6 +4,8 @@ modules import these from here, never from one another."""
 
 import copy
 import functools
+import sys
+import types
 
 import pytest
 import torch
@@ -112,3 +114,49 @@ def assert_same(ref, new, rel=1e-5, atol=1e-6):
     assert ref_grads.keys() == grads.keys() and ref_grads
     for name, g in ref_grads.items():
         assert torch.allclose(grads[name], g, rtol=1e-4, atol=atol), (name, (grads[name] - g).abs().max())
+
+
+class FakeLigerRMSNorm(torch.nn.Module):
+    """Stands in for liger's ``LigerRMSNorm`` (its constructor's keywords, its computation in
+    PyTorch), so the replacement is tested without liger-kernel."""
+
+    built = []
+
+    def __init__(self, hidden_size, eps=1e-6, offset=0.0, casting_mode="llama", init_fn="ones", in_place=True):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon, self.offset, self.casting_mode = eps, offset, casting_mode
+        FakeLigerRMSNorm.built.append(casting_mode)
+
+    def forward(self, hidden):
+        dtype = hidden.dtype
+        x = hidden.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        if self.casting_mode == "gemma":
+            return (x * (self.offset + self.weight.float())).to(dtype)
+        return (self.offset + self.weight) * x.to(dtype)
+
+
+class FakeLigerSwiGLUMLP(torch.nn.Module):
+    """Stands in for liger's ``LigerSwiGLUMLP``."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.gate_proj = torch.nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = torch.nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = torch.nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(torch.nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def install_fake_liger(monkeypatch):
+    """liger-kernel's module classes: the stand-ins above, for one test (monkeypatch undoes it)."""
+    package = types.ModuleType("liger_kernel")
+    module = types.ModuleType("liger_kernel.transformers")
+    module.LigerRMSNorm, module.LigerSwiGLUMLP = FakeLigerRMSNorm, FakeLigerSwiGLUMLP
+    package.transformers = module
+    monkeypatch.setitem(sys.modules, "liger_kernel", package)
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", module)
+    FakeLigerRMSNorm.built.clear()
+    return module

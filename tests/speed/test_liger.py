@@ -1,15 +1,13 @@
 """Liger kernels (mmtune.speed.liger): module replacement with liger's classes (a stand-in class
 here: liger-kernel is not installed), keys and results unchanged; its absence is one line."""
 
-import sys
-import types
-
 import pytest
 import torch
 
 from mmtune.model.layers import unwrap_model
 from mmtune.speed import liger
 
+from ..helpers import FakeLigerRMSNorm, FakeLigerSwiGLUMLP
 from ..helpers import assert_same as _assert_same
 from ..helpers import make_batch as _batch
 from ..helpers import make_model as _model
@@ -28,52 +26,6 @@ def test_liger_absence_is_logged(caplog, monkeypatch):
     assert "liger-kernel not installed" in caplog.text
 
 
-
-
-class FakeLigerRMSNorm(torch.nn.Module):
-    """Stands in for liger's ``LigerRMSNorm`` (its constructor's keywords, its computation in
-    PyTorch), so the replacement is tested without liger-kernel."""
-
-    built = []
-
-    def __init__(self, hidden_size, eps=1e-6, offset=0.0, casting_mode="llama", init_fn="ones", in_place=True):
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.ones(hidden_size))
-        self.variance_epsilon, self.offset, self.casting_mode = eps, offset, casting_mode
-        FakeLigerRMSNorm.built.append(casting_mode)
-
-    def forward(self, hidden):
-        dtype = hidden.dtype
-        x = hidden.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        if self.casting_mode == "gemma":
-            return (x * (self.offset + self.weight.float())).to(dtype)
-        return (self.offset + self.weight) * x.to(dtype)
-
-
-class FakeLigerSwiGLUMLP(torch.nn.Module):
-    """Stands in for liger's ``LigerSwiGLUMLP``."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.gate_proj = torch.nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = torch.nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = torch.nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(torch.nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-@pytest.fixture
-def fake_liger(monkeypatch):
-    package = types.ModuleType("liger_kernel")
-    module = types.ModuleType("liger_kernel.transformers")
-    module.LigerRMSNorm, module.LigerSwiGLUMLP = FakeLigerRMSNorm, FakeLigerSwiGLUMLP
-    package.transformers = module
-    monkeypatch.setitem(sys.modules, "liger_kernel", package)
-    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", module)
-    FakeLigerRMSNorm.built.clear()
-    return module
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
