@@ -9,7 +9,6 @@ process's other compiled code keeps its own limits."""
 
 from __future__ import annotations
 
-
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field

@@ -24,7 +24,7 @@ from .callbacks import JsonlLogCallback, MmtuneConfigCallback, plot_loss
 from .checkpoints import resolve_resume
 from .interrupt import InterruptCallback
 from .outputs import prepare_output_dir
-from .trainer import MMTrainer, reload_renamed_weights  # noqa: F401 (reload_renamed_weights: its old home)
+from .trainer import MMTrainer
 
 logger = logging.getLogger(__name__)
 
