@@ -24,8 +24,8 @@ import torch
 import yaml
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from train_speed import LEVERS, bench_config  # noqa: E402
-from mmtune.train.sft import clip_grad_norm_one_device  # noqa: E402
+from train_speed import WITHOUT, bench_config  # noqa: E402
+from mmtune.train.trainer import clip_grad_norm_one_device  # noqa: E402
 
 
 def _to(batch: dict[str, Any], device: str) -> dict[str, Any]:
@@ -125,10 +125,9 @@ def check_block_graphs(tower: Any, batches: list[dict[str, Any]]) -> dict[str, A
     both ways (ms, all batches, synchronised)."""
     from torch.utils._pytree import tree_flatten
 
-    from mmtune.model.graphs import BlockGraphs
+    from mmtune.speed.block_graphs import GraphedBlock
 
-    wrappers = [m._compiled_call_impl for m in tower.modules()
-                if isinstance(getattr(m, "_compiled_call_impl", None), BlockGraphs)]
+    wrappers = [m.block_graphs for m in tower.modules() if isinstance(m, GraphedBlock)]
 
     def outputs() -> list[torch.Tensor]:
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
@@ -140,10 +139,10 @@ def check_block_graphs(tower: Any, batches: list[dict[str, Any]]) -> dict[str, A
         outputs()
     graphed, graphed_ms = outputs(), _timed(outputs, 5)
     for wrapper in wrappers:  # run as usual
-        wrapper.block_ref()._compiled_call_impl = wrapper.call
+        wrapper.enabled = False
     plain, plain_ms = outputs(), _timed(outputs, 5)
     for wrapper in wrappers:
-        wrapper.block_ref()._compiled_call_impl = wrapper
+        wrapper.enabled = True
     share = wrappers[0].share if wrappers else None
     result = {"blocks": len(wrappers), "bitwise_equal": len(graphed) == len(plain) and all(
         torch.equal(a, b) for a, b in zip(graphed, plain)), "tower_ms_graphed": round(graphed_ms, 2),
@@ -161,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--without", action="append", default=[], choices=sorted(LEVERS))
+    ap.add_argument("--without", action="append", default=[], choices=sorted(WITHOUT))
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key")
     ap.add_argument("--clip", type=float, default=1.0, help="gradient clipping as the Trainer does (0: off)")
     ap.add_argument("--trace", default=None, help="write a chrome trace of 2 steady steps here (.json.gz)")
@@ -183,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from mmtune.config import parse_config
     from mmtune.model.composite import get_composite_model
-    from mmtune.model.speed import unwrap_model
+    from mmtune.model.layers import unwrap_model
     from mmtune.train.recipe import build
 
     cfg = bench_config(args)

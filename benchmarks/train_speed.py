@@ -23,11 +23,11 @@ import torch
 import yaml
 from transformers import TrainerCallback
 
-from mmtune.model import speed
+from mmtune.speed.levers import WITHOUT
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
-#: --without NAME switches one speed lever off, for its row in the table (speed.LEVERS: the one list)
-LEVERS = {lever.name: lever.switch for lever in speed.LEVERS if lever.name}
+#: --without NAME switches one speed lever (or a setting of regional compile) off, for its row in the table:
+#: mmtune.speed.levers.WITHOUT, read from the one list of levers
 
 
 class StepTimer(TrainerCallback):
@@ -219,7 +219,7 @@ def bench_config(args: argparse.Namespace) -> dict:
                packing={"auto": None, "on": True, "off": False}[args.packing])
     if args.method == "lora":  # LoRA's keys only where LoRA reads them (elsewhere they are refused)
         cfg.update(lora_rank=8, lora_target="all")
-    cfg.update({LEVERS[name]: False for name in args.without})
+    cfg.update({WITHOUT[name]: False for name in args.without})
     if args.ckpt_layers is not None:
         cfg["gradient_checkpointing_layers"] = args.ckpt_layers
     return cfg
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--output-dir", default="/tmp/mmtune_bench_out")
     ap.add_argument("--json", default=None)
     ap.add_argument("--cpu", action="store_true", help="smoke test on the CPU")
-    ap.add_argument("--without", action="append", default=[], choices=sorted(LEVERS), help="a speed lever off")
+    ap.add_argument("--without", action="append", default=[], choices=sorted(WITHOUT), help="a speed lever off")
     ap.add_argument("--ckpt-layers", default=None, help="gradient_checkpointing_layers: N or auto (default)")
     ap.add_argument("--packing", default="auto", choices=["auto", "on", "off"], help="data_args.packing (auto: default)")
     ap.add_argument("--cutoff-len", type=int, default=1024)

@@ -8,7 +8,7 @@ import yaml
 
 from mmtune import env
 from mmtune.cli import main
-from mmtune.model.speed import LEVERS
+from mmtune.speed.levers import SWITCHES
 from mmtune.testing import tiny_model_dir
 
 
@@ -21,7 +21,7 @@ def _lever_lines(out):
     rows = {}
     for line in out.splitlines():
         parts = line.split(None, 1)
-        if len(parts) == 2 and parts[0] in {lever.switch for lever in LEVERS} and line.startswith("  "):
+        if len(parts) == 2 and parts[0] in set(SWITCHES) and line.startswith("  "):
             rows[parts[0]] = parts[1]
     return rows
 
@@ -52,7 +52,7 @@ def test_env_reports_the_levers_a_default_run_of_the_model_gets(model_dir, capsy
     out = capsys.readouterr().out
     assert f"speed levers for {model_dir} (qwen2_vl: Qwen2VLForConditionalGeneration; lora" in out
     rows = _lever_lines(out)
-    assert set(rows) == {lever.switch for lever in LEVERS}  # one line per lever of speed.LEVERS
+    assert set(rows) == set(SWITCHES)  # one line per lever of speed.levers.LEVERS and per compile setting
     assert rows["fused_cross_entropy"].startswith("on (checked against the model's own logits")
     assert rows["frozen_tower_no_grad"] == "on: model.visual.patch_embed, model.visual.blocks"
     assert rows["sync_free_forward"] == "on"

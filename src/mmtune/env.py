@@ -4,7 +4,7 @@ config, the speed levers a training run would get there (what a bug report needs
 
 The levers are not guessed from a list of rules kept here: the model is built from its config
 with its parameters on the meta device (no weights are read or allocated), the fine-tuning method is applied and
-:func:`mmtune.model.speed.apply_speed_levers` decides, through :func:`mmtune.model.loader.load_model`,
+:func:`mmtune.speed.levers.apply_levers` decides, through :func:`mmtune.model.loader.load_model`,
 exactly as ``mmtune train`` does on this machine; what it applied and what it logged are
 reported. Checks that need a real forward (the fused cross-entropy's comparison with the
 model's logits) happen on the first training step and are named as such.
@@ -30,7 +30,9 @@ OPTIONAL_PACKAGES: tuple[str, ...] = ("bitsandbytes", "deepspeed", "flash_attn",
 
 
 #: the modules whose log lines say what the levers did (the rest of loading is not reported)
-LEVER_LOGGERS = frozenset({"mmtune.model.speed", "mmtune.model.precompute", "mmtune.model.graphs"})
+LEVER_LOGGERS = frozenset({"mmtune.model.speed", "mmtune.model.precompute"})
+#: the package whose modules' log lines say so too (the speed levers)
+LEVER_PACKAGE = "mmtune.speed"
 
 
 @dataclass
@@ -81,7 +83,8 @@ class LeverReport:
     finetuning_type: str
     device_type: str
     model_args: Any = None
-    applied: dict[str, Any] = field(default_factory=dict)
+    #: the speed levers' report (:class:`mmtune.speed.levers.LeverReport`)
+    applied: Any = None
     notes: list[str] = field(default_factory=list)
     error: str | None = None
 
@@ -92,7 +95,7 @@ class _Collect(logging.Handler):
         self.lines: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.name in LEVER_LOGGERS:
+        if record.name in LEVER_LOGGERS or record.name.startswith(LEVER_PACKAGE + "."):
             self.lines.append(record.getMessage())
 
 
@@ -145,11 +148,12 @@ def lever_report(target: str) -> LeverReport:
                                is_trainable=True, gradient_checkpointing=training_args.gradient_checkpointing,
                                config=config, device_type=device_type, batch_tokens=batch_tokens,
                                speed_levers=False)
-            from mmtune.model.speed import apply_speed_levers
+            from mmtune.model.loader import speed_config
+            from mmtune.speed.levers import apply_levers
 
-            report.applied = apply_speed_levers(model, model_args,
-                                                gradient_checkpointing=training_args.gradient_checkpointing,
-                                                device_type=device_type, batch_tokens=batch_tokens)
+            report.applied = apply_levers(model, speed_config(
+                model_args, device_type=device_type, gradient_checkpointing=training_args.gradient_checkpointing,
+                batch_tokens=batch_tokens))
     except Exception as exc:  # noqa: BLE001 (the report still gives versions and device)
         report.error = f"{type(exc).__name__}: {exc}"
     finally:
@@ -160,23 +164,29 @@ def lever_report(target: str) -> LeverReport:
     return report
 
 
-def _lever_state(lever: Any, report: LeverReport) -> str:
-    from mmtune.model.speed import compile_settings
+def _lever_state(switch: str, report: LeverReport) -> str:
+    """One lever's (or regional compile setting's) line from the levers' report."""
+    from mmtune.speed.compile import SETTINGS
 
-    if lever.applied is None:  # a setting of regional compile
-        if not report.applied.get("compiled_blocks"):
+    applied = report.applied
+    if switch in SETTINGS.values():  # a setting of regional compile
+        if not applied.get("compile"):
             return "-"
-        return str(compile_settings(report.model_args, report.device_type)[lever.switch]).lower()
-    if lever.applied not in report.applied:
-        switch = getattr(report.model_args, lever.switch, None)
-        return f"off ({lever.switch}: false)" if switch is False else f"off (its default on {report.device_type})"
-    value = report.applied[lever.applied]
-    if lever.applied == "fused_cross_entropy" and value:
+        return str(getattr(applied.config, switch)).lower()
+    result = applied[switch]
+    if switch in applied.switched_off:
+        return result.reason
+    if not result:
+        return f"declined: {result.reason}"
+    value = result.detail
+    if switch == "fused_cross_entropy":
         return "on (checked against the model's own logits on the first training step)"
     if isinstance(value, bool):
-        return "on" if value else "declined (see the notes)"
+        return "on"
     if isinstance(value, (list, tuple)):
         return f"on: {', '.join(map(str, value))}" if value else "nothing to apply"
+    if isinstance(value, dict):
+        return "on: " + ", ".join(f"{k} {v}" for k, v in value.items())
     if isinstance(value, int):
         return f"on: {value}" if value else "nothing to apply (0)"
     return str(value)
@@ -185,7 +195,7 @@ def _lever_state(lever: Any, report: LeverReport) -> str:
 def _lever_lines(target: str) -> list[str]:
     """The speed-lever section of the report for ``target``."""
     from mmtune.config import ConfigError
-    from mmtune.model.speed import LEVERS
+    from mmtune.speed.levers import SWITCHES
 
     try:
         report = lever_report(target)
@@ -199,8 +209,8 @@ def _lever_lines(target: str) -> list[str]:
     if report.error:
         lines.append(f"  could not build the model to decide: {report.error}")
     else:
-        width = max(len(lever.switch) for lever in LEVERS)
-        lines += [f"  {lever.switch:<{width}}  {_lever_state(lever, report)}" for lever in LEVERS]
+        width = max(len(switch) for switch in SWITCHES)
+        lines += [f"  {switch:<{width}}  {_lever_state(switch, report)}" for switch in SWITCHES]
     if report.notes:
         lines += ["", "what the run would log about them:"] + [f"  {note}" for note in report.notes]
     return lines

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import Trainer, TrainingArguments
 
-from mmtune.train.sft import MMTrainer
+from mmtune.train.trainer import MMTrainer
 
 
 class _Tiny(torch.nn.Module):
@@ -66,29 +66,62 @@ def test_batches_go_to_the_device_without_blocking_by_default(tmp_path, monkeypa
 def test_trimmed_train_and_zero_grad_do_what_the_originals_do(tmp_path):
     import copy
 
-    from mmtune.train.sft import trim_module_walks
+    from mmtune.train.trainer import TrainModeSwitch
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Dropout(0.5), torch.nn.Sequential(torch.nn.Linear(4, 2)))
     ref = copy.deepcopy(net)
-    trim_module_walks(net)
+    switch = TrainModeSwitch(net)
     for mode_calls in (["eval"], ["train"], ["train", "train"], ["eval", "eval", "train"]):
         for call in mode_calls:
-            getattr(net, call)()
+            switch.set(call == "train")
             getattr(ref, call)()
             assert [m.training for m in net.modules()] == [m.training for m in ref.modules()]
     net[2][0].eval()  # a submodule switched on its own is switched back, as the original does
-    assert net.train() is net and all(m.training for m in net.modules())
+    assert switch.set(True) is net and all(m.training for m in net.modules())
     x = torch.randn(5, 3)
-    for set_to_none in (True, False):
+    for set_to_none in (True, False):  # zero_grad has no Trainer seam: torch's own runs, untouched
         net.eval()
         net(x).sum().backward()
         net.zero_grad(set_to_none=set_to_none)
         grads = [p.grad for p in net.parameters()]
         assert all(g is None for g in grads) if set_to_none else all(torch.equal(g, torch.zeros_like(g)) for g in grads)
-    # an MMTrainer gives its model the trimmed versions
+    # an MMTrainer switches its model through the switch in its training_step, assigning nothing on it
     trainer = _trainer(tmp_path, _Tiny())
-    assert "train" in vars(trainer.model) and "zero_grad" in vars(trainer.model)
+    trainer.model.eval()
+    trainer.create_optimizer_and_scheduler(num_training_steps=1)
+    trainer.current_gradient_accumulation_steps = 1  # what the training loop sets before a step
+    trainer.training_step(trainer.model, {"input_ids": torch.zeros(2, 3, dtype=torch.long)})
+    assert all(m.training for m in trainer.model.modules()) and trainer._train_switch.model is trainer.model
+    assert "train" not in vars(trainer.model) and "zero_grad" not in vars(trainer.model)
+
+
+def test_training_step_equals_the_trainers(tmp_path, monkeypatch):
+    """MMTrainer.training_step (the plain path) returns the Trainer's loss and leaves the
+    Trainer's gradients, with and without num_items_in_batch; other paths take the Trainer's own."""
+    from transformers import Trainer
+
+    inputs = {"input_ids": torch.tensor([[1, 2, 3], [4, 5, 6]])}
+    results = []
+    for step in (Trainer.training_step, MMTrainer.training_step):
+        for items in (None, torch.tensor(4)):
+            torch.manual_seed(0)
+            trainer = _trainer(tmp_path, _Tiny())
+            trainer.create_optimizer_and_scheduler(num_training_steps=1)
+            trainer.current_gradient_accumulation_steps = 2  # what the training loop sets before a step
+            loss = step(trainer, trainer.model, dict(inputs), items)
+            results.append((loss, [p.grad.clone() for p in trainer.model.parameters()]))
+    assert trainer._train_switch is not None  # the last step ran MMTrainer's own path, not the fallback
+    half = len(results) // 2
+    for (a, ga), (b, gb) in zip(results[:half], results[half:]):
+        assert torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(ga, gb))
+    trainer = _trainer(tmp_path, _Tiny())
+    trainer.create_optimizer_and_scheduler(num_training_steps=1)
+    called = []
+    monkeypatch.setattr(Trainer, "training_step", lambda self, *a, **k: called.append(1) or torch.zeros(()))
+    monkeypatch.setattr(trainer, "is_deepspeed_enabled", True, raising=False)
+    trainer.training_step(trainer.model, dict(inputs))
+    assert called == [1]
 
 
 # ------------------------------------------------------------------ clipping on one device
@@ -103,7 +136,7 @@ def _grads(seed):
 
 
 def test_one_device_clipping_equals_torchs_bit_for_bit():
-    from mmtune.train.sft import clip_grad_norm_one_device
+    from mmtune.train.trainer import clip_grad_norm_one_device
 
     for norm_type in (2.0, 1.0, float("inf")):
         for max_norm in (0.5, 1e6):  # clipping, and a no-op clip
@@ -120,34 +153,35 @@ def test_one_device_clipping_equals_torchs_bit_for_bit():
 
 
 def test_one_device_clipping_hands_other_layouts_to_torch(monkeypatch):
-    from mmtune.train import sft
+    from mmtune.train import trainer as trainer_module
 
     params = _grads(1)
     params[0].grad = params[0].grad.to_sparse()
     seen = []
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda p, m, norm_type=2.0: seen.append(len(p)) or 7)
-    assert sft.clip_grad_norm_one_device(params, 1.0) == 7 and seen == [4]
+    assert trainer_module.clip_grad_norm_one_device(params, 1.0) == 7 and seen == [4]
 
 
 def test_trainer_clips_through_the_one_device_path_with_the_same_result(tmp_path, monkeypatch):
-    from mmtune.train import sft
+    from mmtune.train import trainer as trainer_module
 
     trainer = _trainer(tmp_path, _Tiny())
-    assert "clip_grad_norm_" in vars(trainer.accelerator)
-    assert not sft.use_one_device_clipping(trainer.accelerator)  # routed once
+    assert "clip_grad_norm_" not in vars(trainer.accelerator)  # accelerate's own, untouched
+    assert trainer_module.one_device_clipping(trainer.accelerator)
     used = []
-    real = sft.clip_grad_norm_one_device
-    monkeypatch.setattr(sft, "clip_grad_norm_one_device", lambda *a: used.append(1) or real(*a))
+    real = trainer_module.clip_grad_norm_one_device
+    monkeypatch.setattr(trainer_module, "clip_grad_norm_one_device", lambda *a: used.append(1) or real(*a))
     ref, new = _grads(2), _grads(2)
     expected = torch.nn.utils.clip_grad_norm_(ref, 1.0)
-    assert torch.equal(trainer.accelerator.clip_grad_norm_(new, 1.0), expected) and used == [1]
+    trainer.args.max_grad_norm = 1.0
+    assert torch.equal(trainer._clip_grad_norm(torch.nn.ParameterList(new)), expected) and used == [1]
     assert all(torch.equal(a.grad, b.grad) for a, b in zip(ref[:-1], new[:-1]))
 
 
 def test_fsdp_and_deepspeed_keep_accelerates_clipping():
     from accelerate.utils import DistributedType
 
-    from mmtune.train.sft import use_one_device_clipping
+    from mmtune.train.trainer import one_device_clipping
 
     class _Acc:
         def __init__(self, kind):
@@ -155,8 +189,8 @@ def test_fsdp_and_deepspeed_keep_accelerates_clipping():
 
     for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.XLA):
         acc = _Acc(kind)
-        assert not use_one_device_clipping(acc) and "clip_grad_norm_" not in vars(acc)
-    assert use_one_device_clipping(_Acc(DistributedType.MULTI_GPU))
+        assert not one_device_clipping(acc) and "clip_grad_norm_" not in vars(acc)
+    assert one_device_clipping(_Acc(DistributedType.MULTI_GPU))
 
 
 def test_host_threads_default_to_one_on_cuda_with_workers_only():

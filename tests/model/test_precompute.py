@@ -16,7 +16,10 @@ from mmtune.model.precompute import (HOST_KEY, PRECOMPUTED_KEY, ForwardPrecomput
 from mmtune.model.composite import get_composite_model, has_prefix
 
 from .conftest import tiny_configs
-from .test_speed import _assert_same, _batch, _model, _train
+from ..helpers import assert_same as _assert_same
+from ..helpers import make_batch as _batch
+from ..helpers import make_model as _model
+from ..helpers import train_steps as _train
 
 
 def _types():
@@ -264,10 +267,13 @@ def test_the_lever_is_on_by_default_and_switchable():
 
     assert ModelArguments().sync_free_forward is True
     model = _model("qwen2_vl")
-    speed.apply_speed_levers(model, ModelArguments(sync_free_forward=False, compile=False), device_type="cpu")
+    from mmtune.speed.config import resolve_speed_config
+    from mmtune.speed.levers import apply_levers
+
+    apply_levers(model, resolve_speed_config(ModelArguments(sync_free_forward=False, compile=False), device_type="cpu"))
     assert find_precompute(model) is None
-    applied = speed.apply_speed_levers(model, ModelArguments(compile=False), device_type="cpu")
-    assert applied["sync_free_forward"] is True and isinstance(find_precompute(model), ForwardPrecompute)
+    applied = apply_levers(model, resolve_speed_config(ModelArguments(compile=False), device_type="cpu"))
+    assert applied["sync_free_forward"].detail is True and isinstance(find_precompute(model), ForwardPrecompute)
 
 
 def test_feature_wrappers_take_the_grid_by_position_or_name_and_only_at_the_outer_call():

@@ -16,6 +16,7 @@ from .composite import (
     names_module,
     patch_target_modules,
 )
+from .layers import decoder_layer_names
 
 logger = logging.getLogger(__name__)
 
@@ -56,16 +57,6 @@ def log_trainable_parameters(model: nn.Module) -> dict[str, dict[str, int]]:
     return stats
 
 
-def _decoder_layers(model: nn.Module, language_keys: list[str]) -> list[str]:
-    """Names of the language model's repeated blocks (the longest ModuleList under it)."""
-    best: list[str] = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and (not language_keys or has_prefix(name, language_keys)):
-            if len(module) > len(best):
-                best = [f"{name}.{i}" for i in range(len(module))]
-    return best
-
-
 def init_adapter(model: nn.Module, model_args: Any, finetuning_args: Any, is_trainable: bool = True) -> nn.Module:
     """Apply the fine-tuning method; returns the (possibly peft-wrapped) model."""
     config = model.config
@@ -85,7 +76,7 @@ def init_adapter(model: nn.Module, model_args: Any, finetuning_args: Any, is_tra
             param.requires_grad_(not has_prefix(name, forbidden))
     elif method == "freeze":
         language_keys = entry.language_model_keys if entry else []
-        layers = _decoder_layers(model, language_keys)
+        layers = decoder_layer_names(model, language_keys)
         keep = layers[-finetuning_args.freeze_trainable_layers:] if finetuning_args.freeze_trainable_layers > 0 else []
         trainable_prefixes = list(keep) if not finetuning_args.freeze_language_model else []
         if entry is not None:

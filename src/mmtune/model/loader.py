@@ -12,6 +12,7 @@ from mmtune.compat import apply_mends, yi_vl_projector
 from .adapters import init_adapter, lora_plan, prepare_quantization
 from .composite import autocast_projector_dtype, configure_visual_model, get_composite_model
 from .folders import check_model_args
+from .layers import enable_gradient_checkpointing
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +171,7 @@ def load_model(
     """Build or load the model, then apply the fine-tuning method.
 
     ``speed_levers=False`` leaves a trainable model without them, for a caller that applies
-    :func:`~mmtune.model.speed.apply_speed_levers` itself and wants its report (``mmtune env``).
+    :func:`~mmtune.speed.levers.apply_levers` itself and wants its report (``mmtune env``).
 
     ``config`` given without weights on disk (``model_name_or_path`` empty) builds a randomly
     initialised model: that is how tests and benchmarks make real-sized models offline.
@@ -210,14 +211,27 @@ def load_model(
     if is_trainable and gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model = init_adapter(model, model_args, finetuning_args, is_trainable)
-    if is_trainable and speed_levers:  # speed levers (model/speed.py); batch_tokens sizes the auto checkpointing
-        from .speed import apply_speed_levers
+    if is_trainable and speed_levers:  # batch_tokens sizes the auto checkpointing
+        from mmtune.speed.levers import apply_levers
 
-        apply_speed_levers(model, model_args, gradient_checkpointing=gradient_checkpointing,
-                           device_type=device_type, batch_tokens=batch_tokens)
+        apply_levers(model, speed_config(model_args, device_type=device_type,
+                                         gradient_checkpointing=gradient_checkpointing, batch_tokens=batch_tokens))
     if not is_trainable:
         model.eval()
     return model
+
+
+def speed_config(model_args: Any, *, device_type: str | None, gradient_checkpointing: bool,
+                 batch_tokens: int | None) -> Any:
+    """The run's resolved :class:`~mmtune.speed.config.SpeedConfig` (logged once), for
+    ``device_type`` (default: cuda when present)."""
+    import torch
+
+    from mmtune.speed.config import resolve_speed_config
+
+    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    return resolve_speed_config(model_args, device_type=device_type, gradient_checkpointing=gradient_checkpointing,
+                                batch_tokens=batch_tokens)
 
 
 def check_lora_target_before_loading(cls: Any, config: Any, model_args: Any, finetuning_args: Any) -> bool:
@@ -251,12 +265,3 @@ def check_lora_target_before_loading(cls: Any, config: Any, model_args: Any, fin
         return False
     lora_plan(skeleton, finetuning_args)
     return True
-
-
-def enable_gradient_checkpointing(model: Any) -> None:
-    """Checkpointing that still back-propagates when the first modules are frozen: the input
-    embeddings' output is made to require grad, so recomputed blocks have a graph to join."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if hasattr(model, "enable_input_require_grads"):
-        model.enable_input_require_grads()
-    logger.info("gradient checkpointing on (non-reentrant)")

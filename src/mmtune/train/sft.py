@@ -2,105 +2,23 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import logging
 import os
-import shutil
 from typing import Any
 
 import torch
-from transformers import Trainer
 
 from mmtune.model.composite import get_composite_model, has_prefix
 
 from . import recipe
 from .callbacks import JsonlLogCallback, MmtuneConfigCallback, plot_loss
-from .checkpoints import TRAINER_STATE, publish_checkpoint, resolve_resume, staging_folder
+from .checkpoints import resolve_resume
 from .interrupt import InterruptCallback
 from .outputs import prepare_output_dir
+from .trainer import MMTrainer
 
 logger = logging.getLogger(__name__)
-
-
-def trim_module_walks(model: torch.nn.Module) -> None:
-    """The Trainer calls ``model.train()`` and ``model.zero_grad()`` every step; each walks the
-    whole module tree (2,665 modules on Qwen2-VL-2B with LoRA: ~10 ms of host time a step
-    together). Give ``model`` versions that walk a flat list taken once: ``train(mode)`` does
-    nothing when every module is already in ``mode`` (what the original would leave) and runs
-    the original otherwise; ``zero_grad`` clears the listed parameters' gradients as the
-    original does. The lists are taken here: modules added later are not seen, so this is not
-    for FSDP or DeepSpeed, which swap parameters when the Trainer prepares the model."""
-    if "train" in vars(model) or "zero_grad" in vars(model):
-        return
-    modules = list(model.modules())
-    params = list(model.parameters())
-    original_train = model.train
-
-    def train(mode: bool = True) -> torch.nn.Module:
-        if all(m.training == mode for m in modules):
-            return model
-        return original_train(mode)
-
-    def zero_grad(set_to_none: bool = True) -> None:
-        for p in params:
-            if p.grad is None:
-                continue
-            if set_to_none:
-                p.grad = None
-            else:
-                if p.grad.grad_fn is not None:
-                    p.grad.detach_()
-                else:
-                    p.grad.requires_grad_(False)
-                p.grad.zero_()
-
-    model.train = train
-    model.zero_grad = zero_grad
-
-
-def clip_grad_norm_one_device(parameters: Any, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
-    """``torch.nn.utils.clip_grad_norm_`` for gradients that all live on one device as plain
-    tensors (one GPU, DDP): the same ``_foreach_norm`` per dtype, stacked and clipped, without
-    torch's ``norm.to(device)`` per parameter (338 calls, ~3.5 ms of host time a step on a
-    full fine-tune of Qwen2-VL-2B). Anything else (several devices, DTensor, sparse) goes to
-    torch's own function. Returns the total norm, as torch's does."""
-    if isinstance(parameters, torch.Tensor):  # torch's function takes a single tensor too
-        parameters = [parameters]
-    params = [p for p in parameters if p.grad is not None]
-    grads = [p.grad for p in params]
-    if not grads:
-        return torch.tensor(0.0)
-    device = grads[0].device
-    if any(type(g) is not torch.Tensor or g.is_sparse or g.device != device for g in grads):
-        return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type=norm_type)
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for g in grads:
-        by_dtype.setdefault(g.dtype, []).append(g)
-    norms = [n for group in by_dtype.values() for n in torch._foreach_norm(group, norm_type)]
-    total = torch.linalg.vector_norm(torch.stack(norms), norm_type)
-    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
-    return total
-
-
-def use_one_device_clipping(accelerator: Any) -> bool:
-    """Route ``accelerator.clip_grad_norm_`` through :func:`clip_grad_norm_one_device` where
-    the gradients are plain tensors on one device (no distribution, or DDP); FSDP, DeepSpeed
-    and XLA keep accelerate's own path. Returns whether it was routed."""
-    from accelerate.utils import DistributedType
-
-    if accelerator is None or "clip_grad_norm_" in vars(accelerator):
-        return False
-    if accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_GPU):
-        return False
-
-    def clip_grad_norm_(parameters: Any, max_norm: float, norm_type: float = 2) -> torch.Tensor:
-        accelerator.unscale_gradients()
-        return clip_grad_norm_one_device(parameters, max_norm, norm_type)
-
-    accelerator.clip_grad_norm_ = clip_grad_norm_
-    return True
 
 
 def set_host_threads(requested: int | None, device_type: str, dataloader_workers: int) -> int | None:
@@ -124,114 +42,6 @@ def set_host_threads(requested: int | None, device_type: str, dataloader_workers
     return requested
 
 
-class MMTrainer(Trainer):
-    """HF Trainer with a separate projector learning rate, and less host time a step."""
-
-    def __init__(self, *args: Any, projector_lr: float | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.projector_lr = projector_lr
-        if isinstance(self.model, torch.nn.Module) and not (getattr(self, "is_fsdp_enabled", False)
-                                                             or getattr(self, "is_deepspeed_enabled", False)):
-            trim_module_walks(self.model)  # FSDP and ZeRO replace or partition parameters after this
-        use_one_device_clipping(getattr(self, "accelerator", None))
-
-    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
-        """The Trainer's FLOP count, with the parameter count taken once: the Trainer recounts
-        every parameter of the model on every step (tens of ms of host time on a 2B model)."""
-        main_input = getattr(self.model, "main_input_name", "input_ids")
-        if main_input not in inputs or not hasattr(self.model, "num_parameters"):
-            return super().floating_point_ops(inputs)
-        if getattr(self, "_mmtune_num_parameters", None) is None:
-            self._mmtune_num_parameters = self.model.num_parameters(exclude_embeddings=True)
-        return 6 * inputs[main_input].numel() * self._mmtune_num_parameters
-
-    def _get_output_dir(self, trial: Any) -> str:
-        """The run's folder; while :meth:`_save_checkpoint` writes a checkpoint, its staging folder
-        (the Trainer writes ``checkpoint-N`` into the folder this returns)."""
-        staging = getattr(self, "_mmtune_staging", None)
-        return staging if staging is not None else super()._get_output_dir(trial)
-
-    def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        """The Trainer's checkpoint, written atomically: into ``tmp-checkpoint-N/checkpoint-N``
-        (every rank writes its files there), then, once complete (weights, optimizer, scheduler,
-        RNG states, ``trainer_state.json``, and what callbacks add through ``write_checkpoint``),
-        renamed to ``checkpoint-N`` by the saving process, the older checkpoints rotated out by
-        ``save_total_limit`` afterwards. A run killed during a save leaves a ``tmp-checkpoint-N``
-        that ``resume_from_checkpoint: true`` skips (it takes the previous checkpoint), never a
-        ``checkpoint-N`` that looks complete and is not. A rename, not a copy: the cost is nil.
-
-        transformers 4.36 staged checkpoints the same way and dropped it in 4.38: each rank renamed
-        (racing on shared filesystems) and staging names differed between ranks. Here one process
-        renames, between barriers, a name every rank derives from the step. A run that pushes to
-        the Hub writes in place as the Trainer does: its uploads read the checkpoint folder after
-        this returns, and a rename would move it under them."""
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-        if self.args.push_to_hub:
-            return super()._save_checkpoint(model, trial)
-        run_dir = self._get_output_dir(trial)
-        staging = staging_folder(run_dir, self.state.global_step)
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        if self.args.should_save:
-            shutil.rmtree(staging, ignore_errors=True)  # left by a run killed while saving this step
-        self.accelerator.wait_for_everyone()  # no rank writes into the staging folder before it is empty
-        self._mmtune_staging = staging
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._mmtune_staging = None
-        self.accelerator.wait_for_everyone()  # every rank's files are in
-        if self.args.should_save:
-            self._publish_checkpoint(os.path.join(staging, name), os.path.join(run_dir, name), run_dir)
-            with contextlib.suppress(OSError):
-                os.rmdir(staging)
-        self.accelerator.wait_for_everyone()  # on_save callbacks find checkpoint-N
-
-    def _publish_checkpoint(self, staged: str, final: str, run_dir: str) -> None:
-        from transformers.trainer_utils import rotate_checkpoints
-
-        if not os.path.isdir(staged):  # the Trainer no longer writes where _get_output_dir says
-            raise RuntimeError(f"the Trainer wrote no checkpoint into {staged}: transformers' _save_checkpoint changed; "
-                               "mmtune's MMTrainer._save_checkpoint must follow it")
-        if self.state.best_model_checkpoint == staged:  # recorded while staging: the name it gets now
-            self.state.best_model_checkpoint = final
-            self.state.save_to_json(os.path.join(staged, TRAINER_STATE))
-        for callback in self.callback_handler.callbacks:
-            write = getattr(callback, "write_checkpoint", None)
-            if write is not None:
-                write(self.args, self.state, staged)
-        publish_checkpoint(staged, final)
-        # the Trainer rotated inside the staging folder; the run's folder is rotated here, as it would have been
-        rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
-                           best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False):
-            return  # their own checkpoint formats
-        reload_renamed_weights(model if model is not None else self.model, resume_from_checkpoint)
-
-    def create_optimizer(self) -> Any:
-        if self.optimizer is not None or self.projector_lr is None:
-            return super().create_optimizer()
-        entry = get_composite_model(getattr(self.model.config, "model_type", ""))
-        if entry is None:
-            return super().create_optimizer()
-        decay = set(self.get_decay_parameter_names(self.model))
-        groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
-        for name, param in self.model.named_parameters():
-            if param.requires_grad:
-                groups.setdefault((has_prefix(name, [entry.projector_key]), name in decay), []).append(param)
-        cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
-        param_groups = [
-            {"params": params, "weight_decay": self.args.weight_decay if wd else 0.0,
-             **({"lr": self.projector_lr} if is_proj else {})}
-            for (is_proj, wd), params in groups.items()
-        ]
-        self.optimizer = cls(param_groups, **kwargs)
-        return self.optimizer
-
-
 def gather_fsdp_state_dict(trainer: Any) -> None:
     """Under FSDP with sharded checkpoints, switch to a full (gathered) state dict for the final
     save: transformers writes the output folder's weights only for FULL_STATE_DICT, so a sharded
@@ -243,49 +53,6 @@ def gather_fsdp_state_dict(trainer: Any) -> None:
     if "FULL_STATE_DICT" not in str(plugin.state_dict_type):
         plugin.set_state_dict_type("FULL_STATE_DICT")
         logger.info("FSDP: final save gathers a full state dict (checkpoints stayed sharded)")
-
-
-def _checkpoint_files(folder: str) -> list[str]:
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        return sorted({os.path.join(folder, f) for f in json.load(open(index))["weight_map"].values()})
-    single = os.path.join(folder, "model.safetensors")
-    return [single] if os.path.isfile(single) else []
-
-
-def reload_renamed_weights(model: Any, folder: str) -> int:
-    """Load a full checkpoint whose keys ``save_pretrained`` renamed to the hub layout
-    (transformers 5.2x: ``visual.*``, ``model.layers.*``), which the Trainer's resume would
-    otherwise skip with a 'missing keys' warning, training on from the base weights.
-    Returns the number of tensors loaded here (0 when the keys already matched)."""
-    from safetensors import safe_open
-
-    files = _checkpoint_files(folder)
-    if not files or hasattr(model, "peft_config"):
-        return 0
-    own = model.state_dict()
-    with safe_open(files[0], "pt") as fh:
-        if set(fh.keys()) <= set(own):
-            return 0  # the Trainer loaded them as they are
-    try:
-        from transformers.core_model_loading import revert_weight_conversion
-    except ImportError:
-        return 0
-    by_id = {id(t): name for name, t in own.items()}
-    saved_to_own = {saved: by_id[id(t)] for saved, t in revert_weight_conversion(model, dict(own)).items()
-                    if id(t) in by_id}
-    state = {}
-    for path in files:
-        with safe_open(path, "pt") as fh:
-            for key in fh.keys():
-                if key in saved_to_own:
-                    state[saved_to_own[key]] = fh.get_tensor(key)
-    missing = [k for k in own if k not in state]
-    if missing and len(missing) == len(own):
-        raise ValueError(f"checkpoint {folder}: none of its weights match the model (e.g. {missing[0]})")
-    model.load_state_dict(state, strict=False)
-    logger.info("resume: loaded %d renamed tensors from %s", len(state), folder)
-    return len(state)
 
 
 def save_projector(model: Any, output_dir: str) -> str | None:

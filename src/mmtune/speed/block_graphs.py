@@ -1,12 +1,17 @@
-"""CUDA graphs for repeated blocks that run without autograd (the blocks of a frozen tower).
+"""CUDA graphs of frozen blocks: the repeated blocks of a tower that runs without autograd are
+replayed from CUDA graphs, one per input signature seen twice.
 
-A frozen vision tower's forward is a long run of small kernels (32 blocks of ~20 launches on
-Qwen2-VL), each block call also paying Dynamo's cache lookup and the compiled wrapper's Python:
-~0.5-0.9 ms of host time a block on an H200 host against ~0.4 ms of GPU work, so the GPU waits
-on the host for the whole tower. Replayed from a CUDA graph, a block costs a few copies and
-one graph launch.
+A frozen vision tower's forward is a long run of small kernels, each block call also paying
+Dynamo's cache lookup and the compiled wrapper's Python, so the GPU waits on the host for the
+whole tower. Replayed from a CUDA graph, a block costs a few copies and one graph launch.
 
-How it works (:class:`BlockGraphs`, one per block, installed as the block's call):
+How it works (:class:`BlockGraphs`, one per block):
+- each block is replaced in its list (a submodule swap, as peft installs its layers) by an
+  instance of a subclass of its own class (:class:`GraphedBlock`) that shares the block's
+  parameters, buffers, submodules and hooks, so state-dict keys do not change; its ``__call__``
+  (a class method, nothing is assigned on an instance) goes through :meth:`BlockGraphs.run`,
+  which replays a graph or calls the block as usual (its compiled call when regional compile
+  is on: block graphs run before compile, which then compiles the replacement);
 - a call is *graphable* when autograd is off (or the block's forward turns it off: a frozen
   tower's), every tensor argument is on CUDA and needs no gradient, nothing is being captured
   or compiled, and no dropout is active; any other call runs the block as usual;
@@ -35,14 +40,27 @@ from __future__ import annotations
 
 import logging
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from mmtune.model.composite import has_prefix
+from mmtune.model.layers import replace_module, repeated_blocks, unwrap_model
+
+from .result import Applied, Declined
+
+if TYPE_CHECKING:
+    from .config import SpeedConfig
+
 logger = logging.getLogger(__name__)
+
+NAME = "block-graphs"
+SWITCH = "frozen_block_cuda_graphs"
+SUMMARY = "CUDA graphs of a frozen tower's blocks"
 
 _SCALARS = (int, float, bool, str, type(None), torch.dtype, torch.device)
 
@@ -72,8 +90,7 @@ def quantisation(model: nn.Module | None, blocks: list[nn.Module] = ()) -> str |
     a block by a module of a bitsandbytes class (:data:`QUANTISED_MODULES`, or any class that
     bitsandbytes defines)."""
     if model is not None:
-        get_base = getattr(model, "get_base_model", None)
-        base = get_base() if callable(get_base) else model
+        base = unwrap_model(model)
         for flag in ("hf_quantizer", "is_quantized", "is_loaded_in_4bit", "is_loaded_in_8bit"):
             if getattr(base, flag, None):
                 return f"the model is quantised ({flag})"
@@ -204,28 +221,33 @@ def _load_inputs(buffers: _Buffers, tensors: list[torch.Tensor]) -> None:
 
 
 class BlockGraphs:
-    """A block's call, replayed from graphs where the call is graphable (module docstring).
-    ``call`` is what the block ran before (its compiled call, or ``Module._call_impl``)."""
+    """A block's calls, replayed from graphs where the call is graphable (module docstring);
+    any other call runs the block as it would run unreplaced (its compiled call, if any)."""
 
-    def __init__(self, block: nn.Module, call: Callable[..., Any], share: GraphShare,
-                 runs_without_grad: bool = False) -> None:
+    def __init__(self, block: nn.Module, share: GraphShare, runs_without_grad: bool = False,
+                 kind: type | None = None) -> None:
         self.block_ref = weakref.ref(block)
-        self.call = call
         self.share = share
         self.runs_without_grad = runs_without_grad  # its forward turns autograd off itself (a frozen tower's)
         self.rng_modules = _rng_modules(block)
-        self.kind = type(block)  # buffers are shared between blocks of one class only (same outputs)
+        self.kind = kind or type(block)  # buffers are shared between blocks of one class only (same outputs)
         self.seen: dict[tuple, int] = {}
         self.graphs: dict[tuple, Any] = {}
         self.failed = False  # a capture failed (the block syncs with the host, say): run as usual from then on
+        self.enabled = True  # False: every call runs as usual (a comparison with the graphs off)
+
+    def call(self, *args: Any, **kwargs: Any) -> Any:
+        """The block's own call: its class's ``__call__`` (hooks, gradient checkpointing, and the
+        compiled call where ``Module.compile()`` set one)."""
+        return super(GraphedBlock, self.block_ref()).__call__(*args, **kwargs)
 
     def graphable(self) -> bool:
         block = self.block_ref()
-        return (block is not None and not self.failed and (self.runs_without_grad or not torch.is_grad_enabled())
+        return (block is not None and self.enabled and not self.failed and (self.runs_without_grad or not torch.is_grad_enabled())
                 and not torch.compiler.is_compiling()
                 and not (self.rng_modules and block.training) and self.share.backend.ready())
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def run(self, args: tuple, kwargs: dict) -> Any:
         if not self.graphable():
             return self.call(*args, **kwargs)
         leaves, spec = tree_flatten((args, kwargs))
@@ -286,17 +308,80 @@ class BlockGraphs:
         return graph
 
 
-def graph_blocks(blocks: list[nn.Module], share: GraphShare | None = None,
+class GraphedBlock(nn.Module):
+    """Mixed in before a block's own class (:func:`graphed_class`): the block's calls go through
+    its :class:`BlockGraphs` (``block_graphs``); everything else is the block's class."""
+
+    block_graphs: BlockGraphs
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.block_graphs.run(args, kwargs)
+
+
+_GRAPHED_CLASSES: dict[type, type] = {}
+
+
+def graphed_class(cls: type) -> type:
+    """``GraphedBlock`` + ``cls``, made once per block class."""
+    found = _GRAPHED_CLASSES.get(cls)
+    if found is None:
+        found = type(f"Graphed{cls.__name__}", (GraphedBlock, cls), {"__module__": __name__})
+        _GRAPHED_CLASSES[cls] = found
+    return found
+
+
+def graphed(block: nn.Module, share: GraphShare, runs_without_grad: bool = False) -> nn.Module:
+    """The replacement of ``block`` whose calls replay graphs: an instance of
+    :func:`graphed_class` sharing ``block``'s parameters, buffers, submodules, hooks and flags
+    (the same dicts), so state-dict keys and saved weights do not change. ``block`` itself is
+    left as it was; the caller puts the replacement in its place. A graphed block comes back
+    as it is."""
+    if isinstance(block, GraphedBlock):
+        return block
+    kind = type(block)
+    new = graphed_class(kind).__new__(graphed_class(kind))
+    new.__dict__.update(block.__dict__)
+    new.block_graphs = BlockGraphs(new, share, runs_without_grad, kind=kind)
+    return new
+
+
+def graph_blocks(model: nn.Module, names: list[str], share: GraphShare | None = None,
                  runs_without_grad: bool = False) -> GraphShare:
-    """Install :class:`BlockGraphs` as the call of each of ``blocks`` (after ``module.compile()``:
-    it wraps the compiled call); state-dict keys and the blocks' classes do not change.
-    ``runs_without_grad``: the blocks' forwards turn autograd off themselves (a frozen tower's,
-    :func:`mmtune.model.speed.run_frozen_towers_without_grad`), so their calls are graphable
-    whatever the caller's grad mode."""
+    """Replace each block ``names`` names in ``model`` (peft wrappers looked through) by its
+    :func:`graphed` version. ``runs_without_grad``: the blocks' forwards turn autograd off
+    themselves (a frozen tower's, :mod:`mmtune.speed.tower_no_grad`), so their calls are
+    graphable whatever the caller's grad mode."""
     share = share or GraphShare()
-    for block in blocks:
-        if isinstance(block._compiled_call_impl, BlockGraphs):
-            continue
-        call = block._compiled_call_impl or block._call_impl
-        block._compiled_call_impl = BlockGraphs(block, call, share, runs_without_grad)
+    base = unwrap_model(model)
+    for name in names:
+        block = base.get_submodule(name)
+        if not isinstance(block, GraphedBlock):
+            replace_module(base, name, graphed(block, share, runs_without_grad))
     return share
+
+
+def graph_frozen_blocks(model: nn.Module, tower_keys: list[str], share: GraphShare | None = None) -> int:
+    """Replay the repeated blocks under ``tower_keys`` (towers that run without autograd) from
+    CUDA graphs. Returns the number of blocks graphed: none for a quantised model or tower
+    (QLoRA), whose kernels do not capture (one info line)."""
+    found = [(name, block) for name, block in repeated_blocks(model) if has_prefix(name, tower_keys)]
+    reason = quantisation(model, [b for _, b in found]) if found else None
+    if reason:
+        logger.info("CUDA graphs of frozen blocks skipped: %s, and quantised kernels do not capture into graphs",
+                    reason)
+        return 0
+    if found:
+        graph_blocks(model, [name for name, _ in found], share or GraphShare(), runs_without_grad=True)
+        logger.info("CUDA graphs for %d frozen blocks (%s): captured per input signature on its second call",
+                    len(found), ", ".join(sorted({type(b).__name__ for _, b in found})))
+    return len(found)
+
+
+def apply(model: nn.Module, cfg: SpeedConfig, earlier: Mapping[str, Applied | Declined]) -> Applied | Declined:
+    towers = earlier.get("frozen_tower_no_grad")
+    if not towers:
+        return Declined("no tower runs without autograd (frozen_tower_no_grad)")
+    n = graph_frozen_blocks(model, list(towers.detail))
+    if not n:
+        return Declined("no repeated blocks to graph in the frozen tower, or it is quantised")
+    return Applied(n)

@@ -1,4 +1,4 @@
-"""CUDA graphs of frozen blocks (mmtune.model.graphs): the buffer and signature logic, run on the
+"""CUDA graphs of frozen blocks (mmtune.speed.block_graphs): the buffer and signature logic, run on the
 CPU through a backend whose "graph" re-runs the captured function on the static buffers, as a
 replay re-runs the recorded kernels on them. The CUDA backend itself needs a GPU: see
 benchmarks/README.md for the device check (same tower outputs, same losses)."""
@@ -7,10 +7,16 @@ import pytest
 import torch
 
 from mmtune.config import ModelArguments
-from mmtune.model import speed
-from mmtune.model.graphs import BlockGraphs, GraphShare, graph_blocks, signature
+from mmtune.model.layers import unwrap_model
+from mmtune.speed import block_graphs, tower_no_grad
+from mmtune.speed.block_graphs import BlockGraphs, GraphedBlock, GraphShare, graphed, signature
+from mmtune.speed.config import resolve_speed_config
+from mmtune.speed.levers import apply_levers
 
-from .test_speed import _assert_same, _batch, _model, _train
+from ..helpers import assert_same as _assert_same
+from ..helpers import make_batch as _batch
+from ..helpers import make_model as _model
+from ..helpers import train_steps as _train
 
 
 class _Replay:
@@ -63,23 +69,22 @@ def _args(n=3, seed=0):
         "position_embeddings": (torch.randn(n, 4, generator=g), torch.randn(n, 4, generator=g))}
 
 
-def _graphed(*blocks, **share_kw):
-    share = GraphShare(backend=FakeGraphs(), **share_kw)
-    graph_blocks(list(blocks), share)
-    return share
+def _graphed(*blocks, share=None, **share_kw):
+    """The share and the graphed replacements of ``blocks`` (what a model's lists then hold)."""
+    share = share or GraphShare(backend=FakeGraphs(), **share_kw)
+    return (share, *[graphed(block, share) for block in blocks])
 
 
 @torch.no_grad()
 def test_a_signature_is_captured_on_its_second_call_and_replayed_after():
     torch.manual_seed(0)
-    block = _Block()
-    share = _graphed(block)
+    share, block = _graphed(_Block())
     args, kwargs = _args()
     expected = block.forward(*args, **kwargs)
     outs = [block(*args, **kwargs) for _ in range(4)]
     for out in outs:
         assert torch.equal(out, expected)
-    wrapper = block._compiled_call_impl
+    wrapper = block.block_graphs
     assert isinstance(wrapper, BlockGraphs) and share.captures == 1 and share.replays == 3
     (graph,) = wrapper.graphs.values()
     assert graph.replays == 3  # call 2 right after its capture, then calls 3 and 4
@@ -91,8 +96,7 @@ def test_a_signature_is_captured_on_its_second_call_and_replayed_after():
 @torch.no_grad()
 def test_new_inputs_of_one_signature_are_copied_in():
     torch.manual_seed(0)
-    block = _Block()
-    _graphed(block)
+    _, block = _graphed(_Block())
     for seed in range(4):  # same shapes, new values every call (the rotary tables too)
         args, kwargs = _args(seed=seed)
         assert torch.equal(block(*args, **kwargs), block.forward(*args, **kwargs))
@@ -106,7 +110,7 @@ def test_new_inputs_of_one_signature_are_copied_in():
 def test_blocks_share_buffers_and_skip_unchanged_inputs():
     torch.manual_seed(0)
     blocks = [_Block(), _Block(), _Block()]
-    share = _graphed(*blocks)
+    share, *blocks = _graphed(*blocks)
     copies = []
     original = torch.Tensor.copy_
 
@@ -137,8 +141,7 @@ def test_blocks_share_buffers_and_skip_unchanged_inputs():
 @torch.no_grad()
 def test_signatures_follow_shapes_and_values_and_are_capped():
     torch.manual_seed(0)
-    block = _Block()
-    share = _graphed(block, max_signatures=2)
+    share, block = _graphed(_Block(), max_signatures=2)
     for n in (3, 3, 5, 5, 7, 7, 7):  # a third signature is over the cap: it runs as usual
         args, kwargs = _args(n)
         assert torch.equal(block(*args, **kwargs), block.forward(*args, **kwargs))
@@ -152,8 +155,7 @@ def test_signatures_follow_shapes_and_values_and_are_capped():
 
 def test_calls_that_cannot_be_graphed_run_as_usual():
     torch.manual_seed(0)
-    block = _Block()
-    share = _graphed(block)
+    share, block = _graphed(_Block())
     args, kwargs = _args()
     for _ in range(3):  # autograd on: never graphed
         out = block(*args, **kwargs)
@@ -181,8 +183,7 @@ def test_autocast_state_is_part_of_the_signature():
 
 def test_dropout_while_training_runs_as_usual():
     torch.manual_seed(0)
-    block = _Block(dropout=0.5)
-    share = _graphed(block)
+    share, block = _graphed(_Block(dropout=0.5))
     args, kwargs = _args()
     with torch.no_grad():
         block.train()
@@ -202,10 +203,10 @@ def test_frozen_tower_blocks_graphed_keep_losses_and_grads():
 
     def build(graphs):
         model = _model("qwen2_vl", "full")
-        keys = speed.run_frozen_towers_without_grad(model)
+        keys = tower_no_grad.run_frozen_towers_without_grad(model).detail
         share = GraphShare(backend=FakeGraphs())
         if graphs:
-            assert speed.graph_frozen_blocks(model, keys, share=share) == 2  # the two vision blocks
+            assert block_graphs.graph_frozen_blocks(model, keys, share=share) == 2  # the two vision blocks
         return model, share
 
     ref, _ = build(False)
@@ -215,45 +216,68 @@ def test_frozen_tower_blocks_graphed_keep_losses_and_grads():
     assert list(model.state_dict()) == keys_before  # state-dict keys unchanged
     assert len(share.buffers) == 1  # both batches' images have the same sizes: one signature
     assert share.captures == 2 and share.replays == 2 * 5  # captured at step 2, replayed from then on
+    assert all(isinstance(b, GraphedBlock) for b in unwrap_model(model).model.visual.blocks)
+
+
+def test_graphed_blocks_save_the_same_weights(tmp_path):
+    """Module replacement shares the block's parameters: the saved files hold the same keys and
+    tensors as the model's without the lever, and load into a plain model."""
+    from safetensors.torch import load_file
+
+    plain, model = _model("qwen2_vl", "full"), _model("qwen2_vl", "full")
+    keys = tower_no_grad.run_frozen_towers_without_grad(model).detail
+    assert block_graphs.graph_frozen_blocks(model, keys, share=GraphShare(backend=FakeGraphs())) == 2
+    plain.save_pretrained(tmp_path / "plain")
+    model.save_pretrained(tmp_path / "graphed")
+    a, b = load_file(tmp_path / "plain" / "model.safetensors"), load_file(tmp_path / "graphed" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_the_lever_is_on_by_default_with_cuda_for_frozen_towers(monkeypatch):
     seen = []
-    monkeypatch.setattr(speed, "graph_frozen_blocks", lambda model, keys: seen.append(keys) or 2)
-    monkeypatch.setattr(speed, "resolve_checkpoint_layers", lambda *a, **k: 0)
+    monkeypatch.setattr(block_graphs, "graph_frozen_blocks", lambda model, keys: seen.append(keys) or 2)
     levers = dict(compile=False, liger_kernels=False, vision_varlen_attention=False)
+
+    def run(model, args, device_type):
+        return apply_levers(model, resolve_speed_config(args, device_type=device_type))
+
     on = ModelArguments(frozen_block_cuda_graphs=True, **levers)
-    applied = speed.apply_speed_levers(_model("qwen2_vl", "full"), on, device_type="cuda")
-    assert applied["graphed_blocks"] == 2 and seen == [["model.visual.patch_embed", "model.visual.blocks"]]
+    applied = run(_model("qwen2_vl", "full"), on, "cuda")
+    assert applied["frozen_block_cuda_graphs"].detail == 2
+    assert seen == [["model.visual.patch_embed", "model.visual.blocks"]]
     default = ModelArguments(**levers)
     assert default.frozen_block_cuda_graphs is None
-    assert speed.apply_speed_levers(_model("qwen2_vl", "full"), default, device_type="cuda")["graphed_blocks"] == 2
+    assert run(_model("qwen2_vl", "full"), default, "cuda")["frozen_block_cuda_graphs"].detail == 2
     off = ModelArguments(frozen_block_cuda_graphs=False, **levers)
-    assert "graphed_blocks" not in speed.apply_speed_levers(_model("qwen2_vl", "full"), off, device_type="cuda")
-    assert "graphed_blocks" not in speed.apply_speed_levers(_model("qwen2_vl", "full"), default, device_type="cpu")
+    assert not run(_model("qwen2_vl", "full"), off, "cuda")["frozen_block_cuda_graphs"]
+    assert not run(_model("qwen2_vl", "full"), default, "cpu")["frozen_block_cuda_graphs"]
     # a tower that trains runs with autograd: nothing to graph
     trains = _model("qwen2_vl", "full", freeze_vision_tower=False)
-    assert "graphed_blocks" not in speed.apply_speed_levers(trains, on, device_type="cuda")
+    assert not run(trains, on, "cuda")["frozen_block_cuda_graphs"]
     assert len(seen) == 2
 
 
-def test_graphing_wraps_the_compiled_call(monkeypatch):
-    block = _Block()
+def test_graphing_wraps_the_compiled_call():
+    """Block graphs run before regional compile, which compiles the graphed block with
+    ``Module.compile()``: a call that is not replayed runs that compiled call; graphing a graphed
+    block gives it back (wrapped once); nothing is assigned on the instance but compile's own."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
     compiled = []
 
-    def fake_compiled(*args, **kwargs):
+    def backend(gm, example_inputs):
         compiled.append(1)
-        return block._call_impl(*args, **kwargs)
+        return gm.forward
 
-    block._compiled_call_impl = fake_compiled
-    _graphed(block)
-    _graphed(block)  # twice: wrapped once
-    assert block._compiled_call_impl.call is fake_compiled
+    share, block = _graphed(_Block())
+    assert graphed(block, share) is block  # twice: wrapped once
+    block.compile(backend=backend)
     with torch.no_grad():
-        block(*_args()[0], **_args()[1])
-    assert compiled == [1]
-    with pytest.raises(AttributeError):
-        block._compiled_call_impl.call.call  # noqa: B018 (not wrapped twice)
+        out = block(*_args()[0], **_args()[1])
+    assert compiled == [1] and torch.equal(out, _Block.forward(block, *_args()[0], **_args()[1]))
+    assert not isinstance(block.block_graphs.call, BlockGraphs)  # not wrapped twice
+    assert {"forward", "__call__", "_call_impl"}.isdisjoint(vars(block))
 
 
 class _FailingCapture(FakeGraphs):
@@ -266,14 +290,12 @@ def test_a_failed_capture_leaves_the_block_running_as_usual(caplog):
     import logging
 
     torch.manual_seed(0)
-    block = _Block()
-    share = GraphShare(backend=_FailingCapture())
-    graph_blocks([block], share)
+    share, block = _graphed(_Block(), share=GraphShare(backend=_FailingCapture()))
     args, kwargs = _args()
-    with caplog.at_level(logging.WARNING, logger="mmtune.model.graphs"):
+    with caplog.at_level(logging.WARNING, logger="mmtune.speed"):
         outs = [block(*args, **kwargs) for _ in range(4)]
     assert all(torch.equal(o, block.forward(*args, **kwargs)) for o in outs)
-    assert share.captures == 0 and block._compiled_call_impl.failed
+    assert share.captures == 0 and block.block_graphs.failed
     assert share.buffers == {}  # no graph reads them: not kept, not counted against the cap
     assert caplog.text.count("capturing a _Block failed") == 1  # tried once, then left alone
 
@@ -282,15 +304,13 @@ def test_a_failed_capture_leaves_the_block_running_as_usual(caplog):
 def test_failed_captures_of_several_blocks_warn_once(caplog):
     import logging
 
-    blocks = [_Block() for _ in range(3)]
-    share = GraphShare(backend=_FailingCapture())
-    graph_blocks(blocks, share)
+    share, *blocks = _graphed(*[_Block() for _ in range(3)], share=GraphShare(backend=_FailingCapture()))
     args, kwargs = _args()
-    with caplog.at_level(logging.WARNING, logger="mmtune.model.graphs"):
+    with caplog.at_level(logging.WARNING, logger="mmtune.speed"):
         for _ in range(3):
             for block in blocks:
                 block(*args, **kwargs)
-    assert share.failed_captures == 3 and all(b._compiled_call_impl.failed for b in blocks)
+    assert share.failed_captures == 3 and all(b.block_graphs.failed for b in blocks)
     assert caplog.text.count("CUDA graphs of frozen blocks: capturing") == 1
 
 
@@ -302,8 +322,7 @@ class _Other(_Block):
 @torch.no_grad()
 def test_blocks_of_different_classes_keep_their_own_buffers():
     torch.manual_seed(0)
-    a, b = _Block(), _Other()
-    share = _graphed(a, b)
+    share, a, b = _graphed(_Block(), _Other())
     args, kwargs = _args()
     for _ in range(3):
         assert torch.equal(a(*args, **kwargs), a.forward(*args, **kwargs))
@@ -324,8 +343,8 @@ def test_quantised_towers_are_not_graphed(flag, caplog):
     from types import SimpleNamespace
 
     model = _model("qwen2_vl", "lora")
-    keys = speed.run_frozen_towers_without_grad(model)
-    base = speed.unwrap_model(model)
+    keys = tower_no_grad.run_frozen_towers_without_grad(model).detail
+    base = unwrap_model(model)
     if flag == "hf_quantizer":
         base.hf_quantizer = SimpleNamespace(quantization_config=None)
     elif flag == "is_loaded_in_4bit":
@@ -335,16 +354,16 @@ def test_quantised_towers_are_not_graphed(flag, caplog):
     else:
         mlp = base.model.visual.blocks[1].mlp
         mlp.fc1 = Linear4bit(mlp.fc1.in_features, mlp.fc1.out_features)
-    with caplog.at_level(logging.INFO, logger="mmtune.model.speed"):
-        assert speed.graph_frozen_blocks(model, keys, share=GraphShare(backend=FakeGraphs())) == 0
-    assert not any(isinstance(b._compiled_call_impl, BlockGraphs) for b in base.model.visual.blocks)
+    with caplog.at_level(logging.INFO, logger="mmtune.speed"):
+        assert block_graphs.graph_frozen_blocks(model, keys, share=GraphShare(backend=FakeGraphs())) == 0
+    assert not any(isinstance(b, GraphedBlock) for b in base.model.visual.blocks)
     lines = [r.getMessage() for r in caplog.records if "CUDA graphs" in r.getMessage()]
     assert len(lines) == 1 and "skipped" in lines[0] and "quantised" in lines[0]
     assert ("Linear4bit" in lines[0]) == (flag == "linear4bit")
 
 
 def test_quantisation_is_none_for_a_plain_model():
-    from mmtune.model.graphs import quantisation
+    from mmtune.speed.block_graphs import quantisation
 
     model = _model("qwen2_vl", "lora")
-    assert quantisation(model, list(speed.unwrap_model(model).model.visual.blocks)) is None
+    assert quantisation(model, list(unwrap_model(model).model.visual.blocks)) is None
