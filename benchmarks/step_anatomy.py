@@ -184,8 +184,8 @@ def main(argv: list[str] | None = None) -> dict:
     from mmtune.data import MultiModalCollator, build_dataset
     from mmtune.model.composite import get_composite_model
     from mmtune.model.loader import load_model, load_tokenizer_and_processor
-    from mmtune.model.precompute import find_precompute
     from mmtune.model.speed import unwrap_model
+    from mmtune.speed.forward import TrainingForward, collator_precompute
     from mmtune.plugins import get_mm_plugin
     from mmtune.templates import get_template
     from mmtune.train import parse_config
@@ -202,10 +202,12 @@ def main(argv: list[str] | None = None) -> dict:
     plugin = get_mm_plugin(mm_args.plugin or template.plugin, media=data_args.media_config())
     data = build_dataset(data_args, template, plugin, tokenizer, processor)["train"]
     longest = max(len(x) for x in data[: 4 * args.batch]["input_ids"])
+    levers: dict[str, Any] = {}
     model = load_model(model_args, ft_args, is_trainable=True, tokenizer=tokenizer, device_type=device,
-                       batch_tokens=args.batch * longest)
+                       batch_tokens=args.batch * longest, levers_out=levers)
+    training_forward = TrainingForward.from_levers(levers)
     model.to(device).train()
-    collator = MultiModalCollator(plugin, processor, tokenizer, model=model, precompute=find_precompute(model))
+    collator = MultiModalCollator(plugin, processor, tokenizer, model=model, precompute=collator_precompute(levers))
     batches = [_to(collator([data[j] for j in range(i * args.batch, (i + 1) * args.batch)]), device) for i in range(4)]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=device == "cuda")
@@ -217,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def forward(b: dict[str, Any]) -> torch.Tensor:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
-            return model(**b).loss
+            return training_forward(model, b).loss if training_forward is not None else model(**b).loss
 
     def train_on(b: dict[str, Any]) -> torch.Tensor:
         loss = forward(b)

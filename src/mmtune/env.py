@@ -30,7 +30,8 @@ OPTIONAL_PACKAGES: tuple[str, ...] = ("bitsandbytes", "deepspeed", "flash_attn",
 
 
 #: the modules whose log lines say what the levers did (the rest of loading is not reported)
-LEVER_LOGGERS = frozenset({"mmtune.model.speed", "mmtune.model.precompute", "mmtune.model.graphs"})
+LEVER_LOGGERS = frozenset({"mmtune.model.speed", "mmtune.speed.fused_loss", "mmtune.speed.sync_free",
+                           "mmtune.model.graphs"})
 
 
 @dataclass
@@ -162,6 +163,7 @@ def lever_report(target: str) -> LeverReport:
 
 def _lever_state(lever: Any, report: LeverReport) -> str:
     from mmtune.model.speed import compile_settings
+    from mmtune.speed.result import Applied, Declined
 
     if lever.applied is None:  # a setting of regional compile
         if not report.applied.get("compiled_blocks"):
@@ -171,6 +173,10 @@ def _lever_state(lever: Any, report: LeverReport) -> str:
         switch = getattr(report.model_args, lever.switch, None)
         return f"off ({lever.switch}: false)" if switch is False else f"off (its default on {report.device_type})"
     value = report.applied[lever.applied]
+    if isinstance(value, Declined):
+        return "declined (see the notes)"
+    if isinstance(value, Applied):
+        value = value.detail
     if lever.applied == "fused_cross_entropy" and value:
         return "on (checked against the model's own logits on the first training step)"
     if isinstance(value, bool):

@@ -15,7 +15,7 @@ from mmtune.plugins import register_mm_plugin
 from mmtune.templates import Template, register_template
 from mmtune.testing import FamilyFixture, build_bpe_tokenizer, register_fixture
 
-from .qwen2_vl import Qwen2VLPlugin
+from .qwen2_vl import Qwen2VLPlugin, qwen2_vl_tower_inputs
 
 GLM_SPECIAL_TOKENS = ("<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
                       "<|assistant|>", "<|observation|>", "<|begin_of_image|>", "<|end_of_image|>",
@@ -48,7 +48,9 @@ for _model_type in ("glm4v", "glm4v_moe"):
                                "model.visual.downsample"],
             language_model_keys=["model.language_model", "lm_head"],
             lora_conflict_keys=["patch_embed"],
-            speed=SpeedCapabilities(fusable_head=True, varlen_attention_classes=("Glm4vVisionAttention", "Glm4vMoeVisionAttention")),
+            speed=SpeedCapabilities(fusable_head=True, varlen_attention_classes=("Glm4vVisionAttention", "Glm4vMoeVisionAttention"),
+                                    # its embeddings read the grid too: the model keeps the device grid
+                                    tower_inputs=qwen2_vl_tower_inputs, grid_on_host=False),
         )
     )
 

@@ -23,7 +23,7 @@ from mmtune.templates import TEMPLATES, register_template
 from mmtune.testing import FamilyFixture, register_fixture
 
 from .qwen2_audio import WhisperAudioMixin
-from .qwen2_vl import Qwen2VLPlugin, build_qwen_tokenizer
+from .qwen2_vl import Qwen2VLPlugin, build_qwen_tokenizer, qwen2_5_vl_tower_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -216,7 +216,8 @@ register_composite_model(
         vision_model_keys=[f"{_P}visual.patch_embed", f"{_P}visual.blocks", f"{_P}audio_tower"],
         language_model_keys=[f"{_P}language_model" if _P else "model", "lm_head"],
         lora_conflict_keys=["patch_embed"],
-        speed=SpeedCapabilities(fusable_head=True, varlen_attention_classes=("Qwen2_5OmniVisionAttention", "Qwen2_5OmniAudioAttention")),
+        speed=SpeedCapabilities(fusable_head=True, varlen_attention_classes=("Qwen2_5OmniVisionAttention", "Qwen2_5OmniAudioAttention"),
+                                tower_inputs=qwen2_5_vl_tower_inputs, grid_on_host=True),
     )
 )
 

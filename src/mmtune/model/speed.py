@@ -4,12 +4,8 @@ A lever is on by default only where it changes no result (numerical noise aside)
 logs when it is applied and each has a CPU test comparing losses with the lever off.
 
 - **fused linear cross-entropy** (``fused_cross_entropy``): the LM head's logits are never
-  materialised whole. The head's input is captured, the model's own forward is left to do
-  everything else (label expansion, token types, ...), and the loss and its gradients wrt
-  the hidden states and the head weight are computed chunk by chunk over the labelled
-  tokens only (Liger-kernel's kernel when installed, our PyTorch one otherwise). A config's
-  logit scale and soft-cap are reproduced; a model whose logits it does not reproduce makes it
-  decline on the first training call (one warning), and the run goes on with the model's loss.
+  materialised whole (:mod:`mmtune.speed.fused_loss`; the training forward of
+  :mod:`mmtune.speed.forward` computes the loss).
 - **regional compile** (``compile``): each repeated block (decoder layers, vision blocks) is
   ``module.compile()``-d with dynamic shapes, so identical blocks share one graph and new
   batch lengths do not recompile.
@@ -22,9 +18,8 @@ logs when it is applied and each has a CPU test comparing losses with the lever 
   all images of a batch in one varlen kernel (torch's flash varlen) instead of one sdpa call
   and one host sync per image and block.
 - **sync-free forward** (``sync_free_forward``): what the forward would derive on the GPU with
-  host syncs (the vision tower's rotary positions, ``cu_seqlens``, ``max_seqlen``, the split
-  per image, the placeholder check, an all-ones mask, the loss rows) is built in the collator
-  (:mod:`mmtune.model.precompute`), so the host can queue work ahead of the GPU.
+  host syncs (the vision tower's inputs, the split per image, the placeholder check, an all-ones
+  mask, the loss rows) is built in the collator (:mod:`mmtune.speed.sync_free`).
 - **Liger kernels** (``liger_kernels``): RMSNorm / SwiGLU / rotary via liger-kernel, if installed.
 - **CUDA graphs of frozen blocks** (``frozen_block_cuda_graphs``, on with CUDA): the repeated
   blocks of a tower that runs without autograd are replayed from CUDA graphs, one per input
@@ -39,14 +34,14 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mmtune.constants import IGNORE_INDEX
+from mmtune.speed.result import Declined
 
 from .composite import get_composite_model, has_prefix
 
@@ -57,370 +52,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     """The transformers model under a peft wrapper (or ``model`` itself)."""
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
-
-
-# =============================================================== fused linear cross-entropy
-def default_chunk_size(vocab_size: int, budget_bytes: int = 2**29) -> int:
-    """Rows per chunk so one chunk's fp32 logits stay near ``budget_bytes`` (512 MiB: 512 rows
-    of a 152k vocabulary), a power of two in [32, 8192]."""
-    rows = max(1, budget_bytes // max(1, 4 * vocab_size))
-    return int(min(8192, max(32, 2 ** int(math.log2(rows)))))
-
-
-class _FusedLinearCrossEntropy(torch.autograd.Function):
-    """Sum of token cross-entropies of ``hidden @ weight.T + bias`` over rows whose target is
-    valid, divided by ``denom``. The gradients are computed in the forward, chunk by chunk,
-    and handed out in the backward (Liger-kernel's scheme), so at most one chunk of logits
-    lives at a time."""
-
-    @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                target: torch.Tensor, denom: torch.Tensor, softcap: float | None, chunk_size: int) -> torch.Tensor:
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        need_b = need_b and bias is not None
-        acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 for gradcheck
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
-        denom = denom.to(acc)
-        log_denom = denom.log()
-        loss = torch.zeros((), dtype=acc, device=hidden.device)
-        for start in range(0, hidden.shape[0], chunk_size):
-            h = hidden[start:start + chunk_size]
-            t = target[start:start + chunk_size]
-            logits = F.linear(h, weight, bias).to(acc)
-            if softcap:
-                tanh = torch.tanh(logits / softcap)
-                logits = tanh * softcap
-            lse = torch.logsumexp(logits, dim=-1)
-            loss += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
-            if not (need_h or need_w or need_b):
-                continue
-            # d(loss / denom) / d logits = (softmax - onehot) / denom, built in place
-            g = logits.sub_((lse + log_denom)[:, None]).exp_()
-            g[torch.arange(t.shape[0], device=t.device), t] -= torch.exp(-log_denom)
-            if softcap:
-                g.mul_(1.0 - tanh * tanh)
-            if need_b:
-                grad_b += g.sum(0)
-            g = g.to(hidden.dtype)
-            if need_h:
-                grad_h[start:start + chunk_size] = g @ weight
-            if need_w:
-                grad_w += (g.t() @ h).to(acc)
-        ctx.grads = (grad_h, grad_w, grad_b)
-        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
-        return loss / denom
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple:
-        grad_h, grad_w, grad_b = ctx.grads  # kept (not mutated) so a retained graph can run backward again
-        w_dtype, b_dtype = ctx.dtypes
-        if grad_h is not None:
-            grad_h = grad_h * grad_out.to(grad_h.dtype)
-        if grad_w is not None:
-            grad_w = grad_w.to(w_dtype, copy=True).mul_(grad_out)
-        if grad_b is not None:
-            grad_b = grad_b.to(b_dtype, copy=True).mul_(grad_out)
-        return grad_h, grad_w, grad_b, None, None, None, None
-
-
-def next_token_targets(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """``labels`` shifted left by one (each position's target is the next token), the last
-    position ignored: what transformers' causal-LM loss compares the logits with."""
-    return F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-
-
-@functools.cache
-def _liger_flce() -> Any:
-    """Liger-kernel's fused linear cross-entropy, or None when liger-kernel is not installed."""
-    try:
-        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
-    except ImportError:
-        return None
-    logger.info("fused cross-entropy: using liger-kernel's kernel")
-    return liger_fused_linear_cross_entropy
-
-
-def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
-    device = weight.device.type
-    if torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return weight.dtype
-
-
-def fused_linear_cross_entropy(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    target: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    *,
-    ignore_index: int = IGNORE_INDEX,
-    num_items_in_batch: Any = None,
-    softcap: float | None = None,
-    chunk_size: int | None = None,
-    use_liger: bool = True,
-    rows: torch.Tensor | None = None,
-    logit_scale: float | None = None,
-) -> torch.Tensor:
-    """``cross_entropy(softcap(logit_scale * (hidden @ weight.T + bias)), target)`` without the full logits.
-
-    ``target`` is aligned with ``hidden`` (already shifted). Reduction follows transformers'
-    ``ForCausalLMLoss``: the sum over valid targets divided by ``num_items_in_batch`` when
-    given (gradient accumulation), their mean otherwise. Only rows with a valid target are
-    projected (prompt and image tokens cost nothing); a batch without any gives a zero loss
-    (transformers' mean gives NaN there). ``rows``: the flat indices of the valid targets when
-    the caller knows them (built on the CPU: no host sync here). ``logit_scale`` (Cohere's
-    ``logit_scale``) multiplies the selected hidden rows and the bias, not the weight: the same
-    logits without a scaled copy of the vocabulary-sized matrix.
-    """
-    hidden = hidden.reshape(-1, hidden.shape[-1])
-    target = target.reshape(-1).to(hidden.device)
-    if rows is None:
-        rows = (target != ignore_index).nonzero().squeeze(1)
-    rows = rows.to(hidden.device)
-    count = rows.numel()
-    if count == 0:
-        return hidden.sum() * 0.0
-    if torch.is_tensor(num_items_in_batch):
-        denom = num_items_in_batch.to(hidden.device, torch.float32)
-    else:  # a fill, not a copy from host memory (which would sync)
-        denom = torch.full((), count if num_items_in_batch is None else num_items_in_batch, dtype=torch.float32,
-                           device=hidden.device)
-    dtype = _compute_dtype(weight)
-    h = hidden.index_select(0, rows).to(dtype)
-    t = target.index_select(0, rows)
-    w = weight.to(dtype)
-    b = bias.to(dtype) if bias is not None else None
-    if logit_scale is not None and logit_scale != 1:
-        h = h * logit_scale
-        b = b * logit_scale if b is not None else None
-    liger = _liger_flce() if use_liger else None
-    if liger is not None:
-        return liger(h, w, t, bias=b, reduction="sum", softcap=softcap) / denom
-    with torch.autocast(weight.device.type, enabled=False):
-        return _FusedLinearCrossEntropy.apply(h, w, b, t, denom, softcap, chunk_size or default_chunk_size(w.shape[0]))
-
-
-def _logit_scale(config: Any) -> float | None:
-    """The factor a config declares for the LM head's logits: Cohere's ``logit_scale``
-    (multiplied) or Granite's ``logits_scaling`` (divided by); None when it declares none.
-    Whether the model's forward really applies it is checked on the first training call."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for cfg in (text, config):
-        scale = getattr(cfg, "logit_scale", None)
-        if isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale not in (0, 1):
-            return float(scale)
-        scaling = getattr(cfg, "logits_scaling", None)
-        if isinstance(scaling, (int, float)) and not isinstance(scaling, bool) and scaling not in (0, 1):
-            return 1.0 / float(scaling)
-    return None
-
-
-def _rng_state() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-    """The host and CUDA generators' states, for a forward that is run again from the same draws."""
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_state(state: tuple[torch.Tensor, list[torch.Tensor] | None]) -> None:
-    host, cuda = state
-    torch.set_rng_state(host)
-    if cuda is not None:
-        torch.cuda.set_rng_state_all(cuda)
-
-
-@dataclass
-class _FusedHead:
-    """State shared by the forward wrapper, the LM head's pre-hook and the loss function."""
-
-    head: nn.Linear
-    softcap: float | None
-    logit_scale: float | None = None
-    active: bool = False
-    called: bool = False
-    verified: bool = False
-    #: the first training call found logits the fused loss does not reproduce: the lever is off
-    declined: bool = False
-    model_name: str = "the model"
-    hidden: torch.Tensor | None = None
-    handles: list[Any] = field(default_factory=list)
-    #: the labelled rows of this call's labels and their shape, from the collator (sync-free forward)
-    loss_rows: torch.Tensor | None = None
-    loss_rows_shape: tuple[int, ...] | None = None
-
-    def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
-        """Keep the head's input; let it project only the last position (for the check below)."""
-        if not self.active:
-            return None
-        if args:
-            hidden, rest = args[0], args[1:]
-        else:
-            hidden, rest = kwargs.pop("input"), ()
-        self.hidden = hidden
-        last = hidden[..., -1:, :] if hidden.dim() >= 3 else hidden[-1:]
-        return (last, *rest), kwargs
-
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor, vocab_size: int | None = None,
-             num_items_in_batch: Any = None, ignore_index: int = IGNORE_INDEX,
-             shift_labels: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
-        if not self.active or self.hidden is None:
-            from transformers.loss.loss_utils import ForCausalLMLoss
-
-            return ForCausalLMLoss(logits, labels, vocab_size, num_items_in_batch=num_items_in_batch,
-                                   ignore_index=ignore_index, shift_labels=shift_labels, **kwargs)
-        hidden, self.hidden, self.called = self.hidden, None, True
-        if not self.verified and not self._verify(hidden, logits):
-            self.declined = True  # the forward wrapper runs this call again with the lever off
-            return logits.float().sum() * 0.0
-        rows = None
-        if shift_labels is None:
-            shift_labels = next_token_targets(labels, ignore_index)
-            if self.loss_rows is not None and self.loss_rows_shape == tuple(labels.shape) and ignore_index == IGNORE_INDEX:
-                rows = self.loss_rows  # the same labels, shifted the same way, on the CPU
-        return fused_linear_cross_entropy(hidden, self.head.weight, shift_labels, self.head.bias,
-                                          ignore_index=ignore_index, num_items_in_batch=num_items_in_batch,
-                                          softcap=self.softcap, rows=rows, logit_scale=self.logit_scale)
-
-    def decline(self, reason: str) -> None:
-        """Turn the lever off for the rest of the run, with one warning."""
-        self.declined, self.active, self.hidden = True, False, None
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
-        logger.warning("fused cross-entropy declined for %s: %s. Training goes on with the model's own loss "
-                       "(full logits); set fused_cross_entropy: false to skip this check.", self.model_name, reason)
-
-    @torch.no_grad()
-    def _verify(self, hidden: torch.Tensor, logits: torch.Tensor) -> bool:
-        """Once: the model's logits for the last position must be what the fused loss computes
-        from the head's input, with the logit scale and soft-cap the config declares or without
-        them (whichever is closest; transformers releases differ in which they apply). False
-        (the lever then declines, see :meth:`decline`) on post-processing mmtune does not reproduce."""
-        last = hidden[..., -1:, :] if hidden.dim() >= 3 else hidden[-1:]
-        raw = F.linear(last, self.head.weight, self.head.bias).float()
-        theirs = logits.float()
-        if theirs.shape != raw.shape:
-            self.decline(f"its logits have shape {tuple(theirs.shape)}, not {tuple(raw.shape)} (it does not project "
-                         "the LM head's input directly)")
-            return False
-        tol = 2e-2 * max(1.0, theirs.abs().max().item())
-        best: tuple[float, float | None, float | None] | None = None
-        for scale in dict.fromkeys([self.logit_scale, None]):
-            for softcap in dict.fromkeys([self.softcap, None]):
-                ours = raw * scale if scale is not None else raw
-                ours = torch.tanh(ours / softcap) * softcap if softcap else ours
-                if not torch.allclose(ours, theirs, rtol=2e-2, atol=tol):
-                    continue
-                diff = (ours - theirs).abs().max().item()
-                if best is None or diff < best[0]:
-                    best = (diff, scale, softcap)
-        if best is None:
-            ours = raw * self.logit_scale if self.logit_scale is not None else raw
-            ours = torch.tanh(ours / self.softcap) * self.softcap if self.softcap else ours
-            self.decline("its logits are post-processed in a way mmtune does not reproduce (max difference %.3g)"
-                         % (ours - theirs).abs().max().item())
-            return False
-        _, scale, softcap = best
-        if softcap != self.softcap:
-            logger.info("fused cross-entropy: this model applies no final logit soft-capping")
-        if scale != self.logit_scale:
-            logger.info("fused cross-entropy: this model does not apply its config's logit scale %s", self.logit_scale)
-        self.softcap, self.logit_scale, self.verified = softcap, scale, True
-        return True
-
-
-def _forward_calls_loss_function(cls: type) -> bool:
-    """Whether ``cls.forward`` computes its loss through ``self.loss_function`` (following
-    ``super().forward`` calls); some families (Qwen2-Audio) build their own loss instead."""
-    import inspect
-
-    for klass in cls.__mro__:
-        if "forward" not in vars(klass):
-            continue
-        try:
-            source = inspect.getsource(vars(klass)["forward"])
-        except (OSError, TypeError):
-            return False
-        if "self.loss_function(" in source:
-            return True
-        if "super().forward(" not in source and "super(" not in source:
-            return False
-    return False
-
-
-def enable_fused_cross_entropy(model: nn.Module) -> bool:
-    """Hook the fused loss into ``model`` (peft wrappers looked through); False (logged) when
-    the model does not fit: its head is not a plain Linear or it has its own loss.
-
-    The first training call checks the model's own logits for one position against the fused
-    head's (with the config's logit scale and soft-cap); a model that post-processes its logits
-    otherwise, or computes its loss another way, makes the lever decline there with one warning:
-    that call runs again without it (same random draws) and the run goes on with the lever off."""
-    from transformers.loss.loss_utils import ForCausalLMLoss
-
-    base = unwrap_model(model)
-    if getattr(base, "_mmtune_fused_head", None) is not None:
-        return True
-    try:
-        from transformers.integrations import is_deepspeed_zero3_enabled
-    except ImportError:  # pragma: no cover
-        is_deepspeed_zero3_enabled = lambda: False  # noqa: E731
-    if is_deepspeed_zero3_enabled():
-        logger.info("fused cross-entropy not applied: DeepSpeed ZeRO-3 frees the head's weight after its forward")
-        return False
-    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    if type(head) is not nn.Linear:
-        logger.info("fused cross-entropy not applied: the output head is %s, not a plain Linear", type(head).__name__)
-        return False
-    if (getattr(base, "_loss_function", None) is not None or getattr(base, "loss_function", None) is not ForCausalLMLoss
-            or not _forward_calls_loss_function(type(base))):
-        logger.info("fused cross-entropy not applied: %s does not compute its loss with transformers' causal-LM "
-                    "loss function", type(base).__name__)
-        return False
-    config = base.config
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    softcap = getattr(text, "final_logit_softcapping", None) or getattr(config, "final_logit_softcapping", None)
-    state = _FusedHead(head=head, softcap=softcap, logit_scale=_logit_scale(config), model_name=type(base).__name__)
-    state.handles.append(head.register_forward_pre_hook(state.pre_hook, with_kwargs=True))
-    base.loss_function = state.loss
-    original = base.forward
-
-    @functools.wraps(original)
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        if state.declined or not (base.training and torch.is_grad_enabled() and kwargs.get("labels") is not None):
-            return original(*args, **kwargs)
-        rng = None if state.verified else _rng_state()  # a declined first call runs again from the same draws
-        state.active, state.called, state.hidden = True, False, None
-        out = None
-        try:
-            out = original(*args, **kwargs)
-        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-            # a model that takes the head's output for its own loss meets one position, not all
-            if state.verified or state.called or isinstance(exc, torch.OutOfMemoryError):
-                raise
-            state.decline(f"{type(base).__name__}'s forward failed with the fused head "
-                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
-        finally:
-            state.active, state.hidden = False, None
-        if not state.called and not state.declined:
-            state.decline(f"{type(base).__name__} computed its loss without self.loss_function")
-        if state.declined:  # this call's loss is not the model's: the same call again, as with the lever off
-            del out
-            if rng is not None:
-                _set_rng_state(rng)
-            return original(*args, **kwargs)
-        if "logits" in out:
-            out["logits"] = None  # one row per sample, kept only for the check
-        return out
-
-    base.forward = forward
-    base._mmtune_fused_head = state
-    logger.info("fused linear cross-entropy on (%s, vocabulary %d%s%s): logits are never materialised whole",
-                "liger-kernel" if _liger_flce() is not None else "chunked PyTorch", head.out_features,
-                f", soft-cap {softcap}" if softcap else "",
-                f", logit scale {state.logit_scale}" if state.logit_scale is not None else "")
-    return True
 
 
 # =============================================================== frozen towers without autograd
@@ -897,17 +528,40 @@ def compile_settings(model_args: Any, device_type: str) -> dict[str, Any]:
             "compile_lean_guards": _default_on(model_args, "compile_lean_guards", device_type)}
 
 
+@dataclass(frozen=True)
+class _LeverSwitches:
+    """The switches the fused-loss and sync-free levers read (``mmtune.speed``'s ``cfg``)."""
+
+    fused_cross_entropy: bool
+    sync_free_forward: bool
+    device_type: str
+
+
+def _run(lever: Any, model: nn.Module, cfg: _LeverSwitches, earlier: dict[str, Any]) -> Any:
+    """``lever.apply``; a decline is logged in one line."""
+    result = lever.apply(model, cfg, earlier)
+    if isinstance(result, Declined):
+        logger.info("%s not applied: %s", lever.SUMMARY.split(":")[0], result.reason)
+    return result
+
+
 def apply_speed_levers(model: nn.Module, model_args: Any, *, gradient_checkpointing: bool = False,
                        device_type: str | None = None, batch_tokens: int | None = None) -> dict[str, Any]:
     """Apply the switched-on levers to a model ready to train; returns what was applied (keys:
-    :data:`LEVERS`' ``applied``; ``mmtune env`` reports it)."""
+    :data:`LEVERS`' ``applied``; ``mmtune env`` reports it). The fused loss and the sync-free
+    forward give :class:`~mmtune.speed.result.Applied` / :class:`~mmtune.speed.result.Declined`;
+    :meth:`mmtune.speed.forward.TrainingForward.from_levers` builds the training forward from them."""
+    from mmtune.speed import fused_loss, sync_free
+
     device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    levers = _LeverSwitches(fused_cross_entropy=bool(getattr(model_args, "fused_cross_entropy", True)),
+                            sync_free_forward=bool(getattr(model_args, "sync_free_forward", True)),
+                            device_type=device_type)
     applied: dict[str, Any] = {}
     if _default_on(model_args, "liger_kernels", device_type):
         applied["liger_kernels"] = apply_liger_kernels(model)
-    fused = getattr(model_args, "fused_cross_entropy", True)
-    if fused:
-        applied["fused_cross_entropy"] = enable_fused_cross_entropy(model)
+    if levers.fused_cross_entropy:
+        applied["fused_cross_entropy"] = _run(fused_loss, model, levers, applied)
     if getattr(model_args, "frozen_tower_no_grad", True):
         applied["frozen_tower_no_grad"] = run_frozen_towers_without_grad(model)
     varlen = getattr(model_args, "vision_varlen_attention", None)
@@ -928,10 +582,8 @@ def apply_speed_levers(model: nn.Module, model_args: Any, *, gradient_checkpoint
                                                              mode=getattr(model_args, "compile_mode", None),
                                                              cpp_wrapper=settings["compile_cpp_wrapper"],
                                                              lean_guard_checks=settings["compile_lean_guards"])
-    if getattr(model_args, "sync_free_forward", True):
-        from .precompute import enable_sync_free_forward
-
-        applied["sync_free_forward"] = enable_sync_free_forward(model) is not None
+    if levers.sync_free_forward:
+        applied["sync_free_forward"] = _run(sync_free, model, levers, applied)
     frozen = applied.get("frozen_tower_no_grad") or []
     if frozen and device_type == "cuda" and _default_on(model_args, "frozen_block_cuda_graphs", device_type):
         applied["graphed_blocks"] = graph_frozen_blocks(model, frozen)

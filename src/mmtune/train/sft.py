@@ -19,9 +19,10 @@ from mmtune.model.composite import get_composite_model, has_prefix
 from mmtune.model.folders import check_model_args
 from mmtune.model.loader import (check_lora_target_before_loading, load_config, load_model,
                                   load_tokenizer_and_processor, model_class_for)
-from mmtune.model.precompute import find_precompute
 from mmtune.model.saved import resolve_template
 from mmtune.plugins import get_mm_plugin
+from mmtune.speed.forward import TrainingForward, collator_precompute
+from mmtune.speed.sync_free import without_precomputed
 from mmtune.templates import get_template
 
 from .callbacks import JsonlLogCallback, MmtuneConfigCallback, plot_loss
@@ -135,13 +136,42 @@ def set_host_threads(requested: int | None, device_type: str, dataloader_workers
 class MMTrainer(Trainer):
     """HF Trainer with a separate projector learning rate, and less host time a step."""
 
-    def __init__(self, *args: Any, projector_lr: float | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, projector_lr: float | None = None, training_forward: TrainingForward | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.projector_lr = projector_lr
+        self.training_forward = training_forward
         if isinstance(self.model, torch.nn.Module) and not (getattr(self, "is_fsdp_enabled", False)
                                                              or getattr(self, "is_deepspeed_enabled", False)):
             trim_module_walks(self.model)  # FSDP and ZeRO replace or partition parameters after this
         use_one_device_clipping(getattr(self, "accelerator", None))
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        """Training steps go through the :class:`~mmtune.speed.forward.TrainingForward` (the fused
+        loss and the sync-free inputs); evaluation, prediction, a label smoother or a
+        ``compute_loss_func`` take the Trainer's own path (on the batch without the collator's
+        precomputed entries). Around the loss, what the Trainer's ``compute_loss`` does: the model
+        gets ``num_items_in_batch`` when it accepts loss kwargs, and the loss is scaled by the
+        number of processes under ``average_tokens_across_devices``."""
+        forward = self.training_forward
+        if (forward is None or not model.training or self.label_smoother is not None
+                or getattr(self, "compute_loss_func", None) is not None):
+            return super().compute_loss(model, without_precomputed(inputs), return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        accepts = bool(getattr(self, "model_accepts_loss_kwargs", False))
+        outputs = forward(model, inputs, num_items_in_batch=num_items_in_batch if accepts else None)
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs[0]
+        if self.args.average_tokens_across_devices and accepts and num_items_in_batch is not None:
+            tp = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
+            loss = loss * (self.accelerator.num_processes // tp if self.args.n_gpu <= 1 else self.args.n_gpu)
+        return (loss, outputs) if return_outputs else loss
+
+    def prediction_step(self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool,
+                        ignore_keys: list[str] | None = None) -> Any:
+        """The Trainer's own, on the batch without the collator's precomputed entries."""
+        return super().prediction_step(model, without_precomputed(inputs), prediction_loss_only,
+                                       ignore_keys=ignore_keys)
 
     def floating_point_ops(self, inputs: dict[str, Any]) -> int:
         """The Trainer's FLOP count, with the parameter count taken once: the Trainer recounts
@@ -336,15 +366,16 @@ def run_sft(model_args: Any, data_args: Any, finetuning_args: Any, mm_args: Any,
     set_seed(training_args.seed)  # adapters are initialised below, before the Trainer seeds
     longest = max(dataset_lengths(datasets["train"]), default=data_args.cutoff_len)  # sizes auto checkpointing
     batch_tokens = training_args.per_device_train_batch_size * max(longest, data_args.packing_max_len or 0)
+    levers: dict[str, Any] = {}
     model = load_model(model_args, finetuning_args, is_trainable=True, gradient_checkpointing=gc, tokenizer=tokenizer,
-                       device_type=training_args.device.type, batch_tokens=batch_tokens)
+                       device_type=training_args.device.type, batch_tokens=batch_tokens, levers_out=levers)
     training_args = dataclasses.replace(training_args, gradient_checkpointing=False)  # enabled above, once
     fake = mm_args.fake_media_for_text_only
     if fake is None:
         fake = training_args.world_size > 1
     collator = MultiModalCollator(plugin, processor, tokenizer, model=model if mm_args.build_rope_in_collator else None,
                                   fake_media_for_text_only=bool(fake) and processor is not None,
-                                  precompute=find_precompute(model))
+                                  precompute=collator_precompute(levers))
     train_dataset, collator = maybe_pack(datasets["train"], collator, model, data_args.packing, data_args.packing_max_len,
                                          training_args.per_device_train_batch_size)
     if data_args.skip_bad_samples:  # a sample whose media fail at batch time: replaced, counted, listed
@@ -369,6 +400,7 @@ def run_sft(model_args: Any, data_args: Any, finetuning_args: Any, mm_args: Any,
         processing_class=processor or tokenizer,
         callbacks=[JsonlLogCallback(), MmtuneConfigCallback(record, assembled_config), interrupt, *(callbacks or [])],
         projector_lr=mm_args.projector_lr,
+        training_forward=TrainingForward.from_levers(levers),
     )
     try:
         result = trainer.train(resume_from_checkpoint=resume)
