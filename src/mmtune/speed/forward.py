@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from .fused_loss import FusedHead, _rng_state, _set_rng_state
 from .result import Applied
-from .sync_free import ForwardCall, ForwardPrecompute, SyncFree, without_precomputed
+from .sync_free import ForwardCall, ForwardPrecompute, SyncFree, SyncFreeError, without_precomputed
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class TrainingForward:
                 out = model(**plain)
             hidden = fused.take_hidden()
         except _FIRST_CALL_ERRORS as exc:
-            if fused.verified or isinstance(exc, torch.OutOfMemoryError):
+            if fused.verified or isinstance(exc, (torch.OutOfMemoryError, SyncFreeError)):
                 raise
             fused.decline(f"its forward failed with the fused head ({type(exc).__name__}: "
                           f"{str(exc).splitlines()[0] if str(exc) else ''})")

@@ -63,6 +63,11 @@ MODALITIES = ("image", "video")
 _TORCH_CHECK_SWITCH = "TRANSFORMERS_DISABLE_TORCH_CHECK"
 
 
+class SyncFreeError(RuntimeError):
+    """The sync-free forward cannot serve a call as the model ran it (a bug to report, not a
+    model the fused loss does not fit)."""
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     """The transformers model under a peft wrapper (or ``model`` itself)."""
     get_base = getattr(model, "get_base_model", None)
@@ -258,7 +263,7 @@ class SyncFree:
                     os.environ[_TORCH_CHECK_SWITCH] = check
             live, call.live = call.live, {}
             if live and not failed:
-                raise RuntimeError(f"sync-free forward: {sorted(live)} features never reached the language model, so "
+                raise SyncFreeError(f"sync-free forward: {sorted(live)} features never reached the language model, so "
                                    "their gradients were not restored; set sync_free_forward: false")
 
     # ---------------------------------------------------------------- the hooks
@@ -311,14 +316,14 @@ class SyncFree:
             return None
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
-            raise RuntimeError("sync-free forward: the language model got no inputs_embeds keyword, so the media "
+            raise SyncFreeError("sync-free forward: the language model got no inputs_embeds keyword, so the media "
                                "features' gradients cannot be restored; set sync_free_forward: false")
         flat = embeds.reshape(-1, embeds.shape[-1])
         delta = torch.zeros_like(flat)
         for modality, live in call.live.items():
             positions = call.positions[modality].to(flat.device)
             if positions.numel() != live.shape[0]:
-                raise RuntimeError(f"sync-free forward: {live.shape[0]} {modality} features for "
+                raise SyncFreeError(f"sync-free forward: {live.shape[0]} {modality} features for "
                                    f"{positions.numel()} placeholder positions")
             live = live.to(flat.dtype)
             delta = delta.index_add(0, positions, live - live.detach())
