@@ -75,8 +75,16 @@ class TrainingForward:
         """The collator's part of the sync-free forward, or None."""
         return self.sync_free.precompute if self.sync_free is not None else None
 
-    def _serving(self, call: ForwardCall | None) -> Any:
-        return self.sync_free.serving(call) if call is not None and self.sync_free is not None else contextlib.nullcontext()
+    def _run(self, model: nn.Module, inputs: dict[str, Any], call: ForwardCall | None,
+             capture: Any = None) -> Any:
+        """One model call, served by the sync-free forward when the batch brought its entries."""
+        if call is None or self.sync_free is None:
+            with capture or contextlib.nullcontext():
+                return model(**inputs)
+        with self.sync_free.serving(call):
+            merged = self.sync_free.merged(inputs, call)
+            with capture or contextlib.nullcontext():
+                return model(**merged)
 
     def __call__(self, model: nn.Module, inputs: Mapping[str, Any], num_items_in_batch: Any = None) -> Any:
         inputs = dict(inputs)
@@ -86,19 +94,16 @@ class TrainingForward:
         fused = self.fused
         labels, shift_labels = inputs.get("labels"), inputs.get("shift_labels")
         if fused is None or fused.declined or (labels is None and shift_labels is None):
-            with self._serving(call):
-                return model(**inputs, **loss_kwargs)
+            return self._run(model, {**inputs, **loss_kwargs}, call)
         reason = None if fused.verified else fused.own_loss_reason()
         if reason is not None:
             fused.decline(reason)
-            with self._serving(call):
-                return model(**inputs, **loss_kwargs)
+            return self._run(model, {**inputs, **loss_kwargs}, call)
         plain = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")}
         rng = None if fused.verified else _rng_state()  # a declined first call runs again from the same draws
         out, hidden = None, None
         try:
-            with self._serving(call), fused.capture():
-                out = model(**plain)
+            out = self._run(model, plain, call, fused.capture())
             hidden = fused.take_hidden()
         except _FIRST_CALL_ERRORS as exc:
             if fused.verified or isinstance(exc, (torch.OutOfMemoryError, SyncFreeError)):
@@ -117,8 +122,7 @@ class TrainingForward:
             del out, hidden
             if rng is not None:
                 _set_rng_state(rng)
-            with self._serving(call):
-                return model(**inputs, **loss_kwargs)
+            return self._run(model, {**inputs, **loss_kwargs}, call)
         out["loss"] = fused.loss(hidden, labels, shift_labels=shift_labels, num_items_in_batch=num_items_in_batch,
                                  rows=call.rows_for(labels) if call is not None else None)
         if "logits" in out:

@@ -12,18 +12,24 @@ step's forward while the GPU runs this step's backward. What moves to the collat
 - **The grid on the host**: where the family declares ``grid_on_host`` and the collator built
   the text positions, the model gets the grid's CPU copy, so the per-image split sizes of
   ``get_image_features`` cost nothing.
-- **Placeholder counts** are checked in the collator (tokens against features, per modality);
-  the model's own check, a host sync, is switched off for that call through transformers'
-  documented ``TRANSFORMERS_DISABLE_TORCH_CHECK`` (set only while the model runs a batch the
-  collator checked).
+- **The merge of media features into the text**: the model's own merge checks the placeholder
+  count against the features on the GPU (a host sync) and scatters them with ``masked_scatter``
+  (whose backward reads the mask's count back where the features train). Where the collator
+  built the text positions and checked the counts, the training forward builds the model's
+  ``inputs_embeds`` itself through the model's public methods (``get_input_embeddings``,
+  ``get_image_features`` / ``get_video_features``) and puts the features at the collator's
+  placeholder positions with ``index_copy`` (its backward an ``index_select``); the model then
+  gets ``inputs_embeds`` and no pixels. Deepstack features (Qwen3-VL) reach the language model
+  as its ``visual_pos_masks`` / ``deepstack_visual_embeds`` arguments, built from the same
+  positions.
 - **Attention mask**: a batch without padding passes no mask, as transformers itself does
   once it has tested the mask on the GPU.
 - **Loss rows**: the labelled positions (after the shift) go to the fused cross-entropy.
-- **Media features that train** (a trained projector or tower): ``masked_scatter``'s backward
-  reads its mask's count back (``masked_select``). A forward hook on the tower hands the merge
-  detached features, and a pre-hook on the language model adds ``scatter(live - live.detach())``
-  at the placeholder positions (from the model's own mask on the CPU ids): the same values, and
-  the same gradients through an ``index_select``.
+- **Media features that train, without collator positions** (the model merges them itself):
+  a forward hook on the tower hands the merge detached features, and a pre-hook on the
+  language model adds ``scatter(live - live.detach())`` at the placeholder positions (from the
+  model's own mask on the CPU ids): the same values, and the same gradients through an
+  ``index_select``, instead of ``masked_scatter``'s backward.
 
 The collator's part is :class:`ForwardPrecompute`; it adds two batch entries,
 ``mmtune_precomputed`` (tensors, moved to the device with the batch) and ``mmtune_host`` (a
@@ -37,7 +43,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,8 +64,10 @@ SUMMARY = "a forward without host syncs (inputs built in the collator)"
 PRECOMPUTED_KEY = "mmtune_precomputed"
 HOST_KEY = "mmtune_host"
 MODALITIES = ("image", "video")
-#: transformers' switch for its ``torch_compilable_check`` (the placeholder-count check among them)
-_TORCH_CHECK_SWITCH = "TRANSFORMERS_DISABLE_TORCH_CHECK"
+#: batch entries of media the training forward does not merge itself (the model's own path then)
+_OTHER_MEDIA = ("input_features", "pixel_values_audios")
+#: the language model's arguments for deepstack features (Qwen3-VL)
+_DEEPSTACK_ARGS = ("visual_pos_masks", "deepstack_visual_embeds")
 
 
 class SyncFreeError(RuntimeError):
@@ -188,6 +195,9 @@ class ForwardCall:
     #: this call's progress: the modalities whose tower ran, the features held back from the merge
     served: list[str] = field(default_factory=list)
     live: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: arguments for the language model's call (deepstack features of the training forward's merge)
+    language: dict[str, Any] = field(default_factory=dict)
+    merged: bool = False  # the training forward merges the features itself (no hold-back needed)
 
     def rows_for(self, labels: torch.Tensor | None) -> torch.Tensor | None:
         """The collator's loss rows, when they were built from labels of this shape."""
@@ -202,8 +212,15 @@ class SyncFree:
 
     def __init__(self, precompute: ForwardPrecompute, language_model: nn.Module | None) -> None:
         self.precompute = precompute
-        self.tower = precompute.tower
+        self.owner, self.tower = precompute.owner, precompute.tower
         self.language_model = language_model
+        self.deepstack = False
+        if language_model is not None:
+            try:
+                params = inspect.signature(language_model.forward).parameters
+            except (TypeError, ValueError):
+                params = {}
+            self.deepstack = all(name in params for name in _DEEPSTACK_ARGS)
         self.current: ForwardCall | None = None
         self.handles = [self.tower.register_forward_pre_hook(self._tower_pre_hook, with_kwargs=True),
                         self.tower.register_forward_hook(self._tower_hook, with_kwargs=True)]
@@ -240,14 +257,11 @@ class SyncFree:
 
     @contextlib.contextmanager
     def serving(self, call: ForwardCall) -> Iterator[None]:
-        """Serve one model call with ``call``'s inputs; the model's own placeholder check is off
-        inside (the collator made it). Raises when held-back features never reached the
-        language model (their gradients would be lost silently)."""
-        call.served, call.live = [], {}
+        """Serve one model call (and the training forward's merge before it) with ``call``'s
+        inputs. Raises when held-back features never reached the language model (their
+        gradients would be lost silently)."""
+        call.served, call.live, call.language, call.merged = [], {}, {}, False
         previous, self.current = self.current, call
-        check = os.environ.get(_TORCH_CHECK_SWITCH)
-        if call.positions:
-            os.environ[_TORCH_CHECK_SWITCH] = "1"
         failed = False
         try:
             yield
@@ -256,15 +270,73 @@ class SyncFree:
             raise
         finally:
             self.current = previous
-            if call.positions:
-                if check is None:
-                    os.environ.pop(_TORCH_CHECK_SWITCH, None)
-                else:
-                    os.environ[_TORCH_CHECK_SWITCH] = check
-            live, call.live = call.live, {}
+            live, call.live, call.language = call.live, {}, {}
             if live and not failed:
                 raise SyncFreeError(f"sync-free forward: {sorted(live)} features never reached the language model, so "
                                    "their gradients were not restored; set sync_free_forward: false")
+
+    def merges(self, inputs: Mapping[str, Any], call: ForwardCall) -> bool:
+        """Whether the training forward merges the media itself: the collator checked the
+        placeholder counts and built the text positions, and the batch has no other media."""
+        return (bool(call.positions) and inputs.get("position_ids") is not None and inputs.get("input_ids") is not None
+                and inputs.get("inputs_embeds") is None and not any(inputs.get(k) is not None for k in _OTHER_MEDIA))
+
+    def merged(self, inputs: Mapping[str, Any], call: ForwardCall) -> dict[str, Any]:
+        """``inputs`` with ``inputs_embeds`` built here in place of the ids and pixels (see the
+        module's doc); ``inputs`` as they are where :meth:`merges` says no. Run inside
+        :meth:`serving` (the tower's pre-hook serves the feature calls)."""
+        inputs = dict(inputs)
+        call.merged = self.merges(inputs, call)
+        if not call.merged:
+            return inputs
+        ids = inputs["input_ids"]
+        embeds = self.owner.get_input_embeddings()(ids)
+        flat = embeds.reshape(-1, embeds.shape[-1])
+        deepstack: dict[str, list[torch.Tensor]] = {}
+        for modality, pixels_key in (("image", "pixel_values"), ("video", "pixel_values_videos")):
+            pixels = inputs.pop(pixels_key, None)
+            if pixels is None:
+                continue
+            if modality not in call.positions:
+                raise SyncFreeError(f"sync-free forward: {modality} pixels without their placeholder positions")
+            out = getattr(self.owner, f"get_{modality}_features")(pixels, inputs.get(f"{modality}_grid_thw"))
+            pooled = out.pooler_output
+            features = torch.cat(list(pooled)) if isinstance(pooled, (tuple, list)) else pooled
+            positions = call.positions[modality].to(flat.device)
+            if positions.numel() != features.shape[0]:
+                raise SyncFreeError(f"sync-free forward: {features.shape[0]} {modality} features for "
+                                    f"{positions.numel()} placeholder positions")
+            flat = flat.index_copy(0, positions, features.to(flat.device, flat.dtype))
+            layers = getattr(out, "deepstack_features", None)
+            if layers:
+                deepstack[modality] = [torch.cat(list(x)) if isinstance(x, (tuple, list)) else x for x in layers]
+        if deepstack:
+            call.language = self._deepstack_arguments(deepstack, call, ids.shape, flat.device)
+        inputs["inputs_embeds"] = flat.view_as(embeds)
+        inputs["input_ids"] = None
+        return inputs
+
+    def _deepstack_arguments(self, deepstack: dict[str, list[torch.Tensor]], call: ForwardCall,
+                             shape: torch.Size, device: torch.device) -> dict[str, Any]:
+        """What the model's own merge hands its language model for deepstack features: the mask
+        of all media positions and, per layer, the features in that mask's order."""
+        if not self.deepstack:
+            raise SyncFreeError("sync-free forward: deepstack features, and a language model that takes no "
+                                "visual_pos_masks / deepstack_visual_embeds; set sync_free_forward: false")
+        positions = {m: call.positions[m].to(device) for m in deepstack}
+        union = torch.cat(list(positions.values())).sort().values
+        mask = torch.zeros(shape.numel(), dtype=torch.bool, device=device).index_fill(0, union, True).view(shape)
+        if len(deepstack) == 1:
+            embeds = next(iter(deepstack.values()))
+        else:  # each modality's rows at its positions' ranks among all media positions
+            ranks = {m: torch.searchsorted(union, p) for m, p in positions.items()}
+            embeds = []
+            for layer in zip(*deepstack.values()):
+                joint = layer[0].new_zeros(union.numel(), layer[0].shape[-1])
+                for modality, features in zip(deepstack, layer):
+                    joint = joint.index_copy(0, ranks[modality], features.to(joint.dtype))
+                embeds.append(joint)
+        return {"visual_pos_masks": mask, "deepstack_visual_embeds": embeds}
 
     # ---------------------------------------------------------------- the hooks
     def _modality(self, call: ForwardCall, grid: Any) -> str | None:
@@ -296,7 +368,7 @@ class SyncFree:
         pre-hook: ``masked_scatter``'s backward to its source runs ``masked_select``, a host sync
         (its output size) late in every backward where the projector or the tower trains."""
         call = self.current
-        if call is None or self.language_model is None or not call.served:
+        if call is None or self.language_model is None or not call.served or call.merged:
             return None
         modality = call.served[-1]
         pooled = getattr(output, "pooler_output", None)
@@ -312,8 +384,13 @@ class SyncFree:
         in value and whose backward is an ``index_select`` (no host sync), the gradient
         ``masked_scatter`` would have given them."""
         call = self.current
-        if call is None or not call.live:
+        if call is None or not (call.live or call.language):
             return None
+        if call.language:
+            kwargs.update(call.language)
+            call.language = {}
+            if not call.live:
+                return args, kwargs
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
             raise SyncFreeError("sync-free forward: the language model got no inputs_embeds keyword, so the media "
