@@ -15,7 +15,6 @@ from mmtune.model.adapters import init_adapter
 from .conftest import tiny_configs, tiny_model
 
 IGNORE = -100
-DECLINED = {"qwen2_audio"}  # builds its own CrossEntropyLoss in forward
 
 
 # ------------------------------------------------------------------ helpers
@@ -87,228 +86,6 @@ def _assert_same(ref, new, rel=1e-5, atol=1e-6):
     assert ref_grads.keys() == grads.keys() and ref_grads
     for name, g in ref_grads.items():
         assert torch.allclose(grads[name], g, rtol=1e-4, atol=atol), (name, (grads[name] - g).abs().max())
-
-
-# ------------------------------------------------------------------ fused linear cross-entropy
-@pytest.mark.parametrize("softcap,scale", [(None, None), (5.0, None), (None, 0.3), (5.0, 0.3)])
-@pytest.mark.parametrize("num_items", [None, 11])
-def test_fused_linear_cross_entropy_equals_full_logits(softcap, scale, num_items):
-    torch.manual_seed(0)
-    hidden = torch.randn(2, 9, 16, requires_grad=True)
-    weight = torch.randn(37, 16, requires_grad=True)
-    bias = torch.randn(37, requires_grad=True)
-    target = torch.randint(0, 37, (2, 9))
-    target[0, :4] = IGNORE
-    target[1, -2:] = IGNORE
-
-    logits = F.linear(hidden, weight, bias)
-    if scale:
-        logits = logits * scale
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    ref = F.cross_entropy(logits.view(-1, 37), target.view(-1), ignore_index=IGNORE,
-                          reduction="mean" if num_items is None else "sum")
-    ref = ref if num_items is None else ref / num_items
-    (ref * 3).backward()  # a grad_output other than 1
-    ref_grads = [t.grad.clone() for t in (hidden, weight, bias)]
-    for t in (hidden, weight, bias):
-        t.grad = None
-
-    loss = speed.fused_linear_cross_entropy(hidden, weight, target, bias, num_items_in_batch=num_items,
-                                            softcap=softcap, chunk_size=4, logit_scale=scale)  # several chunks
-    (loss * 3).backward()
-    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
-    for t, g in zip((hidden, weight, bias), ref_grads):
-        assert torch.allclose(t.grad, g, atol=1e-6), (t.grad - g).abs().max()
-    assert hidden.grad[0, :4].abs().sum() == 0  # ignored rows get no gradient
-
-
-def test_fused_linear_cross_entropy_gradcheck_and_edge_cases():
-    torch.manual_seed(0)
-    h = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
-    t = torch.tensor([1, IGNORE, 6, 0, 3])
-    assert torch.autograd.gradcheck(
-        lambda h, w: speed.fused_linear_cross_entropy(h, w, t, softcap=2.0, chunk_size=2), (h, w))
-    # only the trainable side is computed (LoRA: frozen head)
-    w.requires_grad_(False)
-    speed.fused_linear_cross_entropy(h, w, t).backward()
-    assert h.grad is not None and w.grad is None
-    # no labelled token: a zero loss still joined to the graph
-    loss = speed.fused_linear_cross_entropy(h, w, torch.full((5,), IGNORE))
-    assert loss.item() == 0 and loss.requires_grad
-    assert speed.default_chunk_size(151936) == 512 and speed.default_chunk_size(400) == 8192
-
-
-@pytest.mark.parametrize("model_type,method", [("qwen2_vl", "lora"), ("qwen2_vl", "full"), ("llava", "lora"),
-                                               ("gemma3", "lora")])
-def test_fused_cross_entropy_in_the_model_keeps_losses_and_grads(model_type, method):
-    batches = [_batch(model_type, seed=s) for s in (0, 1)]
-    ref = _train(_model(model_type, method), batches)
-    model = _model(model_type, method)
-    assert speed.enable_fused_cross_entropy(model)
-    new = _train(model, batches)
-    _assert_same(ref, new)
-    model.train()
-    out = model(**batches[0])
-    assert out.logits is None and out.loss is not None  # the full logits were never made
-    model.eval()
-    with torch.no_grad():
-        assert model(**batches[0]).logits.shape[-1] == model.get_output_embeddings().out_features  # eval: as before
-
-
-def test_fused_cross_entropy_respects_num_items_in_batch():
-    """Gradient accumulation: HF Trainer passes the batch's label count; sum / that count."""
-    batch = _batch("qwen2_vl")
-    ref, fused = _model("qwen2_vl"), _model("qwen2_vl")
-    speed.enable_fused_cross_entropy(fused)
-    ref.train(), fused.train()
-    a = ref(**batch, num_items_in_batch=torch.tensor(23)).loss
-    b = fused(**batch, num_items_in_batch=torch.tensor(23)).loss
-    assert b.item() == pytest.approx(a.item(), rel=1e-6)
-    assert b.item() != pytest.approx(fused(**batch).loss.item(), rel=1e-3)
-
-
-def test_fused_cross_entropy_declines_logits_it_does_not_reproduce_and_the_run_goes_on(caplog):
-    """A logit post-processing the fused head does not know: one warning on the first training
-    call, that call and every later one give the model's own loss (the lever off)."""
-    import logging
-
-    def scaled(model):
-        speed.unwrap_model(model).get_output_embeddings().register_forward_hook(lambda m, i, out: out * 3.0)
-        return model
-
-    batches = [_batch("qwen2_vl", seed=s) for s in (0, 1)]
-    ref = _train(scaled(_model("qwen2_vl")), batches)
-    model = _model("qwen2_vl")
-    assert speed.enable_fused_cross_entropy(model)
-    scaled(model)
-    with caplog.at_level(logging.WARNING, logger="mmtune.model.speed"):
-        new = _train(model, batches)
-    _assert_same(ref, new)
-    warnings = [r for r in caplog.records if "fused cross-entropy declined" in r.getMessage()]
-    assert len(warnings) == 1 and "max difference" in warnings[0].getMessage()
-    assert speed.unwrap_model(model)._mmtune_fused_head.declined
-    model.train()
-    assert model(**batches[0]).logits is not None  # the full logits again: the lever is off
-
-
-def _own_loss(logits, labels, vocab_size, **kwargs):
-    """A model's own causal-LM loss that takes as many labels as it got logit positions."""
-    from transformers.loss.loss_utils import ForCausalLMLoss
-
-    return ForCausalLMLoss(logits, labels[..., -logits.shape[-2]:], vocab_size, **kwargs)
-
-
-@pytest.mark.parametrize("loss_function,message", [
-    ("transformers", "forward failed with the fused head"),  # its loss fails on the one projected position
-    ("own", "without self.loss_function"),  # its loss runs on the one position: a wrong value, no error
-])
-def test_fused_cross_entropy_declines_a_forward_that_skips_the_loss_function(loss_function, message, caplog):
-    """A model that computes its loss without ``self.loss_function`` (here: one is set on the
-    model after the lever went on) declines on its first call, which runs again without it."""
-    import logging
-
-    from transformers.loss.loss_utils import ForCausalLMLoss
-
-    function = ForCausalLMLoss if loss_function == "transformers" else _own_loss
-    batches = [_batch("qwen2_vl")]
-    ref = _model("qwen2_vl")
-    speed.unwrap_model(ref).loss_function = function
-    ref = _train(ref, batches, steps=2)
-    model = _model("qwen2_vl")
-    assert speed.enable_fused_cross_entropy(model)
-    speed.unwrap_model(model).loss_function = function
-    with caplog.at_level(logging.WARNING, logger="mmtune.model.speed"):
-        new = _train(model, batches, steps=2)
-    _assert_same(ref, new)
-    assert caplog.text.count("fused cross-entropy declined") == 1 and message in caplog.text
-
-
-def test_a_declined_first_call_runs_again_from_the_same_random_draws():
-    """With dropout on, the lever-off run and the declined run draw the same masks."""
-    def with_dropout(model):
-        base = speed.unwrap_model(model)
-        base.get_output_embeddings().register_forward_hook(lambda m, i, out: out * 3.0)
-        for module in base.model.language_model.modules():
-            if hasattr(module, "attention_dropout"):
-                module.attention_dropout = 0.3
-        return model
-
-    batch = _batch("qwen2_vl")
-    ref, model = with_dropout(_model("qwen2_vl")), _model("qwen2_vl")
-    speed.enable_fused_cross_entropy(model)
-    with_dropout(model)
-    ref.train(), model.train()
-    torch.manual_seed(3)
-    a = ref(**batch).loss
-    torch.manual_seed(3)
-    b = model(**batch).loss
-    assert speed.unwrap_model(model)._mmtune_fused_head.declined and b.item() == a.item()
-
-
-def test_a_declined_first_call_under_the_sync_free_forward_gives_the_losses_of_the_lever_off():
-    """The repeated call runs inside the sync-free forward's wrapper: the precomputed tower inputs
-    and the index merge of a training projector's features serve it as they served the first."""
-    from mmtune.model.precompute import enable_sync_free_forward
-
-    def scaled(model):
-        speed.unwrap_model(model).get_output_embeddings().register_forward_hook(lambda m, i, out: out * 3.0)
-        return model
-
-    batches = [_batch("qwen2_vl", seed=s) for s in (0, 1)]
-    ref = _train(scaled(_model("qwen2_vl", freeze_multi_modal_projector=False)), batches)
-    model = _model("qwen2_vl", freeze_multi_modal_projector=False)
-    assert speed.enable_fused_cross_entropy(model)
-    pre = enable_sync_free_forward(model)
-    scaled(model)
-    _assert_same(ref, _train(model, [pre(dict(b)) for b in batches]))
-    assert speed.unwrap_model(model)._mmtune_fused_head.declined
-
-
-@pytest.mark.parametrize("applied", [True, False])
-def test_a_configured_logit_scale_is_reproduced_where_the_model_applies_it(applied):
-    """Cohere's ``logit_scale`` (Aya Vision's LM): newer transformers multiply the logits by
-    it, older ones do not; the first call's check finds which, and the losses are the model's."""
-    model = _model("qwen2_vl")
-    base = speed.unwrap_model(model)
-    base.config.text_config.logit_scale = 0.25
-    ref = copy.deepcopy(model)
-    if applied:
-        for m in (model, ref):
-            speed.unwrap_model(m).get_output_embeddings().register_forward_hook(lambda mod, i, out: out * 0.25)
-    assert speed.enable_fused_cross_entropy(model)
-    assert base._mmtune_fused_head.logit_scale == 0.25
-    batches = [_batch("qwen2_vl")]
-    _assert_same(_train(ref, batches, steps=2), _train(model, batches, steps=2))
-    state = base._mmtune_fused_head
-    assert state.verified and not state.declined and state.logit_scale == (0.25 if applied else None)
-
-
-def test_softcapped_logits_are_reproduced():
-    """PaliGemma / Gemma-2 style final_logit_softcapping, detected from the config and checked."""
-    model = _model("qwen2_vl")
-    base = speed.unwrap_model(model)
-    base.config.text_config.final_logit_softcapping = 0.5  # strong: tiny random logits are ~0.1..1
-    head = base.get_output_embeddings()
-    ref = copy.deepcopy(model)
-    for m in (model, ref):
-        speed.unwrap_model(m).get_output_embeddings().register_forward_hook(
-            lambda mod, i, out: torch.tanh(out / 0.5) * 0.5)
-    assert speed.enable_fused_cross_entropy(model)
-    assert base._mmtune_fused_head.softcap == 0.5 and head is base.get_output_embeddings()
-    batches = [_batch("qwen2_vl")]
-    _assert_same(_train(ref, batches, steps=2), _train(model, batches, steps=2))
-
-
-def test_fused_cross_entropy_under_bf16_autocast_matches():
-    batch = _batch("qwen2_vl")
-    ref, fused = _model("qwen2_vl"), _model("qwen2_vl")
-    speed.enable_fused_cross_entropy(fused)
-    ref.train(), fused.train()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        a, b = ref(**batch).loss, fused(**batch).loss
-    assert b.item() == pytest.approx(a.item(), rel=1e-2)
 
 
 # ------------------------------------------------------------------ frozen tower without autograd
@@ -535,17 +312,22 @@ def test_load_model_applies_the_default_levers_on_cpu(caplog):
     from mmtune.model.loader import load_model
     from mmtune.train import parse_config
 
+    from mmtune.speed.result import Applied
+
     config = copy.deepcopy(tiny_model("qwen2_vl").config)
-    with caplog.at_level(logging.INFO, logger="mmtune.model.speed"):
-        model = load_model(ModelArguments(torch_dtype="fp32"), FinetuningArguments(), config=config, device_type="cpu")
+    levers = {}
+    with caplog.at_level(logging.INFO, logger="mmtune"):
+        model = load_model(ModelArguments(torch_dtype="fp32"), FinetuningArguments(), config=config, device_type="cpu",
+                           levers_out=levers)
     base = speed.unwrap_model(model)
-    assert base._mmtune_fused_head is not None
+    assert isinstance(levers["fused_cross_entropy"], Applied)
     assert not any(getattr(m, "_compiled_call_impl", None) for m in base.modules())  # compile: CUDA only
     text = caplog.text
     assert "fused linear cross-entropy on" in text and "frozen tower runs without autograd" in text
     off = ModelArguments(torch_dtype="fp32", fused_cross_entropy=False, frozen_tower_no_grad=False)
-    plain = speed.unwrap_model(load_model(off, FinetuningArguments(), config=config, device_type="cpu"))
-    assert getattr(plain, "_mmtune_fused_head", None) is None
+    levers_off = {}
+    load_model(off, FinetuningArguments(), config=config, device_type="cpu", levers_out=levers_off)
+    assert not levers_off.get("fused_cross_entropy")
     model_args = parse_config(None, extra={"compile": False, "gradient_checkpointing_layers": 3,
                                            "memory_budget_gib": 20, "liger_kernels": False})[0]
     assert model_args.compile is False and model_args.gradient_checkpointing_layers == 3
@@ -591,42 +373,12 @@ def test_mmtune_train_with_levers_gives_the_losses_of_levers_off(tmp_path, caplo
     off = losses("off", fused_cross_entropy=False, frozen_tower_no_grad=False, gradient_checkpointing_layers="auto",
                  sync_free_forward=False)
     caplog.clear()
-    with caplog.at_level("INFO", logger="mmtune.model"):
+    with caplog.at_level("INFO", logger="mmtune"):
         on = losses("on", gradient_checkpointing_layers=1)
     for applied in ("fused linear cross-entropy on", "frozen tower runs without autograd",
                     "activation checkpointing: 1 of 2 decoder layers", "sync-free forward on"):
         assert applied in caplog.text
     assert len(off) == 4 and on == pytest.approx(off, rel=1e-5, abs=1e-6)
-
-
-@pytest.mark.parametrize("model_type", sorted(tiny_configs()))
-def test_fused_cross_entropy_is_exact_or_declined_for_every_family(model_type):
-    """Every registered family with a transformers class: the lever either declines (logged:
-    the family computes its own loss, e.g. Qwen2-Audio) or gives the loss and gradients of the
-    full logits on a text-only batch."""
-    ref = copy.deepcopy(tiny_model(model_type))
-    fused = copy.deepcopy(ref)
-    if not speed.enable_fused_cross_entropy(fused):
-        assert model_type in DECLINED, f"{model_type}: fused cross-entropy declined"
-        return
-    vocab = ref.get_output_embeddings().out_features
-    ids = torch.randint(3, min(vocab, 200), (2, 12), generator=torch.Generator().manual_seed(0))
-    labels = ids.clone()
-    labels[:, :5] = IGNORE
-    batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
-    results = []
-    for model in (ref, fused):
-        model.train()
-        loss = model(**batch).loss  # every registered family takes a text-only batch
-        loss.backward()
-        head = model.get_output_embeddings().weight
-        results.append((loss.item(), head.grad.clone() if head.grad is not None else None))
-    (a, ga), (b, gb) = results
-    assert b == pytest.approx(a, rel=1e-5)
-    if ga is not None:
-        assert torch.allclose(gb, ga, atol=1e-6)
-    state = speed.unwrap_model(fused)._mmtune_fused_head
-    assert state.verified and not state.declined, f"{model_type}: the fused head does not reproduce its logits"
 
 
 # ------------------------------------------------------------------ packed vision attention (varlen)

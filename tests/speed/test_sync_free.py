@@ -324,3 +324,37 @@ def test_the_tower_takes_the_grid_by_position_or_name_each_modality_once_and_onl
     calls.clear()
     owner.get_image_features("px", device_image)  # outside a served call: untouched
     assert calls == [(device_image, [])] and state.current is None
+
+
+def _with_positions(model, batch):
+    """``batch`` with the M-RoPE positions the collator builds (the model's own rope index on the CPU)."""
+    import inspect
+
+    owner = sync_free._merge_owner(unwrap(model))
+    rope = owner.get_rope_index
+    params = inspect.signature(rope).parameters
+    kwargs = {k: v for k, v in batch.items() if k in params}
+    with torch.no_grad():
+        position_ids, _ = rope(**kwargs)
+    return {**batch, "position_ids": position_ids}
+
+
+@pytest.mark.parametrize("projector", ["frozen", "trains"])
+@pytest.mark.parametrize("model_type", _types())
+def test_the_forwards_own_merge_keeps_losses_and_grads(model_type, projector):
+    """With the collator's positions the training forward builds ``inputs_embeds`` itself (the
+    features at the placeholder positions, Qwen3-VL's deepstack features as the language
+    model's arguments): the losses and gradients of the model's own merge."""
+    flags = {"freeze_multi_modal_projector": projector == "frozen"}
+    m = make_model(model_type, **flags)
+    batches = [_with_positions(m, make_batch(model_type, seed=s)) for s in (0, 1)]
+    ref = train_steps(m, batches, fused_forward(m))
+    model, forward, pre = _fast(model_type, **flags)
+    fast = [pre(dict(b)) for b in batches]
+    merged = []
+    hook = unwrap(model).register_forward_pre_hook(
+        lambda mod, a, kw: merged.append(kw.get("inputs_embeds") is not None and kw.get("pixel_values") is None),
+        with_kwargs=True)
+    assert_same(ref, train_steps(model, fast, forward))
+    hook.remove()
+    assert merged == [True] * 3  # the model got the forward's embeddings, no pixels, each step
