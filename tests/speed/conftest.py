@@ -155,3 +155,17 @@ def assert_same(ref, new, rel=1e-5, atol=1e-6):
 def unwrap(model):
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
+
+
+def with_positions(model, batch):
+    """``batch`` with the M-RoPE positions the collator builds (the model's own rope index on
+    the CPU), which let the training forward merge the media itself."""
+    import inspect
+
+    from mmtune.speed.sync_free import _merge_owner
+
+    rope = _merge_owner(unwrap(model)).get_rope_index
+    params = inspect.signature(rope).parameters
+    with torch.no_grad():
+        position_ids, _ = rope(**{k: v for k, v in batch.items() if k in params})
+    return {**batch, "position_ids": position_ids}

@@ -18,7 +18,7 @@ from mmtune.speed.result import Applied, Declined
 from mmtune.speed.sync_free import HOST_KEY, PRECOMPUTED_KEY, ForwardCall, ForwardPrecompute, HostSide, SyncFree
 
 from .conftest import (assert_same, fast_forward, fused_forward, make_batch, make_model, switches, tiny_configs,
-                       tiny_model, train_steps, unwrap)
+                       tiny_model, train_steps, unwrap, with_positions)
 
 
 def _types():
@@ -326,19 +326,6 @@ def test_the_tower_takes_the_grid_by_position_or_name_each_modality_once_and_onl
     assert calls == [(device_image, [])] and state.current is None
 
 
-def _with_positions(model, batch):
-    """``batch`` with the M-RoPE positions the collator builds (the model's own rope index on the CPU)."""
-    import inspect
-
-    owner = sync_free._merge_owner(unwrap(model))
-    rope = owner.get_rope_index
-    params = inspect.signature(rope).parameters
-    kwargs = {k: v for k, v in batch.items() if k in params}
-    with torch.no_grad():
-        position_ids, _ = rope(**kwargs)
-    return {**batch, "position_ids": position_ids}
-
-
 @pytest.mark.parametrize("projector", ["frozen", "trains"])
 @pytest.mark.parametrize("model_type", _types())
 def test_the_forwards_own_merge_keeps_losses_and_grads(model_type, projector):
@@ -347,7 +334,7 @@ def test_the_forwards_own_merge_keeps_losses_and_grads(model_type, projector):
     model's arguments): the losses and gradients of the model's own merge."""
     flags = {"freeze_multi_modal_projector": projector == "frozen"}
     m = make_model(model_type, **flags)
-    batches = [_with_positions(m, make_batch(model_type, seed=s)) for s in (0, 1)]
+    batches = [with_positions(m, make_batch(model_type, seed=s)) for s in (0, 1)]
     ref = train_steps(m, batches, fused_forward(m))
     model, forward, pre = _fast(model_type, **flags)
     fast = [pre(dict(b)) for b in batches]
