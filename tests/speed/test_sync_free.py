@@ -345,3 +345,40 @@ def test_the_forwards_own_merge_keeps_losses_and_grads(model_type, projector):
     assert_same(ref, train_steps(model, fast, forward))
     hook.remove()
     assert merged == [True] * 3  # the model got the forward's embeddings, no pixels, each step
+
+
+@pytest.mark.parametrize("model_type", [t for t in ("qwen3_vl", "qwen2_vl") if t in tiny_configs()])
+def test_images_and_a_video_in_one_batch_through_the_collator_keep_losses_and_grads(model_type, tmp_path):
+    """Images and a video in one batch, collated with the model's positions: the forward's own
+    merge (and, for Qwen3-VL, the deepstack features of both modalities in the language model's
+    order) gives the losses and gradients of the model's own forward."""
+    import os
+
+    from mmtune.data import MultiModalCollator, encode_sample, normalize_row
+    from mmtune.plugins import get_mm_plugin
+    from mmtune.templates import get_template
+    from mmtune.testing import load_processor, make_image_file, make_video_file
+
+    processor = load_processor(model_type)
+    plugin = get_mm_plugin(model_type)
+    template = get_template(model_type)
+    rows = [("<image>what is it", "a red circle", [make_image_file(os.path.join(tmp_path, "a.png"), 60, 50)], []),
+            ("<video>and this clip", "moving bars", [], [make_video_file(os.path.join(tmp_path, "b.mp4"), frames=4)]),
+            ("<image><video>both", "a square and bars", [make_image_file(os.path.join(tmp_path, "c.png"), 50, 70, 1)],
+             [make_video_file(os.path.join(tmp_path, "d.mp4"), frames=4, seed=1)])]
+    feats = []
+    for question, answer, images, videos in rows:
+        sample = normalize_row({"messages": [{"role": "user", "content": question},
+                                             {"role": "assistant", "content": answer}],
+                                "images": images, "videos": videos})
+        enc = encode_sample(sample, template, plugin, processor.tokenizer, processor, cutoff_len=100_000)
+        feats.append({"input_ids": enc.input_ids, "labels": enc.labels, "images": sample.images,
+                      "videos": sample.videos, "audios": sample.audios})
+    flags = {"freeze_multi_modal_projector": False}
+    plain = make_model(model_type, "full", **flags)
+    model, forward, pre = _fast(model_type, "full", **flags)
+    batch = MultiModalCollator(plugin, processor, processor.tokenizer, model=plain)(feats)
+    fast = MultiModalCollator(plugin, processor, processor.tokenizer, model=model, precompute=pre)(feats)
+    assert set(fast[PRECOMPUTED_KEY]["positions"]) == {"image", "video"} and "position_ids" in fast
+    ref = train_steps(plain, [batch], steps=2)
+    assert_same(ref, train_steps(model, [fast], forward, steps=2))

@@ -99,8 +99,8 @@ def _merge_owner(base: nn.Module) -> nn.Module | None:
     ``visual`` and has the feature and placeholder-mask methods (e.g. ``Qwen2VLModel``)."""
     for module in base.modules():
         cls = type(module)
-        if (isinstance(module._modules.get("visual"), nn.Module) and callable(getattr(cls, "get_placeholder_mask", None))
-                and callable(getattr(cls, "get_image_features", None))):
+        if (callable(getattr(cls, "get_placeholder_mask", None)) and callable(getattr(cls, "get_image_features", None))
+                and "visual" in dict(module.named_children())):
             return module
     return None
 
