@@ -541,7 +541,7 @@ def _run(lever: Any, model: nn.Module, cfg: _LeverSwitches, earlier: dict[str, A
     """``lever.apply``; a decline is logged in one line."""
     result = lever.apply(model, cfg, earlier)
     if isinstance(result, Declined):
-        logger.info("%s not applied: %s", lever.SUMMARY.split(":")[0], result.reason)
+        logger.info("%s (%s) not applied: %s", lever.NAME, lever.SWITCH, result.reason)
     return result
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .fused_loss import FusedHead, _rng_state, _set_rng_state
+from .fused_loss import FusedHead, random_state, restore_random_state
 from .result import Applied
 from .sync_free import ForwardCall, ForwardPrecompute, SyncFree, SyncFreeError, without_precomputed
 
@@ -100,7 +100,7 @@ class TrainingForward:
             fused.decline(reason)
             return self._run(model, {**inputs, **loss_kwargs}, call)
         plain = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")}
-        rng = None if fused.verified else _rng_state()  # a declined first call runs again from the same draws
+        rng = None if fused.verified else random_state()  # a declined first call runs again from the same draws
         out, hidden = None, None
         try:
             out = self._run(model, plain, call, fused.capture())
@@ -121,7 +121,7 @@ class TrainingForward:
         if fused.declined:  # this call's loss would not be the model's: the same call again, as with the lever off
             del out, hidden
             if rng is not None:
-                _set_rng_state(rng)
+                restore_random_state(rng)
             return self._run(model, {**inputs, **loss_kwargs}, call)
         out["loss"] = fused.loss(hidden, labels, shift_labels=shift_labels, num_items_in_batch=num_items_in_batch,
                                  rows=call.rows_for(labels) if call is not None else None)

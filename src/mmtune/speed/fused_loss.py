@@ -204,13 +204,13 @@ def _logit_scale(config: Any) -> float | None:
     return None
 
 
-def _rng_state() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+def random_state() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
     """The host and CUDA generators' states, for a forward that is run again from the same draws."""
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     return torch.get_rng_state(), cuda
 
 
-def _set_rng_state(state: tuple[torch.Tensor, list[torch.Tensor] | None]) -> None:
+def restore_random_state(state: tuple[torch.Tensor, list[torch.Tensor] | None]) -> None:
     host, cuda = state
     torch.set_rng_state(host)
     if cuda is not None:

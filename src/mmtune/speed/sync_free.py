@@ -452,4 +452,4 @@ def apply(model: nn.Module, cfg: Any, earlier: Mapping[str, Any] | None = None) 
     state = SyncFree(precompute, _language_model_of(owner))
     logger.info("sync-free forward on: %s inputs (%s) built in the collator%s", type(tower).__name__,
                 ", ".join(names), "; the grid stays on the host" if precompute.grid_on_host else "")
-    return Applied(detail=names, state=state)
+    return Applied(detail=True, state=state)
