@@ -312,7 +312,7 @@ def test_the_tower_takes_the_grid_by_position_or_name_each_modality_once_and_onl
               HOST_KEY: HostSide({"image_grid_thw": "host image grid", "video_grid_thw": "host video grid"})}
     call = state.take(inputs)
     assert isinstance(call, ForwardCall) and PRECOMPUTED_KEY not in inputs and HOST_KEY not in inputs
-    assert inputs["image_grid_thw"] == "host image grid"  # the collator built the positions: the model gets it
+    assert inputs["image_grid_thw"] is device_image  # the outer forward gets the batch as it is
     calls = owner.visual.calls
     with state.serving(call):
         owner.get_image_features("px", inputs["image_grid_thw"])
@@ -338,13 +338,13 @@ def test_the_forwards_own_merge_keeps_losses_and_grads(model_type, projector):
     ref = train_steps(m, batches, fused_forward(m))
     model, forward, pre = _fast(model_type, **flags)
     fast = [pre(dict(b)) for b in batches]
-    merged = []
-    hook = unwrap(model).register_forward_pre_hook(
+    merged = []  # a pre-hook after the lever's on the merge owner sees what the owner gets
+    hook = sync_free._merge_owner(unwrap(model)).register_forward_pre_hook(
         lambda mod, a, kw: merged.append(kw.get("inputs_embeds") is not None and kw.get("pixel_values") is None),
         with_kwargs=True)
     assert_same(ref, train_steps(model, fast, forward))
     hook.remove()
-    assert merged == [True] * 3  # the model got the forward's embeddings, no pixels, each step
+    assert merged == [True] * 3  # the owner got the merged embeddings, no pixels, each step
 
 
 @pytest.mark.parametrize("model_type", [t for t in ("qwen3_vl", "qwen2_vl") if t in tiny_configs()])

@@ -81,10 +81,8 @@ class TrainingForward:
         if call is None or self.sync_free is None:
             with capture or contextlib.nullcontext():
                 return model(**inputs)
-        with self.sync_free.serving(call):
-            merged = self.sync_free.merged(inputs, call)
-            with capture or contextlib.nullcontext():
-                return model(**merged)
+        with self.sync_free.serving(call), capture or contextlib.nullcontext():
+            return model(**inputs)
 
     def __call__(self, model: nn.Module, inputs: Mapping[str, Any], num_items_in_batch: Any = None) -> Any:
         inputs = dict(inputs)

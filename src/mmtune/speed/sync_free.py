@@ -9,21 +9,21 @@ step's forward while the GPU runs this step's backward. What moves to the collat
   own ``vision_utils`` functions on the CPU grid); each of those functions takes a precomputed
   value from the tower's keyword arguments instead of computing it. A forward pre-hook on the
   tower hands them in.
-- **The grid on the host**: where the family declares ``grid_on_host`` and the collator built
-  the text positions, the model gets the grid's CPU copy, so the per-image split sizes of
-  ``get_image_features`` cost nothing.
+- **The grid on the host**: where the family declares ``grid_on_host``, the tower gets the
+  grid's CPU copy and, where the collator built the text positions, so does the module that
+  merges the media (``get_image_features``' per-image split sizes then cost nothing).
 - **The merge of media features into the text**: the model's own merge checks the placeholder
   count against the features on the GPU (a host sync) and scatters them with ``masked_scatter``
   (whose backward reads the mask's count back where the features train). Where the collator
-  built the text positions and checked the counts, the training forward builds the model's
-  ``inputs_embeds`` itself through the model's public methods (``get_input_embeddings``,
-  ``get_image_features`` / ``get_video_features``) and puts the features at the collator's
-  placeholder positions with ``index_copy`` (its backward an ``index_select``); the model then
-  gets ``inputs_embeds`` and no pixels. Deepstack features (Qwen3-VL) reach the language model
+  built the text positions and checked the counts, a forward pre-hook on that module (e.g.
+  ``Qwen2VLModel``) builds its ``inputs_embeds`` through its public methods
+  (``get_input_embeddings``, ``get_image_features`` / ``get_video_features``) and puts the
+  features at the collator's placeholder positions with ``index_copy`` (its backward an
+  ``index_select``); the module then gets ``inputs_embeds`` and no pixels. Deepstack features (Qwen3-VL) reach the language model
   as its ``visual_pos_masks`` / ``deepstack_visual_embeds`` arguments, built from the same
   positions.
-- **Attention mask**: a batch without padding passes no mask, as transformers itself does
-  once it has tested the mask on the GPU.
+- **Attention mask**: a batch without padding passes no mask to that module, as transformers
+  itself does once it has tested the mask on the GPU.
 - **Loss rows**: the labelled positions (after the shift) go to the fused cross-entropy.
 - **Media features that train, without collator positions** (the model merges them itself):
   a forward hook on the tower hands the merge detached features, and a pre-hook on the
@@ -197,7 +197,9 @@ class ForwardCall:
     live: dict[str, torch.Tensor] = field(default_factory=dict)
     #: arguments for the language model's call (deepstack features of the training forward's merge)
     language: dict[str, Any] = field(default_factory=dict)
-    merged: bool = False  # the training forward merges the features itself (no hold-back needed)
+    drop_attention_mask: bool = False
+    merged: bool = False  # the features were merged by index (no hold-back needed)
+    owner_served: bool = False
 
     def rows_for(self, labels: torch.Tensor | None) -> torch.Tensor | None:
         """The collator's loss rows, when they were built from labels of this shape."""
@@ -222,16 +224,17 @@ class SyncFree:
                 params = {}
             self.deepstack = all(name in params for name in _DEEPSTACK_ARGS)
         self.current: ForwardCall | None = None
-        self.handles = [self.tower.register_forward_pre_hook(self._tower_pre_hook, with_kwargs=True),
+        self.handles = [self.owner.register_forward_pre_hook(self._owner_pre_hook, with_kwargs=True),
+                        self.tower.register_forward_pre_hook(self._tower_pre_hook, with_kwargs=True),
                         self.tower.register_forward_hook(self._tower_hook, with_kwargs=True)]
         if language_model is not None:
             self.handles.append(language_model.register_forward_pre_hook(self._language_pre_hook, with_kwargs=True))
 
     # ---------------------------------------------------------------- the batch
     def take(self, inputs: dict[str, Any]) -> ForwardCall | None:
-        """Take the collator's entries out of ``inputs`` (in place) and give the model the
-        host grid and no all-ones mask where that is what the collator found; None when the
-        batch has no entries (a collator without the precompute)."""
+        """Take the collator's entries out of ``inputs`` (in place; the rest is left as it is,
+        for the model's outer forward); None when the batch has none (a collator without the
+        precompute)."""
         precomputed = inputs.pop(PRECOMPUTED_KEY, None)
         host = inputs.pop(HOST_KEY, None)
         if precomputed is None:
@@ -239,28 +242,22 @@ class SyncFree:
         precomputed = dict(precomputed)
         host_values = dict(host.values) if isinstance(host, HostSide) else {}
         call = ForwardCall(positions=precomputed.pop("positions", None) or {},
-                           loss_rows=precomputed.pop("loss_rows", None), labels_shape=host_values.get("labels_shape"))
+                           loss_rows=precomputed.pop("loss_rows", None), labels_shape=host_values.get("labels_shape"),
+                           drop_attention_mask=bool(host_values.get("drop_attention_mask")))
         for modality in MODALITIES:
-            key = f"{modality}_grid_thw"
             if modality in precomputed:
                 call.tower[modality] = dict(precomputed[modality])
-            grid = host_values.get(key)
+            grid = host_values.get(f"{modality}_grid_thw")
             if grid is not None:
                 call.host_grids[modality] = grid
-                if inputs.get("position_ids") is not None and key in inputs:
-                    inputs[key] = grid  # positions came from the collator: the grid feeds only the tower and splits
-            if inputs.get(key) is not None:
-                call.grids[id(inputs[key])] = modality
-        if host_values.get("drop_attention_mask") and inputs.get("attention_mask") is not None:
-            inputs["attention_mask"] = None  # no padding: what transformers does after testing it on the GPU
         return call
 
     @contextlib.contextmanager
     def serving(self, call: ForwardCall) -> Iterator[None]:
-        """Serve one model call (and the training forward's merge before it) with ``call``'s
-        inputs. Raises when held-back features never reached the language model (their
+        """Serve one model call with ``call``'s inputs (the hooks act only inside). Raises when held-back features never reached the language model (their
         gradients would be lost silently)."""
-        call.served, call.live, call.language, call.merged = [], {}, {}, False
+        call.served, call.live, call.language, call.merged, call.owner_served = [], {}, {}, False, False
+        call.grids = {}
         previous, self.current = self.current, call
         failed = False
         try:
@@ -276,30 +273,49 @@ class SyncFree:
                                    "their gradients were not restored; set sync_free_forward: false")
 
     def merges(self, inputs: Mapping[str, Any], call: ForwardCall) -> bool:
-        """Whether the training forward merges the media itself: the collator checked the
-        placeholder counts and built the text positions, and the batch has no other media."""
+        """Whether the media are merged by index: the collator checked the placeholder counts
+        and built the text positions, and the call has no other media."""
         return (bool(call.positions) and inputs.get("position_ids") is not None and inputs.get("input_ids") is not None
                 and inputs.get("inputs_embeds") is None and not any(inputs.get(k) is not None for k in _OTHER_MEDIA))
 
-    def merged(self, inputs: Mapping[str, Any], call: ForwardCall) -> dict[str, Any]:
-        """``inputs`` with ``inputs_embeds`` built here in place of the ids and pixels (see the
-        module's doc); ``inputs`` as they are where :meth:`merges` says no. Run inside
-        :meth:`serving` (the tower's pre-hook serves the feature calls)."""
-        inputs = dict(inputs)
-        call.merged = self.merges(inputs, call)
-        if not call.merged:
-            return inputs
-        ids = inputs["input_ids"]
-        embeds = self.owner.get_input_embeddings()(ids)
+    def _owner_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        """The merge owner's call (inside the model's forward, so under DDP / FSDP as the rest):
+        the host grid where the collator built the positions, no all-ones mask, and the media
+        merged by index into ``inputs_embeds`` (see the module's doc)."""
+        call = self.current
+        if call is None or call.owner_served or args:
+            return None
+        call.owner_served = True
+        kwargs = dict(kwargs)
+        if kwargs.get("position_ids") is not None:  # the grid then feeds only the tower and the splits
+            for modality, grid in call.host_grids.items():
+                if kwargs.get(f"{modality}_grid_thw") is not None:
+                    kwargs[f"{modality}_grid_thw"] = grid
+        for modality in MODALITIES:
+            grid = kwargs.get(f"{modality}_grid_thw")
+            if grid is not None:
+                call.grids[id(grid)] = modality
+        if call.drop_attention_mask and kwargs.get("attention_mask") is not None:
+            kwargs["attention_mask"] = None  # no padding: what transformers does after testing it on the GPU
+        if self.merges(kwargs, call):
+            kwargs = self._merged(module, kwargs, call)
+        return args, kwargs
+
+    def _merged(self, owner: nn.Module, kwargs: dict[str, Any], call: ForwardCall) -> dict[str, Any]:
+        """``kwargs`` with ``inputs_embeds`` built through the owner's public methods, the
+        features put at the collator's placeholder positions, in place of the ids and pixels."""
+        call.merged = True  # the features keep their gradient path: the tower's hook holds nothing back
+        ids = kwargs["input_ids"]
+        embeds = owner.get_input_embeddings()(ids)
         flat = embeds.reshape(-1, embeds.shape[-1])
         deepstack: dict[str, list[torch.Tensor]] = {}
         for modality, pixels_key in (("image", "pixel_values"), ("video", "pixel_values_videos")):
-            pixels = inputs.pop(pixels_key, None)
+            pixels = kwargs.get(pixels_key)
             if pixels is None:
                 continue
             if modality not in call.positions:
                 raise SyncFreeError(f"sync-free forward: {modality} pixels without their placeholder positions")
-            out = getattr(self.owner, f"get_{modality}_features")(pixels, inputs.get(f"{modality}_grid_thw"))
+            out = getattr(owner, f"get_{modality}_features")(pixels, kwargs.get(f"{modality}_grid_thw"))
             pooled = out.pooler_output
             features = torch.cat(list(pooled)) if isinstance(pooled, (tuple, list)) else pooled
             positions = call.positions[modality].to(flat.device)
@@ -312,9 +328,8 @@ class SyncFree:
                 deepstack[modality] = [torch.cat(list(x)) if isinstance(x, (tuple, list)) else x for x in layers]
         if deepstack:
             call.language = self._deepstack_arguments(deepstack, call, ids.shape, flat.device)
-        inputs["inputs_embeds"] = flat.view_as(embeds)
-        inputs["input_ids"] = None
-        return inputs
+        return {**kwargs, "inputs_embeds": flat.view_as(embeds), "input_ids": None, "pixel_values": None,
+                "pixel_values_videos": None}
 
     def _deepstack_arguments(self, deepstack: dict[str, list[torch.Tensor]], call: ForwardCall,
                              shape: torch.Size, device: torch.device) -> dict[str, Any]:
