@@ -210,6 +210,9 @@ def test_compute_loss_hands_training_steps_to_the_training_forward_and_evaluatio
     model.eval()
     own = trainer.compute_loss(model, inputs)  # the model's own forward, without the collator's entries
     assert own.item() == model(input_ids=inputs["input_ids"])["loss"].item() and len(forward.calls) == 2
+    with torch.no_grad():  # prediction: the Trainer's own step, on the batch without the collator's entries
+        loss, _, _ = trainer.prediction_step(model, {**inputs, "labels": torch.zeros(2, 5)}, prediction_loss_only=True)
+    assert loss is not None and len(forward.calls) == 2
 
 
 def test_compute_loss_equals_the_trainers_around_the_loss(tmp_path, monkeypatch):
