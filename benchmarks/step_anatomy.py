@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, ft_args, mm_args, training_args = parse_config(None, extra=cfg)
     parts = build(model_args, data_args, ft_args, training_args, mm_args=mm_args)  # as `mmtune train` builds it
     data, model, collator = parts.train_dataset, parts.model, parts.collator
+    training_forward = parts.training_forward
     model.to(device).train()
     batches = [_to(collator([data[j] for j in range(i * args.batch, (i + 1) * args.batch)]), device) for i in range(4)]
     params = [p for p in model.parameters() if p.requires_grad]
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def forward(b: dict[str, Any]) -> torch.Tensor:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
-            return model(**b).loss
+            return training_forward(model, b).loss if training_forward is not None else model(**b).loss
 
     def train_on(b: dict[str, Any]) -> torch.Tensor:
         loss = forward(b)

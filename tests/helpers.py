@@ -6,6 +6,7 @@ import copy
 import functools
 import sys
 import types
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -92,14 +93,16 @@ def make_model(model_type, method="lora", **flags):
     return model
 
 
-def train_steps(model, batches, steps=3, lr=0.5):
-    """Losses of ``steps`` SGD steps, and the gradients of the first step."""
+def train_steps(model, batches, forward=None, steps=3, lr=0.5):
+    """Losses of ``steps`` SGD steps (through ``forward``, a training forward, when given, else
+    the model's own loss), and the gradients of the first step."""
     model.train()
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     opt = torch.optim.SGD(params.values(), lr=lr)
     losses, first = [], None
     for step in range(steps):
-        loss = model(**batches[step % len(batches)]).loss
+        batch = batches[step % len(batches)]
+        loss = (forward(model, batch) if forward is not None else model(**batch)).loss
         loss.backward()
         if first is None:
             first = {n: p.grad.detach().clone() for n, p in params.items() if p.grad is not None}
@@ -107,6 +110,67 @@ def train_steps(model, batches, steps=3, lr=0.5):
         opt.zero_grad()
         losses.append(loss.item())
     return losses, first
+
+
+def switches(fused=True, sync_free_forward=True, device_type="cpu"):
+    """The ``cfg`` the fused-loss and sync-free levers read."""
+    return SimpleNamespace(fused_cross_entropy=fused, sync_free_forward=sync_free_forward, device_type=device_type)
+
+
+def apply_forward_levers(model, fused=True, sync=True):
+    """Apply the fused loss, then (when ``sync``) the sync-free forward, as loading does;
+    returns their results by key."""
+    from mmtune.speed import fused_loss, sync_free
+
+    cfg = switches(fused, sync)
+    results = {}
+    if fused:
+        results["fused_cross_entropy"] = fused_loss.apply(model, cfg, results)
+    if sync:
+        results["sync_free_forward"] = sync_free.apply(model, cfg, results)
+    return results
+
+
+def fused_forward(model):
+    """The training forward of the fused loss on ``model`` (asserting the lever applied)."""
+    from mmtune.speed import fused_loss
+    from mmtune.speed.forward import TrainingForward
+    from mmtune.speed.result import Applied
+
+    result = fused_loss.apply(model, switches(sync_free_forward=False), {})
+    assert isinstance(result, Applied), result
+    return TrainingForward(fused=result.state)
+
+
+def fast_forward(model):
+    """The training forward of both levers and the collator's precompute (asserting both applied)."""
+    from mmtune.speed.forward import TrainingForward
+    from mmtune.speed.result import Applied
+
+    results = apply_forward_levers(model)
+    assert all(isinstance(r, Applied) for r in results.values()), results
+    forward = TrainingForward.from_levers(results)
+    assert forward.precompute is results["sync_free_forward"].state.precompute
+    return forward, forward.precompute
+
+
+def unwrap(model):
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def with_positions(model, batch):
+    """``batch`` with the M-RoPE positions the collator builds (the model's own rope index on
+    the CPU), which let the training forward merge the media itself."""
+    import inspect
+
+    from mmtune.speed.sync_free import _merge_owner
+
+    rope = _merge_owner(unwrap(model)).get_rope_index
+    params = inspect.signature(rope).parameters
+    with torch.no_grad():
+        position_ids, _ = rope(**{k: v for k, v in batch.items() if k in params})
+    return {**batch, "position_ids": position_ids}
 
 
 def assert_same(ref, new, rel=1e-5, atol=1e-6):

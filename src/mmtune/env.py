@@ -30,8 +30,6 @@ OPTIONAL_PACKAGES: tuple[str, ...] = ("bitsandbytes", "deepspeed", "flash_attn",
 
 
 #: the modules whose log lines say what the levers did (the rest of loading is not reported)
-LEVER_LOGGERS = frozenset({"mmtune.model.speed", "mmtune.model.precompute"})
-#: the package whose modules' log lines say so too (the speed levers)
 LEVER_PACKAGE = "mmtune.speed"
 
 
@@ -95,7 +93,7 @@ class _Collect(logging.Handler):
         self.lines: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.name in LEVER_LOGGERS or record.name.startswith(LEVER_PACKAGE + "."):
+        if record.name.startswith(LEVER_PACKAGE + "."):
             self.lines.append(record.getMessage())
 
 

@@ -78,7 +78,8 @@ class Probe(TrainerCallback):
         image = ids == self.image_token_id
         row = {"rows": int(ids.shape[0]), "attended_image_tokens": int((image & (mask == 1)).sum()),
                "masked_image_tokens": int((image & (mask == 0)).sum()),
-               "labelled_tokens": int((kwargs["labels"] != -100).sum()),
+               # the fused loss's training forward calls the model without labels (it computes the loss itself)
+               "labelled_tokens": int((kwargs["labels"] != -100).sum()) if kwargs.get("labels") is not None else None,
                "has_pixel_values": "pixel_values" in kwargs, "tower_calls_before": self.tower_calls,
                "sharded": any(isinstance(p, DTensor) for p in module.parameters()),
                "model_class": type(module).__name__, "distributed_type": self.distributed_type}

@@ -40,7 +40,7 @@ def test_a_default_aya_vision_run_trains_with_the_fused_loss_exactly(tmp_path, c
             seed=0, disable_tqdm=True, plot_loss=False, **extra)))
         return _losses(tmp_path / name)
 
-    with caplog.at_level(logging.INFO, logger="mmtune.model"):
+    with caplog.at_level(logging.INFO, logger="mmtune"):
         default = train("default")  # every lever at its default
     assert "fused linear cross-entropy on" in caplog.text and "declined" not in caplog.text
     off = train("off", fused_cross_entropy=False)

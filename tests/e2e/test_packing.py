@@ -75,9 +75,9 @@ QWEN_SPECS = [
 ]
 
 
-def _loss_and_grads(model, batch):
+def _loss_and_grads(model, batch, forward=None):
     model.zero_grad()
-    out = model(**batch)
+    out = forward(model, batch) if forward is not None else model(**batch)
     out.loss.backward()
     return out.loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -298,13 +298,21 @@ def test_sync_free_forward_keeps_packed_and_padded_losses(qwen):
     collator's ForwardPrecompute, the losses and gradients are those of the plain model."""
     import copy
 
-    from mmtune.model import speed
-    from mmtune.model.precompute import HOST_KEY, PRECOMPUTED_KEY, enable_sync_free_forward
+    from types import SimpleNamespace
+
+    from mmtune.speed import fused_loss, sync_free
+    from mmtune.speed.forward import TrainingForward
+    from mmtune.speed.result import Applied
+    from mmtune.speed.sync_free import HOST_KEY, PRECOMPUTED_KEY
 
     feats, plugin, processor, model = qwen
     fast = copy.deepcopy(model)
-    assert speed.enable_fused_cross_entropy(fast)
-    pre = enable_sync_free_forward(fast)
+    cfg = SimpleNamespace(fused_cross_entropy=True, sync_free_forward=True, device_type="cpu")
+    results = {"fused_cross_entropy": fused_loss.apply(fast, cfg, {})}
+    results["sync_free_forward"] = sync_free.apply(fast, cfg, results)
+    assert all(isinstance(r, Applied) for r in results.values())
+    forward = TrainingForward.from_levers(results)
+    pre = forward.precompute
     assert pre is not None and pre.grid_on_host
     plain = PackingCollator(plugin, processor, processor.tokenizer, model=model)
     col = PackingCollator(plugin, processor, processor.tokenizer, model=fast, precompute=pre)
@@ -314,7 +322,7 @@ def test_sync_free_forward_keeps_packed_and_padded_losses(qwen):
         assert set(batch[PRECOMPUTED_KEY]["positions"]) == {"image", "video"}
         assert "drop_attention_mask" not in batch[HOST_KEY].values  # padded, or packed (4-row positions)
         loss_a, grads_a = _loss_and_grads(model, ref)
-        loss_b, grads_b = _loss_and_grads(fast, batch)
+        loss_b, grads_b = _loss_and_grads(fast, batch, forward)
         assert torch.allclose(loss_a, loss_b, rtol=1e-5, atol=1e-6), (loss_a, loss_b)
         assert grads_a.keys() == grads_b.keys()
         for name, g in grads_a.items():

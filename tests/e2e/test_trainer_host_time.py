@@ -213,3 +213,78 @@ def test_host_threads_is_a_config_key():
 
     assert parse_config(None, extra={"host_threads": 3})[3].host_threads == 3
     assert parse_config(None)[3].host_threads is None
+
+
+# ------------------------------------------------------------------ compute_loss and the training forward
+class _Recording:
+    """A training forward that records its calls and gives a fixed loss."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, model, inputs, num_items_in_batch=None):
+        self.calls.append((sorted(inputs), num_items_in_batch))
+        return {"loss": torch.tensor(2.0), "logits": None}
+
+
+def test_compute_loss_hands_training_steps_to_the_training_forward_and_evaluation_to_the_trainer(tmp_path):
+    from mmtune.speed.sync_free import HOST_KEY, PRECOMPUTED_KEY, HostSide
+
+    forward = _Recording()
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    trainer = MMTrainer(model=_Tiny(), args=args, training_forward=forward)
+    model = trainer.model
+    inputs = {"input_ids": torch.zeros(2, 5, dtype=torch.long), PRECOMPUTED_KEY: {}, HOST_KEY: HostSide()}
+    model.train()
+    assert trainer.compute_loss(model, inputs, num_items_in_batch=torch.tensor(4)).item() == 2.0
+    loss, outputs = trainer.compute_loss(model, inputs, return_outputs=True)
+    assert loss.item() == 2.0 and outputs["logits"] is None
+    # _Tiny takes no loss kwargs: the Trainer would not hand it num_items_in_batch, nor does the forward
+    assert forward.calls == [(sorted(inputs), None)] * 2
+    model.eval()
+    own = trainer.compute_loss(model, inputs)  # the model's own forward, without the collator's entries
+    assert own.item() == model(input_ids=inputs["input_ids"])["loss"].item() and len(forward.calls) == 2
+    with torch.no_grad():  # prediction: the Trainer's own step, on the batch without the collator's entries
+        loss, _, _ = trainer.prediction_step(model, {**inputs, "labels": torch.zeros(2, 5)}, prediction_loss_only=True)
+    assert loss is not None and len(forward.calls) == 2
+
+
+def test_compute_loss_equals_the_trainers_around_the_loss(tmp_path, monkeypatch):
+    """A real model with both levers: the loss of a training step through the training forward
+    is the Trainer's own compute_loss, with num_items_in_batch and the scaling by the number of
+    processes (average_tokens_across_devices) applied the same way."""
+    import copy
+
+    from mmtune.config import FinetuningArguments, ModelArguments
+    from mmtune.model.adapters import init_adapter
+    from mmtune.model.loader import model_class_for
+    from mmtune.speed import fused_loss, sync_free
+    from mmtune.speed.forward import TrainingForward
+    from mmtune.testing import FIXTURES
+
+    config = FIXTURES["qwen2_vl"].tiny_config()
+    torch.manual_seed(0)
+    base = model_class_for(config).from_config(config)
+    model = init_adapter(copy.deepcopy(base), ModelArguments(), FinetuningArguments(finetuning_type="lora", lora_rank=4))
+    plain = copy.deepcopy(model)
+    cfg = type("Cfg", (), {"fused_cross_entropy": True, "sync_free_forward": True, "device_type": "cpu"})()
+    results = {"fused_cross_entropy": fused_loss.apply(model, cfg, {})}
+    results["sync_free_forward"] = sync_free.apply(model, cfg, results)
+    forward = TrainingForward.from_levers(results)
+    ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none",
+                             average_tokens_across_devices=True)
+    ours = MMTrainer(model=model, args=args, training_forward=forward)
+    theirs = MMTrainer(model=plain, args=args)
+    assert ours.model_accepts_loss_kwargs and theirs.model_accepts_loss_kwargs
+    monkeypatch.setattr(type(ours.accelerator), "num_processes", property(lambda self: 2))
+    for m in (ours.model, theirs.model):
+        m.train()
+    for items in (None, torch.tensor(9)):
+        a = ours.compute_loss(ours.model, dict(batch), num_items_in_batch=items)
+        b = theirs.compute_loss(theirs.model, dict(batch), num_items_in_batch=items)
+        assert a.item() == pytest.approx(b.item(), rel=1e-5)
+    assert forward.fused.verified and not forward.fused.declined

@@ -1,4 +1,4 @@
-"""Fixtures of the speed-lever tests."""
+"""Fixtures of the speed-lever tests (the shared builders are in tests/helpers.py)."""
 
 import pytest
 

@@ -36,7 +36,7 @@ class ModelArguments:
     cache_dir: str | None = field(default=None, metadata={"help": "Where Hub downloads are cached; default: the "
                                                                   "Hugging Face cache."})
     revision: str = field(default="main", metadata={"help": "Branch, tag or commit of a Hub model."})
-    # training speed levers (mmtune.model.speed); each logs when applied
+    # training speed levers (mmtune.speed, one module per lever); each logs when applied
     fused_cross_entropy: bool = field(
         default=True, metadata={"help": "Chunked fused LM-head + cross-entropy: logits never materialised whole."})
     compile: bool | None = field(

@@ -8,7 +8,7 @@ media fail to decode (a truncated JPEG body) is named by its ``sample_index`` an
 M-RoPE position ids (Qwen family, GLM-4V, Omni) are built here, on the CPU in the dataloader
 worker, through the model's own ``get_rope_index``: building them inside forward costs host
 syncs on the GPU every step. So are the vision tower's own inputs and the rest of what
-``mmtune.model.precompute`` lists, when the model has a ``ForwardPrecompute``.
+:mod:`mmtune.speed.sync_free` lists, when the sync-free lever gave a ``ForwardPrecompute``.
 """
 
 from __future__ import annotations
@@ -66,8 +66,9 @@ class MultiModalCollator:
     #: give text-only batches one dummy image so every rank runs the vision tower (ZeRO-3 / FSDP
     #: otherwise deadlock when ranks disagree); its tokens are masked out and carry no label
     fake_media_for_text_only: bool = False
-    #: the model's :class:`~mmtune.model.precompute.ForwardPrecompute` (``sync_free_forward``):
-    #: adds what the forward would otherwise derive on the GPU with host syncs
+    #: the sync-free lever's :class:`~mmtune.speed.sync_free.ForwardPrecompute`
+    #: (:func:`mmtune.speed.forward.collator_precompute`): adds what the forward would otherwise
+    #: derive on the GPU with host syncs
     precompute: Any = None
 
     def _fake_image(self, features: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[int]]:

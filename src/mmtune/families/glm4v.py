@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mmtune.families.qwen2_vl import Qwen2VLPlugin
+from mmtune.families.qwen2_vl import Qwen2VLPlugin, qwen2_vl_tower_inputs
 from mmtune.media import VideoClip
 from mmtune.model.composite import CompositeModel, register_composite_model
 from mmtune.speed.capabilities import SpeedCapabilities
@@ -43,7 +43,9 @@ for _model_type in ("glm4v", "glm4v_moe"):
                                "model.visual.downsample"],
             language_model_keys=["model.language_model", "lm_head"],
             lora_conflict_keys=["patch_embed"],
-            speed=SpeedCapabilities(fusable_head=True, varlen_attention_classes=("Glm4vVisionAttention", "Glm4vMoeVisionAttention")),
+            speed=SpeedCapabilities(fusable_head=True, varlen_attention_classes=("Glm4vVisionAttention", "Glm4vMoeVisionAttention"),
+                                    # its embeddings read the grid too: the model keeps the device grid
+                                    tower_inputs=qwen2_vl_tower_inputs, grid_on_host=False),
         )
     )
 

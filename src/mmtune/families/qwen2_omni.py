@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from mmtune.families.qwen2_audio import WhisperAudioMixin
-from mmtune.families.qwen2_vl import Qwen2VLPlugin
+from mmtune.families.qwen2_vl import Qwen2VLPlugin, qwen2_5_vl_tower_inputs
 from mmtune.media import MediaError, VideoClip, load_audio
 from mmtune.model.composite import CompositeModel, register_composite_model
 from mmtune.speed.capabilities import SpeedCapabilities
@@ -210,7 +210,8 @@ register_composite_model(
         vision_model_keys=[f"{_P}visual.patch_embed", f"{_P}visual.blocks", f"{_P}audio_tower"],
         language_model_keys=[f"{_P}language_model" if _P else "model", "lm_head"],
         lora_conflict_keys=["patch_embed"],
-        speed=SpeedCapabilities(fusable_head=True, varlen_attention_classes=("Qwen2_5OmniVisionAttention", "Qwen2_5OmniAudioAttention")),
+        speed=SpeedCapabilities(fusable_head=True, varlen_attention_classes=("Qwen2_5OmniVisionAttention", "Qwen2_5OmniAudioAttention"),
+                                tower_inputs=qwen2_5_vl_tower_inputs, grid_on_host=True),
     )
 )
 

@@ -277,6 +277,32 @@ class Qwen2VLPlugin(BasePlugin):
 register_mm_plugin("qwen2_vl", Qwen2VLPlugin)
 register_mm_plugin("qwen2_5_vl", Qwen2VLPlugin)
 
+def qwen2_vl_tower_inputs(tower: Any, grid: torch.Tensor) -> dict[str, Any]:
+    """What a Qwen2-VL-style vision tower derives from its grid (rotary positions, ``cu_seqlens``,
+    ``max_seqlen``), by the keyword it takes them under, computed on the host by transformers'
+    own ``vision_utils`` functions (the sync-free forward's ``tower_inputs``)."""
+    from transformers import vision_utils
+
+    position_ids = vision_utils.get_vision_position_ids(grid, tower.spatial_merge_size)
+    cu_seqlens, max_seqlen = vision_utils.get_vision_attention_seqlens(grid, tower.config)
+    return {"position_ids": position_ids, "cu_seqlens": cu_seqlens, "max_seqlen": max_seqlen}
+
+
+def qwen2_5_vl_tower_inputs(tower: Any, grid: torch.Tensor) -> dict[str, Any]:
+    """:func:`qwen2_vl_tower_inputs` and the window attention's indices and ``cu_window_seqlens``
+    (Qwen2.5-VL, Qwen2.5-Omni)."""
+    from transformers import vision_utils
+    from transformers.utils.generic import get_max_seqlen
+
+    window_index, cu_window_seqlens = vision_utils.get_vision_window_index(
+        grid, spatial_merge_size=tower.spatial_merge_size, window_size=tower.window_size, patch_size=tower.patch_size)
+    max_window_seqlen = get_max_seqlen(cu_window_seqlens, tower.config, kwarg_name="max_window_seqlen")
+    return {**qwen2_vl_tower_inputs(tower, grid), "window_index": window_index, "cu_window_seqlens": cu_window_seqlens,
+            "max_window_seqlen": max_window_seqlen}
+
+
+_TOWER_INPUTS = {"qwen2_vl": qwen2_vl_tower_inputs, "qwen2_5_vl": qwen2_5_vl_tower_inputs}
+
 for _model_type in ("qwen2_vl", "qwen2_5_vl"):
     register_composite_model(
         CompositeModel(
@@ -287,7 +313,8 @@ for _model_type in ("qwen2_vl", "qwen2_5_vl"):
             vision_model_keys=["model.visual.patch_embed", "model.visual.blocks"],
             language_model_keys=["model.language_model", "lm_head"],
             lora_conflict_keys=["patch_embed"],
-            speed=SpeedCapabilities(fusable_head=True, varlen_attention_classes=("VisionAttention", "Qwen2_5_VLVisionAttention")),
+            speed=SpeedCapabilities(fusable_head=True, varlen_attention_classes=("VisionAttention", "Qwen2_5_VLVisionAttention"),
+                                    tower_inputs=_TOWER_INPUTS[_model_type], grid_on_host=True),
         )
     )
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mmtune.families.qwen2_vl import Qwen2VLPlugin
+from mmtune.families.qwen2_vl import Qwen2VLPlugin, qwen2_vl_tower_inputs
 from mmtune.media import VideoClip
 from mmtune.model.composite import CompositeModel, register_composite_model
 from mmtune.speed.capabilities import SpeedCapabilities
@@ -40,6 +40,17 @@ class Qwen3VLPlugin(Qwen2VLPlugin):
 
 register_mm_plugin("qwen3_vl", Qwen3VLPlugin)
 register_mm_plugin("qwen3_vl_moe", Qwen3VLPlugin)
+def qwen3_vl_tower_inputs(tower: Any, grid: Any) -> dict[str, Any]:
+    """Qwen2-VL's tower inputs and the position embedding's interpolation indices and weights
+    (the sync-free forward's ``tower_inputs``), by transformers' own ``vision_utils``."""
+    from transformers import vision_utils
+
+    interp_indices, interp_weights = vision_utils.get_vision_interpolation_indices_and_weights(
+        grid, num_grid_per_side=tower.num_grid_per_side, mode=tower.interpolation_mode,
+        align_corners=tower.interpolation_align_corners, spatial_merge_size=tower.config.spatial_merge_size)
+    return {**qwen2_vl_tower_inputs(tower, grid), "interp_indices": interp_indices, "interp_weights": interp_weights}
+
+
 for _model_type in ("qwen3_vl", "qwen3_vl_moe"):
     register_composite_model(
         CompositeModel(
@@ -51,7 +62,8 @@ for _model_type in ("qwen3_vl", "qwen3_vl_moe"):
                                "model.visual.deepstack_merger_list"],
             language_model_keys=["model.language_model", "lm_head"],
             lora_conflict_keys=["patch_embed"],
-            speed=SpeedCapabilities(fusable_head=True, varlen_attention_classes=("Qwen3VLVisionAttention", "Qwen3VLMoeVisionAttention")),
+            speed=SpeedCapabilities(fusable_head=True, varlen_attention_classes=("Qwen3VLVisionAttention", "Qwen3VLMoeVisionAttention"),
+                                    tower_inputs=qwen3_vl_tower_inputs, grid_on_host=True),
         )
     )
 

@@ -167,6 +167,7 @@ def load_model(
     batch_tokens: int | None = None,
     tokenizer: Any = None,
     speed_levers: bool = True,
+    levers_out: dict[str, Any] | None = None,
 ) -> Any:
     """Build or load the model, then apply the fine-tuning method.
 
@@ -178,6 +179,8 @@ def load_model(
     ``device_type`` (where it will train; default cuda when present) and ``batch_tokens``
     (batch size x sequence length) inform the speed levers. ``tokenizer`` (native LLaVA) gets
     the image tokens the model's config asks for, and the embeddings grow to match.
+    ``levers_out``, when given, receives what the speed levers returned (by key), for the
+    training forward and the collator (:mod:`mmtune.speed.forward`); nothing is kept on the model.
     """
     config = configure_visual_model(config) if config is not None else load_config(model_args)
     # config.dtype: reading config.torch_dtype makes transformers warn that the name is deprecated
@@ -214,8 +217,11 @@ def load_model(
     if is_trainable and speed_levers:  # batch_tokens sizes the auto checkpointing
         from mmtune.speed.levers import apply_levers
 
-        apply_levers(model, speed_config(model_args, device_type=device_type,
-                                         gradient_checkpointing=gradient_checkpointing, batch_tokens=batch_tokens))
+        report = apply_levers(model, speed_config(model_args, device_type=device_type,
+                                                  gradient_checkpointing=gradient_checkpointing,
+                                                  batch_tokens=batch_tokens))
+        if levers_out is not None:
+            levers_out.update(report)
     if not is_trainable:
         model.eval()
     return model

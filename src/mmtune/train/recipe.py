@@ -30,9 +30,9 @@ from mmtune.media import MediaConfig
 from mmtune.model.folders import check_model_args
 from mmtune.model.loader import (check_lora_target_before_loading, load_config, load_model,
                                  load_tokenizer_and_processor, model_class_for)
-from mmtune.model.precompute import find_precompute
 from mmtune.model.saved import SavedFolder, inspect_folder, load_saved_processor, resolve_template
 from mmtune.plugins import get_mm_plugin
+from mmtune.speed.forward import TrainingForward, collator_precompute
 from mmtune.templates import get_template
 
 logger = logging.getLogger(__name__)
@@ -64,6 +64,13 @@ class Parts:
     template_source: str = ""
     plugin_name: str | None = None
     folder: SavedFolder | None = None
+    #: what the speed levers returned, by switch (``Applied`` / ``Declined``); empty without a model
+    levers: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def training_forward(self) -> TrainingForward | None:
+        """The training forward the levers call for (the fused loss, the sync-free inputs), or None."""
+        return TrainingForward.from_levers(self.levers)
 
 
 def training_template(requested: str | None, model_type: str | None) -> str:
@@ -122,14 +129,15 @@ def build(model_args: ModelArguments, data_args: DataArguments, finetuning_args:
             longest = max(dataset_lengths(parts.datasets["train"]), default=data_args.cutoff_len)
             batch_tokens = training_args.per_device_train_batch_size * max(longest, data_args.packing_max_len or 0)
     parts.model = load_model(model_args, finetuning_args, is_trainable=True, gradient_checkpointing=checkpointing,
-                             tokenizer=tokenizer, device_type=device_type, batch_tokens=batch_tokens)
+                             tokenizer=tokenizer, device_type=device_type, batch_tokens=batch_tokens,
+                             levers_out=parts.levers)
     fake = mm_args.fake_media_for_text_only
     if fake is None:
         fake = several_ranks
     parts.collator = MultiModalCollator(plugin, processor, tokenizer,
                                         model=parts.model if mm_args.build_rope_in_collator else None,
                                         fake_media_for_text_only=bool(fake) and processor is not None,
-                                        precompute=find_precompute(parts.model))
+                                        precompute=collator_precompute(parts.levers))
     if datasets and training_args is not None:
         parts.train_dataset, parts.collator = maybe_pack(parts.datasets["train"], parts.collator, parts.model,
                                                          data_args.packing, data_args.packing_max_len,

@@ -107,6 +107,7 @@ def run_sft(model_args: Any, data_args: Any, finetuning_args: Any, mm_args: Any,
         processing_class=processor or tokenizer,
         callbacks=[JsonlLogCallback(), MmtuneConfigCallback(record, assembled_config), interrupt, *(callbacks or [])],
         projector_lr=mm_args.projector_lr,
+        training_forward=parts.training_forward,
     )
     try:
         result = trainer.train(resume_from_checkpoint=resume)

@@ -24,6 +24,8 @@ import torch
 from transformers import Trainer
 
 from mmtune.model.composite import get_composite_model, has_prefix
+from mmtune.speed.forward import TrainingForward
+from mmtune.speed.sync_free import without_precomputed
 
 from .checkpoints import TRAINER_STATE, publish_checkpoint, staging_folder
 
@@ -92,9 +94,11 @@ class MMTrainer(Trainer):
     """HF Trainer with a separate projector learning rate, and less host time a step (module
     docstring)."""
 
-    def __init__(self, *args: Any, projector_lr: float | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, projector_lr: float | None = None, training_forward: TrainingForward | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.projector_lr = projector_lr
+        self.training_forward = training_forward
         self._train_switch: TrainModeSwitch | None = None
         self._num_parameters: int | None = None
 
@@ -159,6 +163,34 @@ class MMTrainer(Trainer):
                 loss = loss / self.current_gradient_accumulation_steps
             self.accelerator.backward(loss, **kwargs)
             return loss.detach()
+
+    # ------------------------------------------------------------------ the training forward
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        """Training steps go through the :class:`~mmtune.speed.forward.TrainingForward` (the fused
+        loss and the sync-free inputs); evaluation, prediction, a label smoother or a
+        ``compute_loss_func`` take the Trainer's own path (on the batch without the collator's
+        precomputed entries). Around the loss, what the Trainer's ``compute_loss`` does: the model
+        gets ``num_items_in_batch`` when it accepts loss kwargs, and the loss is scaled by the
+        number of processes under ``average_tokens_across_devices``."""
+        forward = self.training_forward
+        if (forward is None or not model.training or self.label_smoother is not None
+                or getattr(self, "compute_loss_func", None) is not None):
+            return super().compute_loss(model, without_precomputed(inputs), return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        accepts = bool(getattr(self, "model_accepts_loss_kwargs", False))
+        outputs = forward(model, inputs, num_items_in_batch=num_items_in_batch if accepts else None)
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs[0]
+        if self.args.average_tokens_across_devices and accepts and num_items_in_batch is not None:
+            tp = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
+            loss = loss * (self.accelerator.num_processes // tp if self.args.n_gpu <= 1 else self.args.n_gpu)
+        return (loss, outputs) if return_outputs else loss
+
+    def prediction_step(self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool,
+                        ignore_keys: list[str] | None = None) -> Any:
+        """The Trainer's own, on the batch without the collator's precomputed entries."""
+        return super().prediction_step(model, without_precomputed(inputs), prediction_loss_only,
+                                       ignore_keys=ignore_keys)
 
     def _clip_grad_norm(self, model: torch.nn.Module) -> Any:
         """The Trainer's clipping; on one device or DDP through :func:`clip_grad_norm_one_device`
