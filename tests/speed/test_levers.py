@@ -19,17 +19,22 @@ def test_load_model_applies_the_default_levers_on_cpu(caplog):
     from mmtune.model.loader import load_model
     from mmtune.config import parse_config
 
+    from mmtune.speed.result import Applied
+
     config = copy.deepcopy(tiny_model("qwen2_vl").config)
+    levers = {}
     with caplog.at_level(logging.INFO, logger="mmtune"):
-        model = load_model(ModelArguments(torch_dtype="fp32"), FinetuningArguments(), config=config, device_type="cpu")
+        model = load_model(ModelArguments(torch_dtype="fp32"), FinetuningArguments(), config=config, device_type="cpu",
+                           levers_out=levers)
     base = unwrap_model(model)
-    assert base._mmtune_fused_head is not None
+    assert isinstance(levers["fused_cross_entropy"], Applied)
     assert not any(getattr(m, "_compiled_call_impl", None) for m in base.modules())  # compile: CUDA only
     text = caplog.text
     assert "fused linear cross-entropy on" in text and "frozen tower runs without autograd" in text
     off = ModelArguments(torch_dtype="fp32", fused_cross_entropy=False, frozen_tower_no_grad=False)
-    plain = unwrap_model(load_model(off, FinetuningArguments(), config=config, device_type="cpu"))
-    assert getattr(plain, "_mmtune_fused_head", None) is None
+    levers_off = {}
+    load_model(off, FinetuningArguments(), config=config, device_type="cpu", levers_out=levers_off)
+    assert not levers_off.get("fused_cross_entropy")
     model_args = parse_config(None, extra={"compile": False, "gradient_checkpointing_layers": 3,
                                            "memory_budget_gib": 20, "liger_kernels": False})[0]
     assert model_args.compile is False and model_args.gradient_checkpointing_layers == 3
