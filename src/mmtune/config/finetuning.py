@@ -34,7 +34,7 @@ class FinetuningArguments:
     use_dora: bool = field(default=False, metadata={"help": "Weight-decomposed LoRA (DoRA, through peft)."})
     adapter_fp32: bool = field(
         default=False,
-        metadata={"help": "Keep LoRA weights in fp32 (peft's default; ~1.5x slower steps on GPU). Off: compute dtype."},
+        metadata={"help": "Keep LoRA weights in fp32 (peft's default; slower steps on GPU). Off: compute dtype."},
     )
     freeze_trainable_layers: int = field(default=2, metadata={"help": "freeze: train the last N LM layers."})
     stage: Literal["sft", "pretrain", "finetune"] = field(

@@ -68,16 +68,14 @@ class ModelArguments:
     frozen_block_cuda_graphs: bool | None = field(
         default=None, metadata={"help": "Replay the blocks of a tower that runs without autograd from CUDA graphs, "
                                         "one per input signature seen twice (at most 8); default: on when training "
-                                        "on CUDA. Bit-identical (the tower's outputs compared on an H200); "
-                                        "peak memory +0.1 GiB (LoRA). Its own share of the step is not isolated: "
-                                        "see benchmarks/README.md, session 5."})
+                                        "on CUDA. Replays the captured kernels: the same results."})
     gradient_checkpointing_layers: int | str = field(
         default="auto", metadata={"help": "Decoder layers to checkpoint; auto: fewest that fit the memory (CUDA), "
                                           "else all or none per gradient_checkpointing.", "choices": ("auto",)})
     memory_budget_gib: float | None = field(
         default=None, metadata={"help": "GPU memory the auto checkpointing plans for; default: what is free."})
     liger_kernels: bool | None = field(
-        default=None, metadata={"help": "Liger RMSNorm/SwiGLU/rotary kernels; default: on with CUDA when installed."})
+        default=None, metadata={"help": "Liger's RMSNorm and SwiGLU modules; default: on with CUDA when installed."})
     # ---- native LLaVA (llava_llama): assemble a VLM from a Llama-architecture LM + a tower
     vision_tower: str | None = field(default=None, metadata={"help": "CLIP / SigLIP checkpoint: builds llava_llama "
                                                                      "around model_name_or_path (a plain LM)."})

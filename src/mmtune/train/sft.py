@@ -26,10 +26,7 @@ def set_host_threads(requested: int | None, device_type: str, dataloader_workers
     None when torch's own is kept. By default one thread when training on CUDA with dataloader
     workers: batches are then built in the workers, and the host only launches GPU work, so
     OpenMP threads woken by the odd small CPU op and left spinning only take cores from the
-    launching thread of a host-bound step (H200, full fine-tune of Qwen2-VL-2B sizes: 42.5
-    samples/s with ``OMP_NUM_THREADS=1`` against 40.6 with torch's sixteen in one call; in
-    another, the plain loop fed by 4 pinned workers took 97.6 ms a step with one thread against
-    99.8 ms without; both gaps within the spread between calls)."""
+    launching thread of a host-bound step (benchmarks/README.md has the measurements)."""
     if requested is None:
         if device_type != "cuda" or dataloader_workers <= 0:
             return None
