@@ -49,12 +49,11 @@ def no_loading(monkeypatch):
         raise Loaded("the model or processor was loaded")
 
     import mmtune.model.loader
-    import mmtune.model.saved
     import mmtune.train.recipe
 
     for module, name in ((mmtune.train.recipe, "load_tokenizer_and_processor"), (mmtune.train.recipe, "load_model"),
                          (mmtune.model.loader, "load_model"), (mmtune.model.loader, "load_tokenizer_and_processor"),
-                         (mmtune.model.saved, "load_saved_processor"), (mmtune.train.recipe, "load_saved_processor")):
+                         (mmtune.train.recipe, "load_saved_processor")):
         monkeypatch.setattr(module, name, refuse)
 
 

@@ -28,6 +28,7 @@ from mmtune.config.data import DataArguments
 from mmtune.media import MediaError, media_reference, sample_context
 
 from .formats import MEDIA_COLUMNS, media_column, normalize_row
+from .entries import split_entry
 from .problems import (MAX_LISTED, BadSamplesError, cause, file_problem, listing, name_samples, one_line, sample_lines,
                        where)
 from .tokenize import encode_sample
@@ -42,16 +43,6 @@ EMBEDDED_PREFIX = "embedded_"
 
 #: file types read through ``datasets.load_dataset``'s packaged builders, by extension
 FILE_BUILDERS = {"json": "json", "jsonl": "json", "parquet": "parquet"}
-
-
-def split_entry(entry: str) -> tuple[str, str | None]:
-    """``entry`` as (location, split): ``org/name:validation`` -> (``org/name``, ``validation``).
-    An existing local path is taken whole (a path may hold a colon); the split may carry a
-    slice (``train[:1000]``)."""
-    if os.path.exists(entry) or ":" not in entry:
-        return entry, None
-    location, split = entry.split(":", 1)
-    return location, split or None
 
 
 def _one_line(exc: BaseException) -> str:

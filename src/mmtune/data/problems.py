@@ -83,7 +83,7 @@ def cause(exc: BaseException, index: int | None = None, source: str | None = Non
 def json_file(entry: str) -> str | None:
     """The local JSON or JSONL file that an entry of ``dataset`` names, whole and in file
     order (so a sample's index is its position in the file); None for anything else."""
-    from .loader import split_entry
+    from .entries import split_entry
 
     location, split = split_entry(entry)
     if split not in (None, "train") or not location.lower().endswith(JSON_SUFFIXES):

@@ -277,26 +277,3 @@ def resolve_template(requested: str | None, model_type: str | None, record: dict
     why = f"no {MMTUNE_CONFIG_NAME}, and no family declares one" if record is not None else "no family declares one"
     raise ConfigError(f"{where + ': ' if where else ''}no chat template known for {what} ({why}); pass {option} "
                       f"NAME (known: {', '.join(sorted(TEMPLATES))})")
-
-
-def load_saved_processor(folder: SavedFolder) -> tuple[Any, Any | None]:
-    """The tokenizer and processor saved in ``folder.files``. A multimodal model's folder
-    without a processor (one written before checkpoints carried it) takes its base's, with a
-    warning; with no base to take it from it is an error naming the folder, rather than a
-    model that cannot read an image."""
-    from mmtune.config import ModelArguments
-    from mmtune.model.composite import get_composite_model
-    from mmtune.model.loader import load_tokenizer_and_processor
-
-    tokenizer, processor = load_tokenizer_and_processor(ModelArguments(model_name_or_path=folder.files))
-    if processor is not None or not folder.model_type or get_composite_model(folder.model_type) is None:
-        return tokenizer, processor
-    for other in folder.processor_fallbacks():
-        _, processor = load_tokenizer_and_processor(ModelArguments(model_name_or_path=other))
-        if processor is not None:
-            logger.warning("%s has no processor (processor_config.json / preprocessor_config.json): using the one "
-                           "of %s", folder.files, other)
-            return tokenizer, processor
-    raise ValueError(f"{folder.files} has no multimodal processor for its {folder.model_type} model "
-                     f"(no processor_config.json / preprocessor_config.json); copy the base model's processor files "
-                     f"into it")

@@ -30,7 +30,7 @@ from mmtune.media import MediaConfig
 from mmtune.model.folders import check_model_args
 from mmtune.model.loader import (check_lora_target_before_loading, load_config, load_model,
                                  load_tokenizer_and_processor, model_class_for)
-from mmtune.model.saved import SavedFolder, inspect_folder, load_saved_processor, resolve_template
+from mmtune.model.saved import SavedFolder, inspect_folder, resolve_template
 from mmtune.plugins import get_mm_plugin
 from mmtune.speed.forward import TrainingForward, collator_precompute
 from mmtune.templates import get_template
@@ -150,6 +150,27 @@ def saved_media_config(saved: dict[str, Any] | None) -> MediaConfig:
     folder preprocesses as training did; unknown keys (a newer mmtune's) are ignored."""
     names = {f.name for f in fields(MediaConfig)}
     return MediaConfig(**{k: v for k, v in (saved or {}).items() if k in names})
+
+
+def load_saved_processor(folder: SavedFolder) -> tuple[Any, Any | None]:
+    """The tokenizer and processor saved in ``folder.files``. A multimodal model's folder
+    without a processor (one written before checkpoints carried it) takes its base's, with a
+    warning; with no base to take it from it is an error naming the folder, rather than a
+    model that cannot read an image."""
+    from mmtune.model.composite import get_composite_model
+
+    tokenizer, processor = load_tokenizer_and_processor(ModelArguments(model_name_or_path=folder.files))
+    if processor is not None or not folder.model_type or get_composite_model(folder.model_type) is None:
+        return tokenizer, processor
+    for other in folder.processor_fallbacks():
+        _, processor = load_tokenizer_and_processor(ModelArguments(model_name_or_path=other))
+        if processor is not None:
+            logger.warning("%s has no processor (processor_config.json / preprocessor_config.json): using the one "
+                           "of %s", folder.files, other)
+            return tokenizer, processor
+    raise ValueError(f"{folder.files} has no multimodal processor for its {folder.model_type} model "
+                     f"(no processor_config.json / preprocessor_config.json); copy the base model's processor files "
+                     f"into it")
 
 
 def build_saved(model_path: str | SavedFolder, adapter_path: str | None = None, *, template: str | None = None,
