@@ -225,3 +225,13 @@ def install_fake_liger(monkeypatch):
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers", module)
     FakeLigerRMSNorm.built.clear()
     return module
+
+
+#: a system prompt and two user/assistant turns (the template tests render it)
+CONV = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello"},
+    {"role": "user", "content": "Colour?"},
+    {"role": "assistant", "content": "Red"},
+]

@@ -4,16 +4,16 @@
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from mmtune.testing.stand_ins.llava_llama import TINY_TOWER
 from mmtune.llava import IMAGE_TOKEN_INDEX, LlavaLlamaForCausalLM, load_pretrained_model
+from mmtune.testing.stand_ins.llava_llama import TINY_TOWER, plain_llama_dir
 
 from .conftest import make_model
-from .test_llava_modules import Args, _plain_lm
 
 IDS = torch.tensor([[1, 20, IMAGE_TOKEN_INDEX, 30, 31]])
 
@@ -24,12 +24,12 @@ def parts(tmp_path_factory):
     torch.manual_seed(3)
     CLIPVisionModel(CLIPVisionConfig(**{k: v for k, v in TINY_TOWER.items() if k != "model_type"})).save_pretrained(
         root / "clip")
-    return root, str(root / "clip"), _plain_lm(root)
+    return root, str(root / "clip"), plain_llama_dir(str(root))
 
 
 def _assembled(base, clip):
     model = LlavaLlamaForCausalLM.from_pretrained(base)
-    model.get_model().initialize_vision_modules(Args(vision_tower=clip, mm_projector_type="mlp2x_gelu"))
+    model.get_model().initialize_vision_modules(SimpleNamespace(vision_tower=clip, mm_projector_type="mlp2x_gelu"))
     with torch.no_grad():
         for p in model.get_model().mm_projector.parameters():
             p.normal_(0, 0.3)

@@ -9,7 +9,7 @@ from mmtune.plugins import get_mm_plugin
 from mmtune.templates import IGNORE_INDEX, get_template
 from mmtune.testing import FIXTURES, get_fixture, load_processor, make_image_file
 
-from .test_templates import CONV
+from ..helpers import CONV
 
 
 VICUNA = "<s>Be brief. USER: Hi ASSISTANT:Hello</s>USER: Colour? ASSISTANT:Red</s>"

@@ -5,13 +5,7 @@ import pytest
 from mmtune.templates import IGNORE_INDEX, get_template
 from mmtune.testing import load_processor
 
-CONV = [
-    {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": "Hi"},
-    {"role": "assistant", "content": "Hello"},
-    {"role": "user", "content": "Colour?"},
-    {"role": "assistant", "content": "Red"},
-]
+from ..helpers import CONV
 
 EXPECTED = {
     "qwen2_vl": "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
