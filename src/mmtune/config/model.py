@@ -50,8 +50,7 @@ class ModelArguments:
     compile_cpp_wrapper: bool | str | None = field(
         default=None, metadata={"help": "inductor's C++ wrapper for the compiled decoder layers (less host time a "
                                         "kernel launch); default: on when training on CUDA. 'all': the vision "
-                                        "blocks too, their varlen attention called as an aten op (not yet "
-                                        "measured on a GPU).", "choices": ("layers", "all")})
+                                        "blocks too, their varlen attention called as an aten op.", "choices": ("layers", "all")})
     compile_lean_guards: bool | None = field(
         default=None, metadata={"help": "Check only the guards a training run can change (training flags, "
                                         "inputs, global state) on each compiled block call; default: on when "

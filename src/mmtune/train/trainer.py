@@ -204,7 +204,7 @@ class MMTrainer(Trainer):
 
     def floating_point_ops(self, inputs: dict[str, Any]) -> int:
         """The Trainer's FLOP count, with the parameter count taken once: the Trainer recounts
-        every parameter of the model on every step (tens of ms of host time on a 2B model)."""
+        every parameter of the model on every step, host time that grows with the model."""
         main_input = getattr(self.model, "main_input_name", "input_ids")
         if main_input not in inputs or not hasattr(self.model, "num_parameters"):
             return super().floating_point_ops(inputs)
