@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from mmtune.model.layers import decoder_layers, enable_gradient_checkpointing, unwrap_model
 
+from . import fused_loss
 from .config import ALL_LAYERS, FIT_MEMORY
 from .result import Applied, Declined
 
@@ -130,7 +131,7 @@ def enabled(cfg: SpeedConfig) -> bool:
 
 
 def apply(model: nn.Module, cfg: SpeedConfig, earlier: Mapping[str, Applied | Declined]) -> Applied | Declined:
-    fused = bool(earlier.get("fused_cross_entropy"))
+    fused = bool(earlier.get(fused_loss.SWITCH))
     n = checkpoint_count(cfg.gradient_checkpointing_layers, model, budget_gib=cfg.memory_budget_gib, fused_ce=fused,
                          batch_tokens=cfg.batch_tokens)
     if not n and not cfg.gradient_checkpointing:

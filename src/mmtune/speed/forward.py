@@ -18,14 +18,13 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from . import fused_loss, sync_free
 from .fused_loss import FusedHead, random_state, restore_random_state
 from .result import Applied
 from .sync_free import ForwardCall, ForwardPrecompute, SyncFree, SyncFreeError, without_precomputed
 
 logger = logging.getLogger(__name__)
 
-FUSED_KEY = "fused_cross_entropy"
-SYNC_FREE_KEY = "sync_free_forward"
 #: a failure of the first fused call that means "this model does not take the fused head", not a bug
 _FIRST_CALL_ERRORS = (RuntimeError, ValueError, TypeError, IndexError)
 
@@ -38,8 +37,8 @@ def _state(results: Mapping[str, Any] | None, key: str, kind: type) -> Any:
 
 def collator_precompute(results: Mapping[str, Any] | None) -> ForwardPrecompute | None:
     """The collator's :class:`ForwardPrecompute` when the sync-free lever applied, else None."""
-    sync_free = _state(results, SYNC_FREE_KEY, SyncFree)
-    return sync_free.precompute if sync_free is not None else None
+    state = _state(results, sync_free.SWITCH, SyncFree)
+    return state.precompute if state is not None else None
 
 
 class TrainingForward:
@@ -64,11 +63,11 @@ class TrainingForward:
     @classmethod
     def from_levers(cls, results: Mapping[str, Any] | None) -> TrainingForward | None:
         """From the levers' results (keyed by switch); None when neither lever applied."""
-        fused = _state(results, FUSED_KEY, FusedHead)
-        sync_free = _state(results, SYNC_FREE_KEY, SyncFree)
-        if fused is None and sync_free is None:
+        fused = _state(results, fused_loss.SWITCH, FusedHead)
+        free = _state(results, sync_free.SWITCH, SyncFree)
+        if fused is None and free is None:
             return None
-        return cls(fused, sync_free)
+        return cls(fused, free)
 
     @property
     def precompute(self) -> ForwardPrecompute | None:
