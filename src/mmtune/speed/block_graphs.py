@@ -51,6 +51,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from mmtune.model.composite import has_prefix
 from mmtune.model.layers import replace_module, repeated_blocks, unwrap_model
 
+from . import tower_no_grad
 from .result import Applied, Declined
 
 if TYPE_CHECKING:
@@ -378,7 +379,7 @@ def graph_frozen_blocks(model: nn.Module, tower_keys: list[str], share: GraphSha
 
 
 def apply(model: nn.Module, cfg: SpeedConfig, earlier: Mapping[str, Applied | Declined]) -> Applied | Declined:
-    towers = earlier.get("frozen_tower_no_grad")
+    towers = earlier.get(tower_no_grad.SWITCH)
     if not towers:
         return Declined("no tower runs without autograd (frozen_tower_no_grad)")
     n = graph_frozen_blocks(model, list(towers.detail))
