@@ -5,11 +5,11 @@ import copy
 import pytest
 import torch
 
+from mmtune.compat import LlavaMultiModalProjectorForYiVL
 from mmtune.config import FinetuningArguments, ModelArguments
 from mmtune.model.adapters import count_parameters, init_adapter
 from mmtune.model.composite import (
     COMPOSITE_MODELS,
-    LlavaMultiModalProjectorForYiVL,
     autocast_projector_dtype,
     configure_visual_model,
     get_forbidden_modules,

@@ -11,7 +11,6 @@ from typing import Any, Literal, get_args
 
 import torch.nn as nn
 
-from mmtune.compat import LlavaMultiModalProjectorForYiVL  # noqa: F401 (public here; it lives in compat)
 from mmtune.speed.capabilities import NONE as NO_SPEED_CAPABILITIES
 from mmtune.speed.capabilities import SpeedCapabilities
 
@@ -195,7 +194,7 @@ def configure_visual_model(config: Any) -> Any:
     ``hidden_size`` of its text model (DeepSpeed and the trainer read ``config.hidden_size``).
     A Yi-VL checkpoint (``is_yi_vl_derived_model``) needs nothing here: the loader builds it
     inside :func:`mmtune.compat.yi_vl_projector`, which gives it
-    :class:`LlavaMultiModalProjectorForYiVL`."""
+    :class:`mmtune.compat.LlavaMultiModalProjectorForYiVL`."""
     text = getattr(config, "text_config", None)
     if text is not None and getattr(config, "hidden_size", None) is None and getattr(text, "hidden_size", None):
         try:
