@@ -2,7 +2,7 @@
 model and collator, in the order the checks need.
 
 ``mmtune train`` (:func:`~mmtune.train.sft.run_sft`), ``mmtune check-data``, the demo and the
-benchmarks call :func:`build`; ``mmtune chat``, ``mmtune export`` and the demo's evaluation reopen a
+training benchmarks call :func:`build`; ``mmtune chat``, ``mmtune export`` and the demo's evaluation reopen a
 folder mmtune wrote through :func:`build_saved`, which differs only where a saved folder differs
 (its template, plugin and media settings come from its ``mmtune_config.json``, its processor may
 come from its base, and the model loads for inference). Whoever assembles the pipeline by hand
