@@ -166,8 +166,6 @@ def compile_repeated_blocks(model: nn.Module, dynamic: bool | None = True, backe
     return len(blocks)
 
 
-
-
 def apply(model: nn.Module, cfg: SpeedConfig, earlier: Mapping[str, Applied | Declined]) -> Applied | Declined:
     n = compile_repeated_blocks(model, dynamic=cfg.compile_dynamic, backend=cfg.compile_backend, mode=cfg.compile_mode,
                                 cpp_wrapper=cfg.compile_cpp_wrapper, lean_guard_checks=cfg.compile_lean_guards)
