@@ -16,7 +16,7 @@ import torch.nn as nn
 from mmtune.model.layers import decoder_layers, enable_gradient_checkpointing, unwrap_model
 
 from . import fused_loss
-from .config import ALL_LAYERS, FIT_MEMORY
+from .config import ALL_LAYERS, FIT_MEMORY, _checkpoint_layers
 from .result import Applied, Declined
 
 if TYPE_CHECKING:
@@ -82,8 +82,6 @@ def resolve_checkpoint_layers(spec: int | str, model: nn.Module, *, gradient_che
     """How many decoder layers to checkpoint. An integer is taken as given; ``auto`` on CUDA
     picks the fewest that fit the memory estimate (the user flag does not matter there);
     ``auto`` elsewhere, or without a batch size, is all-or-none per ``gradient_checkpointing``."""
-    from .config import _checkpoint_layers
-
     plan, _ = _checkpoint_layers(spec, device_type=device_type, gradient_checkpointing=gradient_checkpointing,
                                  batch_tokens=batch_tokens)
     return checkpoint_count(plan, model, budget_gib=budget_gib, fused_ce=fused_ce, batch_tokens=batch_tokens)

@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mmtune.constants import IGNORE_INDEX
+from mmtune.model.composite import get_composite_model
 from mmtune.model.layers import unwrap_model
 
 from .result import Applied, Declined
@@ -349,8 +350,6 @@ def apply(model: nn.Module, cfg: Any, earlier: Mapping[str, Any] | None = None) 
     forward), for a family that does not declare ``fusable_head`` (its loss is not transformers'
     causal-LM loss on the head's output), or when the head is not a plain ``nn.Linear``.
     The :class:`FusedHead` rides in ``Applied.state`` for the training forward."""
-    from mmtune.model.composite import get_composite_model
-
     if not getattr(cfg, SWITCH, False):
         return Declined(f"switched off ({SWITCH}: false)")
     if _zero3():

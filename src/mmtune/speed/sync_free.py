@@ -51,6 +51,7 @@ import torch
 import torch.nn as nn
 
 from mmtune.constants import IGNORE_INDEX
+from mmtune.model.composite import get_composite_model
 from mmtune.model.layers import unwrap_model
 
 from .fused_loss import next_token_targets
@@ -436,8 +437,6 @@ def apply(model: nn.Module, cfg: Any, earlier: Mapping[str, Any] | None = None) 
     a vision tower merged through ``get_placeholder_mask``, or a tower whose declared inputs
     fail on a tiny grid (a transformers release without ``vision_utils``). ``earlier`` is not
     read: the loss rows reach the fused loss through the training forward, whatever the order."""
-    from mmtune.model.composite import get_composite_model
-
     if not getattr(cfg, SWITCH, False):
         return Declined(f"switched off ({SWITCH}: false)")
     base = unwrap_model(model)

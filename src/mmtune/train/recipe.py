@@ -27,6 +27,7 @@ from mmtune.config import ConfigError, DataArguments, FinetuningArguments, MMTra
 from mmtune.data import MultiModalCollator, build_dataset
 from mmtune.data.packing import dataset_lengths, maybe_pack
 from mmtune.media import MediaConfig
+from mmtune.model.composite import get_composite_model
 from mmtune.model.folders import check_model_args
 from mmtune.model.loader import (check_lora_target_before_loading, load_config, load_model,
                                  load_tokenizer_and_processor, model_class_for)
@@ -157,8 +158,6 @@ def load_saved_processor(folder: SavedFolder) -> tuple[Any, Any | None]:
     without a processor (one written before checkpoints carried it) takes its base's, with a
     warning; with no base to take it from it is an error naming the folder, rather than a
     model that cannot read an image."""
-    from mmtune.model.composite import get_composite_model
-
     tokenizer, processor = load_tokenizer_and_processor(ModelArguments(model_name_or_path=folder.files))
     if processor is not None or not folder.model_type or get_composite_model(folder.model_type) is None:
         return tokenizer, processor
