@@ -164,6 +164,7 @@ def lever_report(target: str) -> LeverReport:
 
 def _lever_state(switch: str, report: LeverReport) -> str:
     """One lever's (or regional compile setting's) line from the levers' report."""
+    from mmtune.speed import fused_loss
     from mmtune.speed.compile import SETTINGS
 
     applied = report.applied
@@ -177,7 +178,7 @@ def _lever_state(switch: str, report: LeverReport) -> str:
     if not result:
         return f"declined: {result.reason}"
     value = result.detail
-    if switch == "fused_cross_entropy":
+    if switch == fused_loss.SWITCH:
         return "on (checked against the model's own logits on the first training step)"
     if isinstance(value, bool):
         return "on"
