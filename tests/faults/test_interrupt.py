@@ -195,7 +195,9 @@ def test_sigterm_to_torchrun_stops_every_rank_at_the_same_step(ws):
     Path(ready + ".sent").touch()
     log, _ = _finish(proc)
     line = f"mmtune train: interrupted at step 3: saved {out}/checkpoint-3; resume with resume_from_checkpoint: true"
-    assert [x for x in log.splitlines() if "interrupted at step" in x] == [line, line], log[-4000:]
+    # each rank says it once, at step 3 (counted in the text: the two ranks share one pipe, and their lines
+    # can arrive glued together)
+    assert log.count("interrupted at step") == 2 and log.count(line) == 2, log[-4000:]
     assert "TrainingInterrupted" not in log and "KeyboardInterrupt" not in log, log[-4000:]  # no rank traceback
     assert checkpoint_problem(str(out / "checkpoint-3")) is None
     assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(os.listdir(out / "checkpoint-3"))
