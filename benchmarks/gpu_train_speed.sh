@@ -4,12 +4,15 @@
 # run right after the peer's. From the repo root, with mmtune's wheels (.whl) and the peer (.peer: llamafactory/
 # and lfwhl/) carried:
 #     bash benchmarks/gpu_train_speed.sh [full] [lora] [qlora] [full_all] [graphs] [check_graphs] [syncs] [anatomy]
-#     (default: full lora; "full graphs" is the same-call A/B of frozen_block_cuda_graphs)
+#     [old_lora] [old_full]
+#     (default: full lora; "full graphs" is the same-call A/B of frozen_block_cuda_graphs; old_lora / old_full
+#     run the same measurement on another commit's tree, OLD_TREE, for a same-call A/B of two commits:
+#     mkdir -p .old && git archive COMMIT src benchmarks | tar -x -C .old, and carry .old too)
 # Writes $OUT/log (every line stamped with seconds since start) and one JSON row per part under $OUT, with the
 # peer's figures and the ratios (train_speed.py --peer llamafactory runs the peer's lf_train.py first). A step
 # that needs more than the time left before DEADLINE_S is skipped. The first mmtune run of a fresh machine
 # compiles (~60 s more with the C++ wrapper): the limits below allow for it.
-# Env: DEADLINE_S (570), OUT (/tmp/tsout), STEPS (40).
+# Env: DEADLINE_S (570), OUT (/tmp/tsout), STEPS (40), OLD_TREE (.old).
 set -u
 OUT=${OUT:-/tmp/tsout}
 mkdir -p "$OUT"
@@ -19,6 +22,8 @@ DEADLINE_S=${DEADLINE_S:-570}; STEPS=${STEPS:-40}
 PARTS=${*:-full lora}
 START=$(date +%s)
 MM=(env PYTHONPATH=/tmp/site2:src python3)
+OLD_TREE=${OLD_TREE:-.old}
+OLD=(env PYTHONPATH=/tmp/site2:$OLD_TREE/src python3 "$OLD_TREE/benchmarks/train_speed.py")
 DATA=(--model /tmp/lfbench/model --data /tmp/lfbench/data/bench.json)
 
 STEP_DIR=$OUT
@@ -67,6 +72,14 @@ main() {
       anatomy)  # the plain loop, then the same loop fed by the Trainer's data-path variants
         step anatomy 90 200 "${MM[@]}" benchmarks/step_anatomy.py "${DATA[@]}" --method full --batch 4 --steps 15 \
           --loaders --json "$OUT/anatomy.json"
+        ;;
+      old_lora)  # the LoRA run on OLD_TREE's code (no peer: pair it with "lora" in the same call)
+        step old_lora 150 300 "${OLD[@]}" "${DATA[@]}" --method lora --batch 8 --steps "$STEPS" \
+          --output-dir /tmp/ts_old_lora --json "$OUT/old_lora.json"
+        ;;
+      old_full)  # the full fine-tuning run on OLD_TREE's code (pair it with "full")
+        step old_full 150 300 "${OLD[@]}" "${DATA[@]}" --method full --batch 4 --steps "$STEPS" \
+          --output-dir /tmp/ts_old_full --json "$OUT/old_full.json"
         ;;
       *) echo "unknown part $part" ;;
     esac
