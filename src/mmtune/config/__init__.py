@@ -12,9 +12,10 @@ This package sits low in the tree: data, model and train read it; it imports non
 from .data import DataArguments
 from .finetuning import FinetuningArguments
 from .model import ModelArguments
-from .parsing import describe_options, option_groups, parse_config
+from .parsing import describe_options, option_groups, parse_config, parse_predict_config
+from .predict import PredictArguments
 from .training import MMTrainingArguments
 from .values import ConfigError
 
 __all__ = ["ConfigError", "DataArguments", "FinetuningArguments", "MMTrainingArguments", "ModelArguments",
-           "describe_options", "option_groups", "parse_config"]
+           "PredictArguments", "describe_options", "option_groups", "parse_config", "parse_predict_config"]

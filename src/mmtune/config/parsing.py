@@ -19,6 +19,7 @@ from .aliases import ALIASES, UNSUPPORTED, resolve_alias
 from .data import DataArguments
 from .finetuning import FinetuningArguments, check_contradictions
 from .model import ModelArguments
+from .predict import PredictArguments
 from .training import MMTrainingArguments
 from .values import (
     ConfigError,
@@ -32,7 +33,7 @@ from .values import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ConfigError", "describe_options", "option_groups", "parse_config"]
+__all__ = ["ConfigError", "describe_options", "option_groups", "parse_config", "parse_predict_config"]
 
 
 #: the option groups in the order ``mmtune options`` prints them
@@ -244,6 +245,51 @@ def parse_config(path: str | None, overrides: list[str] | None = None, extra: di
         raise ConfigError(f"{where}: {' '.join(str(exc).split())}") from None
 
 
+#: the option groups ``mmtune predict`` reads, in the order a key is looked up
+PREDICT_GROUPS = (("model", ModelArguments), ("data", DataArguments), ("predict", PredictArguments))
+
+
+def parse_predict_config(path: str | None, overrides: list[str] | None = None,
+                         extra: dict[str, Any] | None = None) -> tuple[ModelArguments, DataArguments, PredictArguments]:
+    """(model_args, data_args, predict_args) of ``mmtune predict`` from YAML + overrides, as
+    :func:`parse_config` reads them (aliases, conversion, one-line errors). A training config
+    works as it is: its training-only keys (learning rate, LoRA, ...) are ignored (listed in one
+    info line), so ``mmtune predict train.yaml model_name_or_path=OUT output_dir=OUT/predict``
+    predicts on the data that run held out (``val_size``)."""
+    groups = [{} for _ in PREDICT_GROUPS]
+    options: dict[str, tuple[int, dataclasses.Field, Any]] = {}
+    for index, (_, cls) in enumerate(PREDICT_GROUPS):
+        hints = field_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.init and not f.name.startswith("_"):
+                options.setdefault(f.name, (index, f, hints[f.name]))
+    training_keys = set(_options())
+    known = set(options) | training_keys | set(ALIASES) | set(UNSUPPORTED)
+    ignored: list[str] = []
+    for key, value, where in _entries(path, overrides, extra):
+        if key not in known:
+            raise ConfigError(f"{where}: unknown option {key!r}{did_you_mean(key, known)} "
+                              f"(`mmtune options` lists every key)")
+        name, value = resolve_alias(key, value, where)
+        if name is None:
+            continue
+        if name not in options:  # a training key: no meaning for prediction
+            ignored.append(key)
+            continue
+        group, option, hint = options[name]
+        groups[group][name] = convert_field(name, value, hint, option.metadata, where)
+    if ignored:
+        logger.info("predict: training keys ignored: %s", ", ".join(ignored))
+    model, data, predict = groups
+    if str(model.get("torch_dtype", "auto")) == "auto" and not _bf16_available():
+        model["torch_dtype"] = "fp32"  # as training on a CPU: no bf16 weights where nothing computes in bf16
+    _check_registries(data, {}, {"template": path or EXTRA_SOURCE} if "template" in data else {})
+    try:
+        return ModelArguments(**model), DataArguments(**data), PredictArguments(**predict)
+    except ValueError as exc:
+        raise ConfigError(f"{path or EXTRA_SOURCE}: {' '.join(str(exc).split())}") from None
+
+
 def _default_text(f: dataclasses.Field) -> str:
     if f.name in _DEVICE_DEFAULTS:
         return _DEVICE_DEFAULTS[f.name]
@@ -265,7 +311,7 @@ def describe_options(substring: str | None = None, width: int = 100) -> str:
     ``substring`` keeps the keys whose name or help contains it (any case). Empty when none does."""
     needle = (substring or "").lower()
     lines: list[str] = []
-    for title, cls in option_groups():
+    for title, cls in [*option_groups(), ("mmtune predict", PredictArguments)]:
         hints = field_hints(cls)
         rows: list[str] = []
         for f in dataclasses.fields(cls):

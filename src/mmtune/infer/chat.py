@@ -37,6 +37,12 @@ class GenerationOptions:
     top_p: float | None = None
     top_k: int | None = None
     repetition_penalty: float | None = None
+    #: at least this many new tokens (end-of-turn ids are held back until then): benchmarks
+    #: that must time a fixed answer length; None: stop at the first end-of-turn id
+    min_new_tokens: int | None = None
+    #: transformers' ``cache_implementation`` for ``generate`` (``static``: a preallocated KV
+    #: cache); None: transformers' default (a dynamic cache)
+    cache_implementation: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -49,6 +55,9 @@ class GenerationOptions:
             raise ValueError(f"top_k must be >= 0 (0: off), not {self.top_k}")
         if self.repetition_penalty is not None and self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0 (1: none), not {self.repetition_penalty}")
+        if self.min_new_tokens is not None and not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], not "
+                             f"{self.min_new_tokens}")
         if self.temperature == 0 and (self.top_p is not None or self.top_k is not None):
             logger.warning("top_p / top_k apply only when sampling (temperature > 0): decoding greedily")
 
@@ -58,6 +67,10 @@ class GenerationOptions:
         generation_config holds, so that it cannot change the decoding chosen here."""
         kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens,
                                   "repetition_penalty": self.repetition_penalty or 1.0}
+        if self.min_new_tokens:
+            kwargs["min_new_tokens"] = self.min_new_tokens
+        if self.cache_implementation:
+            kwargs["cache_implementation"] = self.cache_implementation
         if self.temperature == 0:
             return {**kwargs, "do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 50}
         return {**kwargs, "do_sample": True, "temperature": self.temperature,
@@ -76,23 +89,48 @@ class _StopOnEvent(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
+@dataclass
+class Generated:
+    """One row of :meth:`ChatEngine.generate_batch`: the new token ids (up to, not including,
+    the first end-of-turn id), their text, and why generation ended: ``stop`` (an end-of-turn
+    id) or ``length`` (``max_new_tokens`` reached)."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+
+
 class ChatEngine:
-    """Load once, then ``stream(messages, images=..., videos=..., audios=...)`` yields text pieces.
+    """Load once, then ``stream(messages, images=..., videos=..., audios=...)`` yields text pieces;
+    :meth:`generate_batch` answers many prompts in one ``generate`` call (``mmtune predict``,
+    ``mmtune serve``).
 
     ``model_path``: a full model folder or Hub id, or an adapter folder alone (its
     ``adapter_config.json`` names the base); ``adapter_path`` adds an adapter to a base.
     ``template``: a template name; default: the folder's mmtune_config.json, else the family's
-    declared default for the model type (a one-line ``ConfigError`` when there is neither)."""
+    declared default for the model type (a one-line ``ConfigError`` when there is neither).
+    :meth:`from_parts` wraps what :func:`~mmtune.train.recipe.build_saved` already built."""
 
     def __init__(self, model_path: str, adapter_path: str | None = None, template: str | None = None,
                  dtype: str = "auto", max_new_tokens: int | None = None,
                  generation: GenerationOptions | None = None) -> None:
         from mmtune.train import recipe
 
+        parts = recipe.build_saved(model_path, adapter_path, template=template, dtype=dtype)
+        self._setup(parts, generation, max_new_tokens)
+
+    @classmethod
+    def from_parts(cls, parts: Any, generation: GenerationOptions | None = None) -> ChatEngine:
+        """An engine over ``parts`` of :func:`~mmtune.train.recipe.build_saved` (with a model)."""
+        engine = cls.__new__(cls)
+        engine._setup(parts, generation, None)
+        return engine
+
+    def _setup(self, parts: Any, generation: GenerationOptions | None, max_new_tokens: int | None) -> None:
         self.generation = generation or GenerationOptions()
         if max_new_tokens is not None:
             self.generation = dataclasses.replace(self.generation, max_new_tokens=max_new_tokens)
-        parts = recipe.build_saved(model_path, adapter_path, template=template, dtype=dtype)
+        self.parts = parts
         self.template, self.plugin, self.collator = parts.template, parts.plugin, parts.collator
         logger.info("chat: template %s (%s), plugin %s", self.template.name, parts.template_source, parts.plugin_name)
         self.tokenizer, self.processor, self.model = parts.tokenizer, parts.processor, parts.model
@@ -108,16 +146,59 @@ class ChatEngine:
         ids = list(dict.fromkeys(i for i in ids if i is not None))
         return ids or None
 
-    def _inputs(self, messages: list[dict[str, str]], images: list[Any], videos: list[Any], audios: list[Any],
-                system: str | None = None) -> dict:
-        expanded = self.plugin.process_messages(messages, images, videos, audios, self.processor)
+    def render_prompt(self, messages: Sequence[dict[str, str]], system: str | None = None) -> str:
+        """The chat template's text of ``messages`` up to the generation prompt, media left as
+        placeholders (what ``mmtune predict`` records as the prompt)."""
+        return "".join(p + a for p, a in self.template.render_turns(list(messages), system))
+
+    def prompt_feature(self, messages: Sequence[dict[str, str]], images: Sequence[Any] = (),
+                       videos: Sequence[Any] = (), audios: Sequence[Any] = (),
+                       system: str | None = None) -> dict[str, Any]:
+        """The prompt of ``messages`` (ending with a user turn) as the collator takes it: the
+        ids of the rendered template with media expanded by the plugin (media headers read,
+        pixels not decoded), and the media."""
+        images, videos, audios = list(images), list(videos), list(audios)
+        expanded = self.plugin.process_messages(list(messages), images, videos, audios, self.processor)
         prompt = "".join(p + a for p, a in self.template.render_turns(expanded, system))
         ids = self.plugin.tokenize(prompt, self.tokenizer)
         ids, _ = self.plugin.process_token_ids(ids, None, images, videos, audios, self.tokenizer, self.processor)
-        batch = self.collator([{"input_ids": ids, "images": images, "videos": videos, "audios": audios}])
+        return {"input_ids": ids, "images": images, "videos": videos, "audios": audios}
+
+    def batch_inputs(self, features: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """Left-padded model inputs of prompt features, media decoded once, on the model's device."""
+        batch = self.collator(list(features))
         batch.pop("labels")
         device = next(self.model.parameters()).device
         return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def _inputs(self, messages: list[dict[str, str]], images: list[Any], videos: list[Any], audios: list[Any],
+                system: str | None = None) -> dict:
+        return self.batch_inputs([self.prompt_feature(messages, images, videos, audios, system)])
+
+    @torch.no_grad()
+    def generate_batch(self, features: Sequence[dict[str, Any]], generation: GenerationOptions | None = None,
+                       streamer: Any = None, stopping_criteria: Sequence[StoppingCriteria] = ()) -> list[Generated]:
+        """Answers to prompt features (:meth:`prompt_feature`) in one ``generate`` call: left
+        padding, the KV cache of ``generation.cache_implementation``, each row cut at its first
+        end-of-turn id. ``streamer`` (a transformers ``BaseStreamer``) receives the prompt
+        ids, then each step's new token of every row; ``stopping_criteria`` may end rows early."""
+        from transformers import StoppingCriteriaList
+
+        generation = generation or self.generation
+        inputs = self.batch_inputs(features)
+        width = inputs["input_ids"].shape[1]
+        self.model.eval()
+        out = self.model.generate(**inputs, **generation.generate_kwargs(), pad_token_id=self.tokenizer.pad_token_id,
+                                  eos_token_id=self.stop_ids, streamer=streamer,
+                                  stopping_criteria=StoppingCriteriaList(list(stopping_criteria)))
+        stops = set(self.stop_ids or ())
+        rows = []
+        for row in out[:, width:].tolist():
+            end = next((k for k, t in enumerate(row) if t in stops), None)
+            ids = row if end is None else row[:end]
+            reason = "stop" if end is not None else "length"
+            rows.append(Generated(ids, self.tokenizer.decode(ids, skip_special_tokens=True), reason))
+        return rows
 
     def stream(self, messages: Sequence[dict[str, str]], images: Sequence[Any] = (), videos: Sequence[Any] = (),
                audios: Sequence[Any] = (), system: str | None = None) -> Iterator[str]:

@@ -173,7 +173,8 @@ def load_saved_processor(folder: SavedFolder) -> tuple[Any, Any | None]:
 
 
 def build_saved(model_path: str | SavedFolder, adapter_path: str | None = None, *, template: str | None = None,
-                dtype: str = "auto", template_required: bool = True, model: bool = True) -> Parts:
+                dtype: str = "auto", template_required: bool = True, model: bool = True,
+                data_args: DataArguments | None = None) -> Parts:
     """Reopen a folder mmtune wrote (an output folder, a ``checkpoint-N``, an adapter folder
     alone, an export) or a model, for inference: the parts :func:`build` gives, from the folder.
 
@@ -183,7 +184,10 @@ def build_saved(model_path: str | SavedFolder, adapter_path: str | None = None, 
     plugin is the recorded one where the template is the recorded one, with the recorded media
     settings. The processor is the folder's, else its base's (:func:`load_saved_processor`); it
     loads before the weights, so a folder that cannot reopen fails fast. The collator pads on the
-    left and builds no position ids (generation derives them)."""
+    left and builds no position ids (generation derives them). ``data_args`` (``mmtune predict``)
+    tokenises its data with the folder's template and plugin, as :func:`build` would, before the
+    weights load: ``datasets`` then holds ``train`` and, with ``val_size``, the held-out ``eval``
+    that training set aside (the same split)."""
     folder = model_path if isinstance(model_path, SavedFolder) else inspect_folder(model_path, adapter_path)
     try:
         name, source = resolve_template(template, folder.model_type, folder.record, where=folder.files)
@@ -202,6 +206,11 @@ def build_saved(model_path: str | SavedFolder, adapter_path: str | None = None, 
     if plugin is not None:
         parts.collator = MultiModalCollator(plugin, processor, tokenizer, padding_side="left",
                                             build_position_ids=False)
+    if data_args is not None:
+        if chat_template is None:
+            raise ConfigError(f"{folder.files}: no chat template to tokenise the data with; set `template`")
+        parts.data_args = dataclasses.replace(data_args, template=name)
+        parts.datasets = build_dataset(parts.data_args, chat_template, plugin, tokenizer, processor)
     if model:
         args = ModelArguments(model_name_or_path=folder.model_path, adapter_name_or_path=folder.adapter_path,
                               torch_dtype=dtype)
