@@ -1,4 +1,4 @@
-"""``mmtune train | chat | export | check-data | demo`` — the command line (nothing imports this module)."""
+"""``mmtune train | predict | serve | chat | export | check-data | demo`` — the command line (nothing imports this module)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,32 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
     metrics = run_sft(*parse_config(ns.config, ns.overrides))
     print(json.dumps(metrics, indent=1))
+    return 0
+
+
+def cmd_predict(ns: argparse.Namespace) -> int:
+    """Batched generation over the config's data: predictions and metrics in its output_dir."""
+    from mmtune.config import parse_predict_config
+    from mmtune.infer.predict import predict
+
+    results = predict(*parse_predict_config(ns.config, ns.overrides))
+    print(json.dumps(results, indent=1))
+    return 0
+
+
+def cmd_serve(ns: argparse.Namespace) -> int:
+    """An OpenAI-compatible HTTP server over a model folder (FastAPI + uvicorn)."""
+    from mmtune.model.folders import check_saved_paths
+
+    check_saved_paths(ns.model, ns.adapter)  # a missing or wrong folder: one line, before anything loads
+    try:
+        from mmtune.infer.serve import run_server
+    except ImportError as exc:
+        print(f"mmtune serve: error: {exc.name or exc} is not installed: pip install 'mmtune[serve]'", file=sys.stderr)
+        return 2
+    run_server(ns.model, adapter=ns.adapter, template=ns.template, dtype=ns.dtype, host=ns.host, port=ns.port,
+               served_model_name=ns.served_model_name, max_batch_size=ns.max_batch_size,
+               max_model_len=ns.max_model_len)
     return 0
 
 
@@ -195,6 +221,33 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("overrides", nargs="*", help="key=value pairs, applied after the file")
     train.add_argument("--nproc", type=int, default=None, help="launch N ranks on this machine (torchrun)")
     train.set_defaults(func=cmd_train)
+    predict = sub.add_parser(
+        "predict", help="generate answers over a data set; predictions + metrics (exact match, accuracy, BLEU, ROUGE)",
+        description="Batched generation over a config's data (with val_size: the part training held out) with any "
+                    "folder mmtune writes (model_name_or_path; adapter_name_or_path). Writes OUTPUT_DIR/"
+                    "generated_predictions.jsonl and predict_results.json; a rerun with the same settings resumes.",
+        epilog="Keys: `mmtune options predict` lists the prediction keys (output_dir, predict_batch_size, "
+               "max_new_tokens, temperature, top_p, top_k, backend, ...); a training config's own keys are ignored.")
+    predict.add_argument("config", help="YAML file of key: value lines (a training config works)")
+    predict.add_argument("overrides", nargs="*", help="key=value pairs, applied after the file")
+    predict.set_defaults(func=cmd_predict)
+    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/chat/completions, /v1/models)",
+                           description="Serve a folder mmtune wrote (or a model) over the OpenAI chat completions "
+                                       "API: text, image_url (data URLs, local paths), video and audio content "
+                                       "parts, streaming or not; concurrent requests are batched. Needs "
+                                       "`pip install 'mmtune[serve]'`.",
+                           epilog="Decoding is greedy unless a request sets temperature > 0.")
+    serve.add_argument("model", help="model folder or Hub id; an adapter folder alone names its base")
+    serve.add_argument("--adapter", help="a LoRA adapter folder to put on MODEL")
+    serve.add_argument("--template", help="chat template; default: the folder's, else the model type's")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--served-model-name", help="the model id clients name (default: MODEL's folder name)")
+    serve.add_argument("--max-batch-size", type=int, default=8, help="most requests generated together")
+    serve.add_argument("--max-model-len", type=int, help="most tokens of prompt + answer (default: the model's "
+                                                         "max_position_embeddings)")
+    serve.add_argument("--dtype", default="auto")
+    serve.set_defaults(func=cmd_serve)
     options = sub.add_parser("options", help="list every config key with its type, default and help")
     options.add_argument("filter", nargs="?", help="only keys whose name or help contains this (any case)")
     options.set_defaults(func=cmd_options)
@@ -251,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     env.add_argument("target", nargs="?", metavar="MODEL_OR_CONFIG", help="model folder, Hub id or YAML config")
     env.set_defaults(func=cmd_env)
     ns, extra = parser.parse_known_args(argv)
-    if extra and ns.command == "train" and not any(e.startswith("-") for e in extra):
+    if extra and ns.command in ("train", "predict") and not any(e.startswith("-") for e in extra):
         ns.overrides += extra  # overrides after --nproc N
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
