@@ -235,3 +235,28 @@ CONV = [
     {"role": "user", "content": "Colour?"},
     {"role": "assistant", "content": "Red"},
 ]
+
+
+def force_token_model(model_dir, out_dir, token_id):
+    """A copy of the saved model at ``model_dir`` whose language model emits ``token_id`` at
+    every step, whatever the input: the attention and MLP outputs are zeroed (the last hidden
+    state is the last token's embedding), the final norm keeps only dimension 0, every
+    embedding's dimension 0 is positive, and only ``token_id``'s output row reads it."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(model_dir)
+    language = model.model.language_model
+    with torch.no_grad():
+        for name, param in language.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                param.zero_()
+        language.norm.weight.zero_()
+        language.norm.weight[0] = 1.0
+        language.embed_tokens.weight[:, 0] = 1.0
+        head = model.get_output_embeddings().weight
+        assert head.data_ptr() != language.embed_tokens.weight.data_ptr(), "tied embeddings: not supported here"
+        head.zero_()
+        head[token_id, 0] = 1.0
+    model.save_pretrained(out_dir)
+    AutoProcessor.from_pretrained(model_dir).save_pretrained(out_dir)
+    return str(out_dir)
