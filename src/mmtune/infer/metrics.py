@@ -22,7 +22,7 @@ _PUNCTUATION = str.maketrans("", "", string.punctuation + "。，、！？：；
 _CHOICE_LABEL = re.compile(r"^\s*\(?([A-Za-z])\s*[).:]?\s*$")
 #: where a prediction states its choice letter, tried in order
 _CHOICE_PATTERNS = (
-    re.compile(r"^\s*(?:\(([A-Z])\)|([A-Z])(?:[).:]|\s*$))"),  # "B", "B.", "(B) ...", "B: ..." (not "A cat")
+    re.compile(r"^\s*(?:\(([A-Za-z])\)|([A-Z])(?:[).:]|\s*$))"),  # "B", "B.", "(b) ...", "B: ..." (not "A cat")
     re.compile(r"\banswer\s*(?:is|:)?\s*\(?([A-Z])\b", re.IGNORECASE),  # "Answer: B", "the answer is (B)"
     re.compile(r"\boption\s*\(?([A-Z])\b", re.IGNORECASE),  # "option B"
 )
