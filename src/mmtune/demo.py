@@ -2,8 +2,10 @@
 
 Nothing is downloaded: the images are drawn here, the Qwen2-VL processor and tokenizer come
 from ``mmtune.testing``, and the model is a randomly initialised tiny Qwen2-VL. Held-out
-accuracy (answer chosen by likelihood among the candidate words) is printed next to the best
-any text-only model can do on the same questions (always answering the most frequent word).
+accuracy is ``mmtune predict``'s (:func:`mmtune.infer.predict_folder`): the trained folder
+answers each held-out question by greedy generation, and an answer counts when it is the
+truth through the short-answer normaliser. It is printed next to the best any text-only model
+can do on the same questions (always answering the most frequent word).
 
 :func:`export_data` (``mmtune demo --export-data DIR``) writes the same kind of shapes, plus a
 video and audio, as the small data set every ``examples/*.yaml`` trains on (``examples/data``).
@@ -227,55 +229,6 @@ class DemoResult:
     chat: list[tuple[str, str, str, str]]
 
 
-@torch.no_grad()
-def evaluate(model: Any, processor: Any, template: Any, plugin: Any, root: str, items: list[dict]) -> float:
-    """Pick, for each question, the candidate answer with the highest likelihood."""
-    from mmtune.data.collator import MultiModalCollator
-    from mmtune.data.formats import normalize_row
-    from mmtune.data.tokenize import encode_sample
-
-    tok = processor.tokenizer
-    collator = MultiModalCollator(plugin, processor, tok, model=model)
-    model.eval()
-    correct = 0
-    for item in items:
-        candidates = list(COLOURS) if item["kind"] == "colour" else list(SHAPES)
-        feats = []
-        for answer in candidates:
-            row = {"messages": [item["messages"][0], {"role": "assistant", "content": answer}], "images": item["images"]}
-            enc = encode_sample(normalize_row(row, root), template, plugin, tok, processor, cutoff_len=4096)
-            feats.append({"input_ids": enc.input_ids, "labels": enc.labels, "images": [os.path.join(root, item["images"][0])]})
-        batch = collator(feats)
-        labels = batch.pop("labels")
-        logits = model(**batch).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], -1)
-        target = labels[:, 1:]
-        mask = target != -100
-        scores = (logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask).sum(-1)
-        guess = candidates[int(scores.argmax())]
-        correct += guess == item["messages"][1]["content"]
-    return correct / len(items)
-
-
-@torch.no_grad()
-def chat_answer(model: Any, processor: Any, template: Any, plugin: Any, root: str, item: dict) -> str:
-    """Greedy generation for the item's question (the model answers freely, not by choice)."""
-    from mmtune.data.collator import MultiModalCollator
-    from mmtune.data.formats import normalize_row
-
-    tok = processor.tokenizer
-    sample = normalize_row({"messages": [item["messages"][0]], "images": item["images"]}, root)
-    messages = plugin.process_messages(sample.messages, sample.images, [], [], processor)
-    prompt = template.render_turns(messages, sample.system)[0][0]
-    ids = tok(prompt, add_special_tokens=False)["input_ids"]
-    batch = MultiModalCollator(plugin, processor, tok, padding_side="left", build_position_ids=False)(
-        [{"input_ids": ids, "images": sample.images}])
-    batch.pop("labels")
-    out = model.generate(**batch, max_new_tokens=4, do_sample=False,
-                         eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.pad_token_id)
-    return tok.decode(out[0, len(ids):], skip_special_tokens=True).strip()
-
-
 def text_only_baseline(train_path: str, items: list[dict]) -> float:
     """The best a model that ignores the image can do: answer each question with its most
     frequent training answer."""
@@ -293,7 +246,8 @@ def run_demo(output_dir: str = "demo_output", n_train: int = 2000, n_test: int =
              batch_size: int = 16, learning_rate: float = 2e-3, seed: int = 0, chat_examples: int = 4,
              image_size: int = 56) -> DemoResult:
     from mmtune.config import parse_config
-    from mmtune.train import build_saved, run_sft
+    from mmtune.infer.predict import PREDICTIONS_FILE, predict_folder
+    from mmtune.train import run_sft
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     data_dir = os.path.join(output_dir, "data")
@@ -310,16 +264,21 @@ def run_demo(output_dir: str = "demo_output", n_train: int = 2000, n_test: int =
     start = time.perf_counter()
     run_sft(*args)
     seconds = time.perf_counter() - start
-    parts = build_saved(run_dir, dtype="fp32")  # the trained folder, reopened as chat reopens it
-    model, processor, template, plugin = parts.model, parts.processor, parts.template, parts.plugin
-    accuracy = evaluate(model, processor, template, plugin, data_dir, test_items)
+    test_path = os.path.join(data_dir, "test.json")
+    with open(test_path, "w") as fh:
+        json.dump([{k: v for k, v in it.items() if k != "kind"} for it in test_items], fh)
+    predict_dir = os.path.join(output_dir, "predict")
+    results = predict_folder(run_dir, test_path, predict_dir, torch_dtype="fp32", max_new_tokens=4,
+                             predict_batch_size=batch_size, overwrite_output_dir=True)  # the demo's own folder
+    accuracy = results["accuracy"]
     baseline = text_only_baseline(train_path, test_items)
     logger.info("held-out accuracy %.1f%% (text-only best %.1f%%) after %.0f s of training", 100 * accuracy,
                 100 * baseline, seconds)
+    with open(os.path.join(predict_dir, PREDICTIONS_FILE)) as fh:
+        rows = [json.loads(line) for line in fh]
     answers = []
-    for item in test_items[:chat_examples]:
-        reply = chat_answer(model, processor, template, plugin, data_dir, item)
-        answers.append((item["images"][0], item["messages"][0]["content"].replace("<image>", ""), reply,
-                        item["messages"][1]["content"]))
+    for item, row in zip(test_items[:chat_examples], rows):
+        answers.append((item["images"][0], item["messages"][0]["content"].replace("<image>", ""), row["prediction"],
+                        row["label"]))
         logger.info("chat: [%s] %s -> %r (truth: %s)", *answers[-1])
     return DemoResult(accuracy, baseline, seconds, run_dir, answers)
