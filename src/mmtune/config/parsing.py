@@ -290,10 +290,12 @@ def parse_predict_config(path: str | None, overrides: list[str] | None = None,
         raise ConfigError(f"{path or EXTRA_SOURCE}: {' '.join(str(exc).split())}") from None
 
 
-def _default_text(f: dataclasses.Field) -> str:
-    if f.name in _DEVICE_DEFAULTS:
+def _default_text(f: dataclasses.Field, training: bool = True) -> str:
+    """``f``'s default as ``mmtune options`` states it (``training``: mmtune's changes to the
+    training defaults apply; not to ``mmtune predict``'s keys of the same names)."""
+    if training and f.name in _DEVICE_DEFAULTS:
         return _DEVICE_DEFAULTS[f.name]
-    if f.name in TRAINING_DEFAULTS:
+    if training and f.name in TRAINING_DEFAULTS:
         value = TRAINING_DEFAULTS[f.name]
         return repr(value) if isinstance(value, str) else str(value)
     if f.default is not dataclasses.MISSING:
@@ -325,7 +327,7 @@ def describe_options(substring: str | None = None, width: int = 100) -> str:
                 kind += "; one of " + ", ".join(str(c) for c in f.metadata["choices"])
                 if f.metadata.get("choices_hint"):
                     kind += ", " + f.metadata["choices_hint"]
-            rows.append(f"  {f.name} ({kind}; default {_default_text(f)})")
+            rows.append(f"  {f.name} ({kind}; default {_default_text(f, cls is not PredictArguments)})")
             if help_text:
                 rows += textwrap.wrap(help_text, width=width, initial_indent=" " * 6, subsequent_indent=" " * 6)
         if rows:
