@@ -37,6 +37,9 @@ class CompositeModel:
     # ids; "causal": a plain causal language model behind a per-image tower (2D position ids);
     # None: not checked to pack exactly, so packing stays off
     packing: PackingLayout | None = None
+    # why packed rows are known not to be exact for this type (shown when packing is asked for);
+    # None: the generic reason (not checked)
+    no_packing: str | None = None
     # the chat template a model of this type speaks when nothing else names one (no
     # ``template`` in the training config, no mmtune_config.json beside the weights, no
     # ``--template``); None: there is no safe default and the user must name one
@@ -81,6 +84,12 @@ def packing_layout(model_type: str) -> PackingLayout | None:
     family that declares none."""
     entry = COMPOSITE_MODELS.get(model_type)
     return entry.packing if entry is not None else None
+
+
+def no_packing_reason(model_type: str) -> str | None:
+    """The reason the family of ``model_type`` gives for not packing, or None."""
+    entry = COMPOSITE_MODELS.get(model_type)
+    return entry.no_packing if entry is not None else None
 
 
 def packable_model_types() -> frozenset[str]:
