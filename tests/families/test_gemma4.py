@@ -113,3 +113,14 @@ def test_template_renders_as_the_checkpoints_own_with_loss_on_answers(processor)
     answers = [tok(a, add_special_tokens=False)["input_ids"] for a in ("Hello<turn|>\n", "Red<turn|>\n")]
     assert [i for i, l in zip(ids, labels) if l != IGNORE_INDEX] == answers[0] + answers[1]
     t.check_tokenizer(tok)
+
+
+def test_the_audio_tower_keeps_eager_attention_whatever_the_model_is_asked_to_use():
+    from mmtune.model.composite import attention_implementation
+
+    config = get_fixture(NAME).tiny_config()
+    assert attention_implementation(config, "sdpa") == {"": "sdpa", "text_config": "sdpa", "vision_config": "sdpa",
+                                                        "audio_config": "eager"}
+    config.audio_config = None  # the 26B / 31B checkpoints: no audio tower, nothing to fix
+    assert attention_implementation(config, "sdpa") == "sdpa"
+    assert attention_implementation(get_fixture("qwen3_5").tiny_config(), "sdpa") == "sdpa"

@@ -123,6 +123,7 @@ register_composite_model(
         language_model_keys=["model.language_model", "lm_head"],
         lora_conflict_keys=[],
         speed=SpeedCapabilities(fusable_head=True),
+        fixed_attention=(("audio_config", "eager"),),  # its audio tower implements no other
     )
 )
 

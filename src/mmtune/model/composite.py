@@ -46,6 +46,9 @@ class CompositeModel:
     template: str | None = None
     # what the speed levers may assume about this architecture (mmtune.speed.capabilities)
     speed: SpeedCapabilities = NO_SPEED_CAPABILITIES
+    # (sub-config key, attention implementation) for parts that run only that one, whatever the
+    # rest of the model is asked to use (Gemma 4's audio tower has no sdpa: ("audio_config", "eager"))
+    fixed_attention: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.packing is not None and self.packing not in get_args(PackingLayout):
@@ -95,6 +98,18 @@ def no_packing_reason(model_type: str) -> str | None:
 def packable_model_types() -> frozenset[str]:
     """The model types whose families declare a packing layout."""
     return frozenset(t for t, entry in COMPOSITE_MODELS.items() if entry.packing is not None)
+
+
+def attention_implementation(config: Any, requested: str) -> str | dict[str, str]:
+    """``requested`` for the whole model, or, where the family fixes some parts'
+    implementation (``CompositeModel.fixed_attention``), the per-sub-config mapping transformers
+    takes (``""``: the top-level config) with those parts fixed."""
+    entry = get_composite_model(getattr(config, "model_type", ""))
+    if entry is None or not entry.fixed_attention or not isinstance(requested, str):
+        return requested
+    parts = {key: requested for key in getattr(config, "sub_configs", {}) if getattr(config, key, None) is not None}
+    fixed = {key: impl for key, impl in entry.fixed_attention if key in parts}
+    return {"": requested, **parts, **fixed} if fixed else requested
 
 
 def declared_template(model_type: str) -> str | None:
