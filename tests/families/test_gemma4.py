@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from mmtune.media import MediaError
 from mmtune.model.composite import get_composite_model
 from mmtune.plugins import get_mm_plugin
 from mmtune.templates import IGNORE_INDEX, get_template
@@ -19,8 +20,7 @@ from mmtune.testing.parity import (MMSample, assert_tensors_equal, check_batch_p
 from ..helpers import CONV
 
 NAME = "gemma4"
-TENSORS = ["pixel_values", "image_position_ids", "pixel_values_videos", "video_position_ids", "num_frames_per_video",
-           "input_features",
+TENSORS = ["pixel_values", "image_position_ids", "input_features",
            "input_features_mask"]
 #: the E2B/E4B checkpoints' chat template (google/gemma-4-E2B-it, chat_template.jinja, thinking off) on CONV
 EXPECTED = ("<bos><|turn>system\nBe brief.<turn|>\n<|turn>user\nHi<turn|>\n<|turn>model\nHello<turn|>\n"
@@ -35,6 +35,7 @@ def media(tmp_path_factory):
         "small": make_image_file(str(d / "small.png"), 30, 44, seed=2),
         "vid_a": make_video_file(str(d / "a.mp4"), frames=8, width=64, height=48, fps=4),
         "vid_b": make_video_file(str(d / "b.mp4"), frames=20, width=72, height=40, fps=5, seed=3),
+        "vid_c": make_video_file(str(d / "c.mp4"), frames=8, width=72, height=40, fps=4, seed=4),
         "aud_a": make_audio_file(str(d / "a.wav"), seconds=0.6),
         "aud_b": make_audio_file(str(d / "b.wav"), seconds=1.3),
     }
@@ -56,7 +57,7 @@ def _samples(media):
     return [
         MMSample([{"role": "user", "content": "<image>Compare <image> with <video>, <video>, <audio> and <audio>."},
                   {"role": "assistant", "content": "Similar."}],
-                 images=[media["big"], media["small"]], videos=[media["vid_a"], media["vid_b"]],
+                 images=[media["big"], media["small"]], videos=[media["vid_a"], media["vid_c"]],
                  audios=[media["aud_a"], media["aud_b"]]),
         MMSample([{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi"}]),
     ]
@@ -67,7 +68,7 @@ def test_ids_and_tensors_match_processor(media, processor):
     samples = _samples(media)
     result = check_batch_parity(plugin, processor, samples, lambda t: t.replace("<image>", "<|image|>").replace(
         "<video>", "<|video|>").replace("<audio>", "<|audio|>"), _proc_media, processor_kwargs={"do_sample_frames": False},
-        tensor_keys=TENSORS, nested=("images",))
+        tensor_keys=TENSORS + processor.video_processor.model_input_names, nested=("images",))
     ref = result["ref"]
     types = plugin.mm_token_type_ids(ref["input_ids"], processor)
     assert torch.equal(types * ref["attention_mask"], ref["mm_token_type_ids"])
@@ -75,6 +76,25 @@ def test_ids_and_tensors_match_processor(media, processor):
     image_runs = [int((ids == processor.image_token_id).sum()) for ids in ref["input_ids"]]
     assert image_runs[0] == sum(plugin.processor_image_token_counts(processor, samples[0].images))
     assert len(set(plugin.audio_token_counts(plugin._regularize_audios(samples[0].audios), processor))) == 2
+
+
+def test_videos_of_different_frame_counts_in_one_batch(media, processor):
+    """Releases whose video processor returns ``num_frames_per_video`` take any frame counts (and
+    the ids and tensors match the processor's); older ones stack a batch's videos, and mmtune
+    says so in one error instead of the processor's shape error."""
+    plugin = get_mm_plugin(NAME)
+    sample = MMSample([{"role": "user", "content": "<video> and <video>"}, {"role": "assistant", "content": "two"}],
+                      videos=[media["vid_a"], media["vid_b"]])
+    frames = [len(c.frames) for c in plugin._regularize_videos(sample.videos)]
+    assert frames[0] != frames[1]
+    if "num_frames_per_video" in processor.video_processor.model_input_names:
+        result = check_batch_parity(plugin, processor, [sample], lambda t: t.replace("<video>", "<|video|>"),
+                                    _proc_media, processor_kwargs={"do_sample_frames": False},
+                                    tensor_keys=["pixel_values_videos", "video_position_ids", "num_frames_per_video"])
+        assert result["ours"]["num_frames_per_video"].tolist() == frames
+    else:
+        with pytest.raises(MediaError, match="frame counts must match"):
+            plugin.get_mm_inputs([], sample.videos, [], [0], [2], [0], [], processor)
 
 
 def test_image_tokens_are_counted_without_decoding_pixels(media, processor):

@@ -19,12 +19,13 @@ which packed rows' position-id boundaries do not carry.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from mmtune.media import VideoClip
+from mmtune.media import MediaError, VideoClip
 from mmtune.model.composite import CompositeModel, register_composite_model
 from mmtune.plugins import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, BasePlugin, Message, register_mm_plugin
 from mmtune.speed.capabilities import SpeedCapabilities
@@ -49,10 +50,23 @@ class Gemma4Plugin(BasePlugin):
 
     # ------------------------------------------------------------------ counts
     def video_frame_tokens(self, clips: Sequence[VideoClip], processor: Any) -> list[int]:
-        """Tokens of one frame of each video (the processor's size-only counter on one frame)."""
-        kwargs = {"videos_kwargs": {"do_sample_frames": False}}
+        """Tokens of one frame of each video: the processor's size-only counter on one frame;
+        where an installed release's counter takes no videos (5.17), the video processor
+        module's own ``get_aspect_ratio_preserving_size``, as its resize calls it."""
         sizes = [[1, c.frames[0].size[1], c.frames[0].size[0]] for c in clips]
-        return [int(n) for n in processor._get_num_multimodal_tokens(video_sizes=sizes, **kwargs)["num_video_tokens"]]
+        counts = processor._get_num_multimodal_tokens(video_sizes=sizes,
+                                                      videos_kwargs={"do_sample_frames": False})["num_video_tokens"]
+        if counts is not None:
+            return [int(n) for n in counts]
+        vp = processor.video_processor
+        resize = sys.modules[type(vp).__module__].get_aspect_ratio_preserving_size
+        patch, pool = vp.patch_size, vp.pooling_kernel_size
+        out = []
+        for _, h, w in sizes:
+            th, tw = resize(height=h, width=w, patch_size=patch, max_patches=vp.max_soft_tokens * pool**2,
+                            pooling_kernel_size=pool)
+            out.append((th // patch) * (tw // patch) // pool**2)
+        return out
 
     def audio_token_counts(self, waves: Sequence[Any], processor: Any) -> list[int]:
         rate = processor.feature_extractor.sampling_rate
@@ -101,11 +115,18 @@ class Gemma4Plugin(BasePlugin):
             out.update({k: result[k] for k in ("pixel_values", "image_position_ids")})
         if videos:
             clips = self._regularize_videos(videos)
-            result = processor.video_processor(videos=[c.frames for c in clips],
-                                               video_metadata=[c.metadata() for c in clips],
-                                               do_sample_frames=False, return_tensors="pt")
-            # the frames of all videos share one axis: the model splits them by num_frames_per_video
-            out.update({k: result[k] for k in ("pixel_values_videos", "video_position_ids", "num_frames_per_video")})
+            vp = processor.video_processor
+            # releases whose video processor returns num_frames_per_video lay all frames on one axis
+            # (any frame counts); older ones (5.17) stack videos, so a batch's must match
+            if "num_frames_per_video" not in vp.model_input_names and len({len(c.frames) for c in clips}) > 1:
+                raise MediaError(
+                    f"Gemma 4 videos of {sorted({len(c.frames) for c in clips})} frames in one batch: the installed "
+                    f"transformers stacks a batch's videos, so their frame counts must match; set video_maxlen (and "
+                    f"video_fps) so every video samples as many frames, use batches of one video, or install a "
+                    f"transformers whose Gemma 4 video processor returns num_frames_per_video (5.25 does)")
+            result = vp(videos=[c.frames for c in clips], video_metadata=[c.metadata() for c in clips],
+                        do_sample_frames=False, return_tensors="pt")
+            out.update({k: result[k] for k in vp.model_input_names if k in result})
         if audios:
             result = processor.feature_extractor(self._regularize_audios(audios), return_tensors="pt",
                                                  **self.processor_defaults(processor, "audio"))
