@@ -1,4 +1,4 @@
-"""``mmtune train | predict | serve | chat | export | check-data | demo`` — the command line (nothing imports this module)."""
+"""``mmtune train | predict | serve | chat | export | check-data | demo | env | options | families`` — the command line (nothing imports this module)."""
 
 from __future__ import annotations
 
@@ -197,6 +197,63 @@ def cmd_env(ns: argparse.Namespace) -> int:
     return 0
 
 
+def family_rows() -> list[dict[str, object]]:
+    """One row per registered model type, from the registries alone (``COMPOSITE_MODELS``,
+    ``PLUGINS``, ``TEMPLATES``) and the family's ``SpeedCapabilities``: its modalities (the media
+    tokens its plugin has), its default template and the others bound to the same plugin, its
+    packing layout (or why it has none), and the levers that need a family's declaration and get
+    one (the other levers apply to every model)."""
+    import mmtune  # noqa: F401  (fills the registries)
+    from mmtune.model.composite import COMPOSITE_MODELS
+    from mmtune.plugins import PLUGINS
+    from mmtune.speed import fused_loss, sync_free, vision_varlen
+    from mmtune.templates import TEMPLATES
+
+    try:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        CONFIG_MAPPING_NAMES = {}
+    rows = []
+    for model_type, entry in sorted(COMPOSITE_MODELS.items()):
+        default = TEMPLATES.get(entry.template) if entry.template else None
+        plugin_name = model_type if model_type in PLUGINS else (default.plugin if default is not None else None)
+        plugin = PLUGINS.get(plugin_name) if plugin_name and plugin_name != "base" else None
+        # None: no plugin of its own, so no media placeholder is expanded (text-only runs)
+        modalities = ([kind for kind in ("image", "video", "audio") if getattr(plugin, f"default_{kind}_token", None)]
+                      if plugin is not None else None)
+        templates = [entry.template] if entry.template else []
+        if plugin is not None:  # the templates bound to its plugin (or its default template's)
+            own = {plugin_name, default.plugin if default is not None else plugin_name}
+            templates += sorted(n for n, t in TEMPLATES.items() if t.plugin in own and n not in templates)
+        speed = entry.speed
+        levers = [lever.NAME for lever, declared in ((fused_loss, speed.fusable_head),
+                                                     (vision_varlen, bool(speed.varlen_attention_classes)),
+                                                     (sync_free, speed.tower_inputs is not None)) if declared]
+        rows.append({"model_type": model_type, "modalities": modalities, "plugin": plugin_name if plugin else None,
+                     "templates": templates, "packing": entry.packing, "no_packing": entry.no_packing,
+                     "levers": levers, "in_transformers": model_type in CONFIG_MAPPING_NAMES})
+    return rows
+
+
+def cmd_families(ns: argparse.Namespace) -> int:
+    """Every registered model type: modalities, templates, packing and the declared levers."""
+    rows = family_rows()
+    if ns.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    head = ("model type", "media", "templates (default first)", "packing", "levers declared")
+    table = [head] + [(r["model_type"] + ("" if r["in_transformers"] else " (not in transformers)"),
+                       "text only (no plugin)" if r["modalities"] is None else ",".join(r["modalities"]),
+                       ", ".join(r["templates"]) or "(none: name one)",
+                       r["packing"] or "no", ", ".join(r["levers"]) or "-") for r in rows]
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(head))]
+    for row in table:
+        print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip())
+    print("\nEvery model type also gets the levers no family declares (liger, tower-no-grad, checkpointing, "
+          "block-graphs, compile), where its modules allow; `mmtune env MODEL` shows what a model really gets.")
+    return 0
+
+
 def cmd_export(ns: argparse.Namespace) -> int:
     from mmtune.infer import export_model
     from mmtune.model.folders import check_saved_paths
@@ -303,6 +360,12 @@ def main(argv: list[str] | None = None) -> int:
                                      "would apply to it on this machine (the model is built without weights).")
     env.add_argument("target", nargs="?", metavar="MODEL_OR_CONFIG", help="model folder, Hub id or YAML config")
     env.set_defaults(func=cmd_env)
+    families = sub.add_parser("families", help="every model family: media, templates, packing, declared levers",
+                              description="List every registered model type: the media its plugin takes, its "
+                                          "chat templates (the default first), its packing layout, and the speed "
+                                          "levers its family declares what they need for.")
+    families.add_argument("--json", action="store_true", help="one JSON list of rows instead of a table")
+    families.set_defaults(func=cmd_families)
     ns, extra = parser.parse_known_args(argv)
     if extra and ns.command in ("train", "predict") and not any(e.startswith("-") for e in extra):
         ns.overrides += extra  # overrides after --nproc N

@@ -25,8 +25,10 @@ from mmtune.versions import TESTED_RANGES, in_tested_range, installed_version
 #: the libraries every run uses, in the order they are printed
 CORE_PACKAGES: tuple[str, ...] = ("torch", "torchvision", "transformers", "peft", "accelerate", "datasets",
                                   "tokenizers")
-#: libraries some features use (QLoRA, DeepSpeed, flash attention, Liger kernels, video, audio)
-OPTIONAL_PACKAGES: tuple[str, ...] = ("bitsandbytes", "deepspeed", "flash_attn", "liger_kernel", "av", "soundfile")
+#: libraries some features use (QLoRA, DeepSpeed, flash attention, Liger kernels, video, audio, and the kernels
+#: transformers runs linear-attention layers (Qwen3.5's Gated DeltaNet) with on CUDA when they are installed)
+OPTIONAL_PACKAGES: tuple[str, ...] = ("bitsandbytes", "deepspeed", "flash_attn", "liger_kernel", "av", "soundfile",
+                                      "flash-linear-attention", "causal-conv1d")
 
 
 #: the modules whose log lines say what the levers did (the rest of loading is not reported)
@@ -50,7 +52,7 @@ class Package:
     def line(self) -> str:
         version = self.version or "not installed"
         if self.tested is None:
-            return f"{self.name:<14}{version}"
+            return f"{self.name:<14}{version}" if len(self.name) < 14 else f"{self.name} {version}"
         verdict = {True: "inside", False: "OUTSIDE", None: "not judged"}[self.inside]
         return f"{self.name:<14}{version:<16}tested {self.tested}: {verdict}"
 

@@ -23,7 +23,7 @@ from ..helpers import (assert_same, fast_forward, fused_forward, make_batch, mak
 def _types():
     from mmtune.testing import FIXTURES
 
-    return [t for t in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v") if t in tiny_configs() and t in FIXTURES]
+    return [t for t in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v", "qwen3_5") if t in tiny_configs() and t in FIXTURES]
 
 
 def _fast(model_type, method="lora", **flags):

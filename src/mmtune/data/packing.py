@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from mmtune.model.composite import packable_model_types, packing_layout
+from mmtune.model.composite import no_packing_reason, packable_model_types, packing_layout
 
 from .collator import IGNORE_INDEX, MultiModalCollator, _find_rope_index
 
@@ -252,6 +252,8 @@ def packing_unsupported_reason(model: Any, collator: MultiModalCollator) -> str 
     model_type = getattr(config, "model_type", None)
     layout = packing_layout(model_type or "")
     if layout is None:
+        if no_packing_reason(model_type or ""):
+            return f"model type {model_type!r}: {no_packing_reason(model_type or '')}"
         return (f"model type {model_type!r} is not among the types checked to pack exactly "
                 f"({', '.join(sorted(packable_model_types()))})")
     if layout == "mrope" and (collator.model is None or not collator.build_position_ids

@@ -37,12 +37,18 @@ class CompositeModel:
     # ids; "causal": a plain causal language model behind a per-image tower (2D position ids);
     # None: not checked to pack exactly, so packing stays off
     packing: PackingLayout | None = None
+    # why packed rows are known not to be exact for this type (shown when packing is asked for);
+    # None: the generic reason (not checked)
+    no_packing: str | None = None
     # the chat template a model of this type speaks when nothing else names one (no
     # ``template`` in the training config, no mmtune_config.json beside the weights, no
     # ``--template``); None: there is no safe default and the user must name one
     template: str | None = None
     # what the speed levers may assume about this architecture (mmtune.speed.capabilities)
     speed: SpeedCapabilities = NO_SPEED_CAPABILITIES
+    # (sub-config key, attention implementation) for parts that run only that one, whatever the
+    # rest of the model is asked to use (Gemma 4's audio tower has no sdpa: ("audio_config", "eager"))
+    fixed_attention: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.packing is not None and self.packing not in get_args(PackingLayout):
@@ -83,9 +89,27 @@ def packing_layout(model_type: str) -> PackingLayout | None:
     return entry.packing if entry is not None else None
 
 
+def no_packing_reason(model_type: str) -> str | None:
+    """The reason the family of ``model_type`` gives for not packing, or None."""
+    entry = COMPOSITE_MODELS.get(model_type)
+    return entry.no_packing if entry is not None else None
+
+
 def packable_model_types() -> frozenset[str]:
     """The model types whose families declare a packing layout."""
     return frozenset(t for t, entry in COMPOSITE_MODELS.items() if entry.packing is not None)
+
+
+def attention_implementation(config: Any, requested: str) -> str | dict[str, str]:
+    """``requested`` for the whole model, or, where the family fixes some parts'
+    implementation (``CompositeModel.fixed_attention``), the per-sub-config mapping transformers
+    takes (``""``: the top-level config) with those parts fixed."""
+    entry = get_composite_model(getattr(config, "model_type", ""))
+    if entry is None or not entry.fixed_attention or not isinstance(requested, str):
+        return requested
+    parts = {key: requested for key in getattr(config, "sub_configs", {}) if getattr(config, key, None) is not None}
+    fixed = {key: impl for key, impl in entry.fixed_attention if key in parts}
+    return {"": requested, **parts, **fixed} if fixed else requested
 
 
 def declared_template(model_type: str) -> str | None:

@@ -10,7 +10,7 @@ from typing import Any
 from mmtune.compat import apply_mends, yi_vl_projector
 
 from .adapters import init_adapter, lora_plan, prepare_quantization
-from .composite import autocast_projector_dtype, configure_visual_model, get_composite_model
+from .composite import attention_implementation, autocast_projector_dtype, configure_visual_model, get_composite_model
 from .folders import check_model_args
 from .layers import enable_gradient_checkpointing
 
@@ -186,7 +186,7 @@ def load_model(
     # config.dtype: reading config.torch_dtype makes transformers warn that the name is deprecated
     dtype = model_args.compute_dtype(getattr(config, "dtype", None))
     cls = model_class_for(config)
-    attn = resolve_attn_implementation(model_args.attn_implementation)
+    attn = attention_implementation(config, resolve_attn_implementation(model_args.attn_implementation))
     if is_trainable and model_args.model_name_or_path:
         check_lora_target_before_loading(cls, config, model_args, finetuning_args)
     with yi_vl_projector(config):

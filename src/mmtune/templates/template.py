@@ -77,7 +77,17 @@ class Template:
     ``system`` renders the system prompt (``default_system`` when the sample has none);
     ``user`` renders a user turn including the assistant's opening (the generation prompt);
     ``assistant`` renders the answer including its end-of-turn marker, which is trained;
-    ``suffix`` closes a conversation that ends with an answer (trained with that answer)."""
+    ``suffix`` closes a conversation that ends with an answer (trained with that answer).
+
+    Reasoning models render the last exchange otherwise than the history: ``last_user`` (when
+    set) renders the final user turn and its assistant opening (Qwen3.5: the ``<think>`` block
+    opens there), and with ``split_reasoning`` an answer written as ``<think>R</think>A`` (or
+    ``R</think>A``) keeps its reasoning R only in the last answer, formatted by
+    ``last_assistant``'s ``{reasoning}`` and ``{content}``; earlier answers keep A alone, as
+    the checkpoints' own templates drop the reasoning of past turns. ``generation_tail`` ends
+    a generation prompt only (a conversation that ends with a user turn): text the model's own
+    template puts there which training keeps in the answer, so that no token merges across the
+    prompt/answer boundary (Qwen3.5's ``<think>`` + ``\n`` + reasoning)."""
 
     name: str
     user: str
@@ -93,6 +103,14 @@ class Template:
     system_in_last_user: bool = False
     #: after the last answer: the EOS of formats whose turns end where the next role starts (GLM)
     suffix: str = ""
+    #: the final user turn (with the assistant's opening); None: ``user``
+    last_user: str | None = None
+    #: the final answer, ``{reasoning}`` and ``{content}``; None: ``assistant``
+    last_assistant: str | None = None
+    #: answers carry ``<think>`` reasoning: split it off (kept only in the final answer)
+    split_reasoning: bool = False
+    #: appended to a generation prompt (not to a prompt that has its answer)
+    generation_tail: str = ""
 
     def bind(self, name: str, plugin: str, **changes: Any) -> Template:
         return dataclasses.replace(self, name=name, plugin=plugin, **changes)
@@ -104,8 +122,10 @@ class Template:
         their pieces as text and never stops where the template ends a turn. The prefix (a
         BOS some tokenizers name otherwise) and the system format (used only by samples with
         a system prompt; older tokenizers of a family lack its marker) are left out."""
-        texts = [self.user, self.assistant, self.suffix, *self.stop_words]
-        return list(dict.fromkeys(m for text in texts for m in _MARKER.findall(text.replace("{content}", " "))))
+        texts = [self.user, self.assistant, self.suffix, self.last_user or "", self.last_assistant or "",
+                 *self.stop_words]
+        texts = [t.replace("{content}", " ").replace("{reasoning}", " ") for t in texts]
+        return list(dict.fromkeys(m for text in texts for m in _MARKER.findall(text)))
 
     def missing_markers(self, tokenizer: Any) -> list[str]:
         """The :meth:`turn_markers` that ``tokenizer`` does not keep as one known token."""
@@ -157,15 +177,28 @@ class Template:
                     first = False
                 if system and self.system_in_last_user and i == last_user:
                     content = f"{system}\n\n{content}"
-                pending = head + self.user.format(content=content)
+                user = self.last_user if self.last_user is not None and i == last_user else self.user
+                pending = head + user.format(content=content)
             else:  # an assistant turn, after a user turn (checked above)
-                pairs.append((pending, self.assistant.format(content=content)))
+                pairs.append((pending, self.format_answer(content, last=i > last_user)))
                 pending = None
         if pending is not None:
-            pairs.append((pending, ""))
+            pairs.append((pending + self.generation_tail, ""))
         elif pairs and self.suffix:
             pairs[-1] = (pairs[-1][0], pairs[-1][1] + self.suffix)
         return pairs
+
+    def format_answer(self, content: str, last: bool) -> str:
+        """One assistant turn's text; ``last``: it follows the final user turn."""
+        reasoning = ""
+        if self.split_reasoning:
+            content, reasoning = split_think(content)
+        if last and self.last_assistant is not None:
+            return self.last_assistant.format(content=content, reasoning=reasoning)
+        if last and reasoning:
+            raise DataError(f"the last answer has reasoning (a </think> block), which template {self.name!r} does not "
+                            f"train: use {self.name}_thinking, or drop the reasoning from the data")
+        return self.assistant.format(content=content)
 
     def render(self, messages: Sequence[dict[str, str]], system: str | None = None) -> str:
         return "".join(p + a for p, a in self.render_turns(messages, system))
@@ -207,6 +240,17 @@ class Template:
             labels += (p_ids if train_on_prompt and trained else [IGNORE_INDEX] * len(p_ids))
             labels += a_ids if trained else [IGNORE_INDEX] * len(a_ids)
         return input_ids, labels
+
+
+def split_think(text: str) -> tuple[str, str]:
+    """(answer, reasoning) of an answer written as ``<think>R</think>A`` or ``R</think>A``, as
+    Qwen3's and Qwen3.5's chat templates split it: both stripped of surrounding whitespace,
+    the answer of leading newlines; an answer with no ``</think>`` has no reasoning."""
+    text = text.strip()
+    if "</think>" not in text:
+        return text, ""
+    reasoning = text.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
+    return text.split("</think>")[-1].lstrip("\n"), reasoning.strip()
 
 
 # ---------------------------------------------------------------- generic formats
