@@ -79,7 +79,8 @@ def cmd_check_data(ns: argparse.Namespace) -> int:
 
     model_args, data_args, finetuning_args, mm_args, _ = parse_config(ns.config, ns.overrides)
     parts = recipe.build(model_args, data_args, finetuning_args, mm_args=mm_args, datasets=False, model=False)
-    report = check_dataset(parts.data_args, parts.template, parts.plugin, parts.tokenizer, parts.processor)
+    report = check_dataset(parts.data_args, parts.template, parts.plugin, parts.tokenizer, parts.processor,
+                           preference=finetuning_args.preference_data)
     print(report.render())
     return 0 if report.ok else 1
 
