@@ -398,7 +398,7 @@ class PreferenceDemoResult:
 
 
 def run_preference_demo(output_dir: str = "demo_output", n_train: int = 600, n_test: int = 100,
-                        max_steps: int = 120, batch_size: int = 8, learning_rate: float = 1e-3, seed: int = 0,
+                        max_steps: int = 400, batch_size: int = 8, learning_rate: float = 2e-3, seed: int = 0,
                         image_size: int = 56) -> PreferenceDemoResult:
     """DPO on synthetic pairs (the true colour or shape chosen, a wrong one rejected), full
     fine-tuning with the reference cached before training: the share of held-out pairs the
@@ -415,7 +415,7 @@ def run_preference_demo(output_dir: str = "demo_output", n_train: int = 600, n_t
     del before
     run_dir = os.path.join(output_dir, "dpo_run")
     config = dict(model_name_or_path=model_dir, dataset=train_path, template="qwen2_vl", finetuning_type="full",
-                  stage="dpo", pref_loss="sigmoid", pref_beta=0.1, freeze_vision_tower=False,
+                  stage="dpo", pref_loss="sigmoid", pref_beta=0.5, freeze_vision_tower=False,
                   freeze_multi_modal_projector=False, torch_dtype="fp32", output_dir=run_dir,
                   per_device_train_batch_size=batch_size, per_device_eval_batch_size=16, max_steps=max_steps,
                   learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=10, logging_steps=10,
