@@ -20,7 +20,7 @@ import torch
 from mmtune.config import parse_config
 from mmtune.demo import build_model_dir, make_preference_dataset
 from mmtune.train import recipe
-from mmtune.train.preference import (SHARED_MEDIA, FusedTokenLogps, PairedMedia, logps_from_logits,
+from mmtune.train.preference import (SHARED_MEDIA, FusedTokenLogps, PairedMedia, encoder_roots, logps_from_logits,
                                      precompute_reference)
 from mmtune.train.sft import preference_forward
 
@@ -45,6 +45,8 @@ def _build(ws, tmp_path, **extra):
                save_strategy="no", use_cpu=True, disable_tqdm=True, plot_loss=False, dataloader_num_workers=0,
                stage="dpo", template="qwen2_vl")
     cfg.update(extra)
+    if cfg["finetuning_type"] != "lora":
+        cfg.pop("lora_rank")
     model_args, data_args, finetuning_args, mm_args, training_args = parse_config(None, extra=cfg)
     parts = recipe.build(model_args, data_args, finetuning_args, training_args, mm_args=mm_args)
     with torch.no_grad():  # LoRA B starts at 0: the policy must differ from the reference
@@ -256,10 +258,11 @@ def test_lora_reference_by_disabling_the_adapter_equals_a_frozen_copy(ws, tmp_pa
 
 
 def test_a_pairs_media_are_encoded_once_and_the_result_is_unchanged(ws, tmp_path):
-    parts, fargs, _ = _build(ws, tmp_path, finetuning_type="full")
+    parts, fargs, _ = _build(ws, tmp_path, finetuning_type="full", pref_loss="simpo")  # reference-free
     model, batch = parts.model, _batch(parts)
     forward = preference_forward(parts, fargs)
     assert isinstance(forward.media, PairedMedia) and forward.media.declined is None
+    assert [name for name, _ in encoder_roots(model)] == ["model.visual"]
     tower = model.get_submodule("model.visual")
     seen = []
     handle = tower.register_forward_pre_hook(lambda m, args, kwargs: seen.append(args[0].shape[0]), with_kwargs=True)
@@ -340,7 +343,9 @@ def test_whole_run_logs_trls_metrics(ws, tmp_path, extra):
     rows = [json.loads(line) for line in open(tmp_path / "run" / "trainer_log.jsonl")]
     train = [r for r in rows if "loss" in r]
     assert len(train) == 2
-    for key in ("rewards/chosen", "rewards/margins") + (("kl",) if cfg["stage"] == "kto" else ("rewards/accuracies",)):
+    keys = ("kl", "rewards/chosen") if cfg["stage"] == "kto" else ("rewards/chosen", "rewards/rejected",
+                                                                    "rewards/margins", "rewards/accuracies")
+    for key in keys:  # (a KTO batch without undesirable answers has no rejected rewards, as in TRL)
         assert all(key in r for r in train), key
     assert "eval_rewards/chosen" in metrics or any("eval_rewards/chosen" in r for r in rows)
     assert (tmp_path / "run" / "training_loss.png").exists()

@@ -41,7 +41,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mmtune.constants import IGNORE_INDEX
-from mmtune.model.layers import tower_modules
+from mmtune.model.composite import get_composite_model
+from mmtune.model.layers import unwrap_model
 from mmtune.speed.fused_loss import FusedHead, default_chunk_size, next_token_targets
 from mmtune.speed.sync_free import without_precomputed
 
@@ -146,6 +147,33 @@ def _twice(value: Any) -> Any:
     return value
 
 
+def encoder_roots(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The whole vision/audio encoders of ``model``, from its family's declared keys: for each of
+    ``vision_model_keys``, its shortest module path that holds no language-model key (Qwen2-VL's
+    ``model.visual.patch_embed`` and ``model.visual.blocks`` -> ``model.visual``; Qwen2.5-Omni's
+    visual and audio towers apart). The encoder's output then covers every step from the media
+    to the features the model merges."""
+    base = unwrap_model(model)
+    entry = get_composite_model(getattr(getattr(base, "config", None), "model_type", ""))
+    if entry is None:
+        return []
+    found: dict[str, nn.Module] = {}
+    for key in entry.vision_model_keys:
+        parts = key.split(".")
+        for depth in range(1, len(parts) + 1):
+            prefix = ".".join(parts[:depth])
+            if any(lm == prefix or lm.startswith(prefix + ".") for lm in entry.language_model_keys):
+                continue
+            if any(prefix.startswith(other + ".") for other in found):
+                break
+            try:
+                found.setdefault(prefix, base.get_submodule(prefix))
+            except AttributeError:
+                pass
+            break
+    return [(k, m) for k, m in found.items() if not isinstance(m, (nn.ModuleList, nn.ModuleDict))]
+
+
 @dataclass(eq=False)
 class PairedMedia:
     """Hooks on the model's vision/audio tower modules that run each tower on the first half of a
@@ -162,7 +190,7 @@ class PairedMedia:
     @classmethod
     def install(cls, model: nn.Module) -> PairedMedia:
         share = cls()
-        towers = tower_modules(model)
+        towers = encoder_roots(model)
         if not towers:
             share.declined = "the model has no vision/audio tower"
         for _, module in towers:
