@@ -121,6 +121,8 @@ def export_data(root: str, n_images: int = 16, image_size: int = 112, seed: int 
     - ``videos/moving_shape.mp4`` (one shape crossing the frame, 8 frames at 4 fps);
       ``shapes_video.json``: the image rows, video rows and a row with an image and the video.
     - ``audios/tone_low.wav``, ``tone_high.wav`` (1 s, 16 kHz); ``audio.json``: questions on them.
+    - ``pairs.json``: preference pairs (stage dpo) on the same images: the true colour or shape
+      chosen, the next one in the list rejected.
     - ``captions.json``: LLaVA stage-1 style (``conversations`` with ``from``/``value``, one
       ``image`` per row, ``<image>`` then a caption).
     - ``conversations.json``: LLaVA instruction style, multi-turn rows about an image mixed with
@@ -137,6 +139,7 @@ def export_data(root: str, n_images: int = 16, image_size: int = 112, seed: int 
     # (image, colour, shape) of each image: make_dataset writes its colour row, then its shape row
     facts = [(shape_rows[2 * i]["images"][0], shape_rows[2 * i]["messages"][1]["content"],
               shape_rows[2 * i + 1]["messages"][1]["content"]) for i in range(n_images)]
+    written.append(_write_json(root, "pairs.json", preference_pairs(facts)))
 
     rng = random.Random(seed + 1)
     colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
@@ -323,6 +326,19 @@ def run_demo(output_dir: str = "demo_output", n_train: int = 2000, n_test: int =
                         item["messages"][1]["content"]))
         logger.info("chat: [%s] %s -> %r (truth: %s)", *answers[-1])
     return DemoResult(accuracy, baseline, seconds, run_dir, answers)
+
+
+def preference_pairs(facts: list[tuple[str, str, str]]) -> list[dict[str, Any]]:
+    """Pairwise ShareGPT rows for (image, colour, shape) facts: per image a colour and a shape
+    question, the truth chosen and the next colour / shape of the lists rejected."""
+    colours, rows = list(COLOURS), []
+    for image, colour, shape in facts:
+        for kind, truth, options in (("colour", colour, colours), ("shape", shape, list(SHAPES))):
+            rows.append({"messages": [{"role": "user", "content": f"<image>{QUESTIONS[kind]}"}],
+                         "chosen": {"role": "assistant", "content": truth},
+                         "rejected": {"role": "assistant", "content": options[(options.index(truth) + 1) % len(options)]},
+                         "images": [image]})
+    return rows
 
 
 def make_preference_dataset(root: str, n_train: int, n_test: int, size: int = 56, seed: int = 0,
