@@ -249,9 +249,10 @@ def bench_config(args: argparse.Namespace) -> dict:
                packing={"auto": None, "on": True, "off": False}[args.packing])
     if args.method == "lora":  # LoRA's keys only where LoRA reads them (elsewhere they are refused)
         cfg.update(lora_rank=8, lora_target="all")
-    if args.stage != "sft":  # pairs are padded, never packed
-        cfg.update(stage=args.stage, dataset=preference_data(args.data, args.stage), packing=False)
-        if args.stage == "dpo":
+    stage = getattr(args, "stage", "sft")  # step_anatomy.py's options have no stage
+    if stage != "sft":  # pairs are padded, never packed
+        cfg.update(stage=stage, dataset=preference_data(args.data, stage), packing=False)
+        if stage == "dpo":
             cfg["pref_loss"] = args.pref_loss
     cfg.update({WITHOUT[name]: False for name in args.without})
     if args.ckpt_layers is not None:
