@@ -8,6 +8,12 @@ Steady state = steps after the first ``--warmup`` (default 5). Tokens/s counts e
 token of every sample. MFU uses 6*N*T for trained weights and 4*N*T for frozen-but-backpropagated
 ones (LoRA: forward + activation gradients), 2*N*T for the frozen tower's forward (N parameters,
 T tokens or patches), against the bf16 dense peak (H100 SXM: 989 TFLOP/s).
+
+``--stage dpo`` (``--pref-loss``, default sigmoid) or ``--stage kto`` times preference training on
+the same data shape: each row's last answer is the chosen (desirable) one and the next row's
+answer the rejected one (:func:`preference_data` writes ``<data>.dpo.json`` / ``.kto.json``
+beside it). A sample is then a pair (dpo) or a marked answer (kto); the FLOP and MFU columns
+count a pair as its two sequences (``tokens_per_sample`` is the chosen and rejected tokens).
 """
 
 from __future__ import annotations
@@ -205,6 +211,30 @@ def peer_columns(row: dict, peer: dict) -> dict:
     return out
 
 
+def preference_data(path: str, stage: str) -> str:
+    """``path`` (``messages`` ending with the answer, ``images``) as preference rows beside it:
+    the prompt and its answer chosen, the next row's answer rejected (dpo); the same answers
+    marked desirable on even rows and, replaced by the next row's, undesirable on odd ones
+    (kto). Media paths stay relative to the same folder."""
+    import os
+
+    rows = json.load(open(path))
+    out = []
+    for i, row in enumerate(rows):
+        messages = row["messages"]
+        other = rows[(i + 1) % len(rows)]["messages"][-1]["content"]
+        if stage == "dpo":
+            out.append({**row, "messages": messages[:-1], "chosen": messages[-1],
+                        "rejected": {"role": "assistant", "content": other}})
+        else:
+            answer = messages[-1] if i % 2 == 0 else {"role": "assistant", "content": other}
+            out.append({**row, "messages": [*messages[:-1], answer], "kto_tag": i % 2 == 0})
+    target = os.path.splitext(path)[0] + f".{stage}.json"
+    with open(target, "w") as fh:
+        json.dump(out, fh)
+    return target
+
+
 def bench_config(args: argparse.Namespace) -> dict:
     """The ``mmtune train`` config of a benchmark run (what a user's YAML would say)."""
     cuda = torch.cuda.is_available() and not args.cpu
@@ -219,6 +249,11 @@ def bench_config(args: argparse.Namespace) -> dict:
                packing={"auto": None, "on": True, "off": False}[args.packing])
     if args.method == "lora":  # LoRA's keys only where LoRA reads them (elsewhere they are refused)
         cfg.update(lora_rank=8, lora_target="all")
+    stage = getattr(args, "stage", "sft")  # step_anatomy.py's options have no stage
+    if stage != "sft":  # pairs are padded, never packed
+        cfg.update(stage=stage, dataset=preference_data(args.data, stage), packing=False)
+        if stage == "dpo":
+            cfg["pref_loss"] = args.pref_loss
     cfg.update({WITHOUT[name]: False for name in args.without})
     if args.ckpt_layers is not None:
         cfg["gradient_checkpointing_layers"] = args.ckpt_layers
@@ -230,6 +265,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model", required=True)
     ap.add_argument("--data", required=True)
     ap.add_argument("--method", default="lora", choices=["lora", "full", "freeze"])
+    ap.add_argument("--stage", default="sft", choices=["sft", "dpo", "kto"],
+                    help="preference training on the same data, a rejected answer added (see the module)")
+    ap.add_argument("--pref-loss", default="sigmoid", choices=["sigmoid", "ipo", "hinge", "orpo", "simpo"])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=5)
@@ -263,6 +301,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     cuda = torch.cuda.is_available() and not args.cpu
     peer = None
+    if args.peer and args.stage != "sft":
+        ap.error("--peer runs the peer's SFT harness: time --stage dpo / kto without it")
     if args.peer:  # first, so each run has the GPU to itself
         import os
 
@@ -293,7 +333,11 @@ def main(argv: list[str] | None = None) -> dict:
     samples = args.batch * timer.samples_per_row  # a step's samples (batch = rows when packed)
     data = json.load(open(args.data))
     tokens_per_sample = _tokens_per_sample(parsed, args)
+    if args.stage == "dpo":  # a pair is two sequences
+        tokens_per_sample *= 2
+        _tokens_per_sample.image_tokens *= 2  # type: ignore[attr-defined]
     row = {
+        "stage": args.stage + (f" ({args.pref_loss})" if args.stage == "dpo" else ""),
         "method": args.method, "batch": args.batch, "steps": len(timer.times), "device":
             torch.cuda.get_device_name() if cuda else "cpu",
         "steady_step_s": round(step, 4), "samples_per_s": round(samples / step, 2),

@@ -19,7 +19,7 @@ EXAMPLES = sorted(glob.glob(os.path.join(REPO, "examples", "*.yaml")))
 DISTRIBUTED = os.path.join(REPO, "examples", "distributed")
 DATA = os.path.join(REPO, "examples", "data")
 #: example -> the tiny fixture that stands in for its hub model (same family, same template)
-STAND_INS = {"qwen2_vl_lora.yaml": "qwen2_vl", "gemma3_lora.yaml": "gemma3", "llava_full.yaml": "llava",
+STAND_INS = {"qwen2_vl_lora.yaml": "qwen2_vl", "qwen2_vl_dpo.yaml": "qwen2_vl", "gemma3_lora.yaml": "gemma3", "llava_full.yaml": "llava",
              "qwen2_audio_lora.yaml": "qwen2_audio"}
 LLAVA_STAGES = ("llava_llama_stage1_pretrain.yaml", "llava_llama_stage2_finetune.yaml")
 

@@ -11,6 +11,14 @@ from .values import ConfigError
 LORA_KEYS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target", "use_dora", "adapter_fp32")
 #: keys only ``finetuning_type: freeze`` reads
 FREEZE_KEYS = ("freeze_trainable_layers",)
+#: the preference stages, and the keys only they read (by stage)
+PREFERENCE_STAGES = ("dpo", "kto")
+PREFERENCE_KEYS = {"pref_loss": ("dpo",), "pref_beta": ("dpo", "kto"), "pref_ftx": ("dpo", "kto"),
+                   "pref_label_smoothing": ("dpo",), "simpo_gamma": ("dpo",), "kto_desirable_weight": ("kto",),
+                   "kto_undesirable_weight": ("kto",), "pref_reference": ("dpo", "kto")}
+#: the pairwise losses of ``stage: dpo``; orpo and simpo need no reference model
+PREF_LOSSES = ("sigmoid", "ipo", "hinge", "orpo", "simpo")
+REFERENCE_FREE = ("orpo", "simpo")
 
 
 @dataclass
@@ -37,18 +45,51 @@ class FinetuningArguments:
         metadata={"help": "Keep LoRA weights in fp32 (peft's default; slower steps on GPU). Off: compute dtype."},
     )
     freeze_trainable_layers: int = field(default=2, metadata={"help": "freeze: train the last N LM layers."})
-    stage: Literal["sft", "pretrain", "finetune"] = field(
+    stage: Literal["sft", "pretrain", "finetune", "dpo", "kto"] = field(
         default="sft",
         metadata={"help": "LLaVA recipe: pretrain = projector alone (tower, LM frozen); finetune = projector + LM "
                           "(tower frozen unless freeze_vision_tower=false); sft = as the freeze_* flags say. A "
-                          "freeze_* or train_mm_proj_only value set beside it that the stage overrides is an error."},
+                          "freeze_* or train_mm_proj_only value set beside it that the stage overrides is an error. "
+                          "Preference training: dpo = pairs (chosen / rejected answers, pref_loss), kto = unpaired "
+                          "answers marked good or bad; both train what the freeze_* flags say, as sft."},
     )
+    pref_loss: Literal["sigmoid", "ipo", "hinge", "orpo", "simpo"] = field(default="sigmoid", metadata={
+        "help": "stage dpo: sigmoid (DPO), ipo, hinge (SLiC), orpo (odds ratio, with its SFT term; no reference), "
+                "simpo (length-normalised, margin simpo_gamma; no reference)."})
+    pref_beta: float = field(default=0.1, metadata={
+        "help": "stage dpo / kto: beta, the strength of the pull to the reference (ORPO: lambda, the odds-ratio "
+                "weight)."})
+    pref_ftx: float = field(default=0.0, metadata={
+        "help": "stage dpo / kto: weight of an SFT term (mean NLL of the chosen / desirable answers' tokens) added "
+                "to the loss (orpo has its own SFT term)."})
+    pref_label_smoothing: float = field(default=0.0, metadata={
+        "help": "stage dpo, sigmoid / simpo: the share of pairs assumed flipped (conservative DPO), in [0, 0.5)."})
+    simpo_gamma: float = field(default=0.5, metadata={"help": "stage dpo, simpo: the target reward margin gamma."})
+    kto_desirable_weight: float = field(default=1.0, metadata={"help": "stage kto: weight of the desirable answers."})
+    kto_undesirable_weight: float = field(default=1.0, metadata={
+        "help": "stage kto: weight of the undesirable answers."})
+    pref_reference: Literal["auto", "adapter", "cached"] = field(default="auto", metadata={
+        "help": "stage dpo / kto: where the reference log-probabilities come from. adapter: the same weights with "
+                "the LoRA adapter disabled (LoRA only); cached: computed once before training with the initial "
+                "weights and kept beside the samples; auto: adapter for LoRA, cached otherwise. No second copy of "
+                "the model is ever held."})
 
     def __post_init__(self) -> None:
         if self.finetuning_type not in ("lora", "freeze", "full"):
             raise ValueError(f"finetuning_type must be lora, freeze or full, not {self.finetuning_type!r}")
-        if self.stage not in ("sft", "pretrain", "finetune"):
-            raise ValueError(f"stage must be sft, pretrain or finetune, not {self.stage!r}")
+        if self.stage not in ("sft", "pretrain", "finetune", *PREFERENCE_STAGES):
+            raise ValueError(f"stage must be sft, pretrain, finetune, dpo or kto, not {self.stage!r}")
+        if self.pref_loss not in PREF_LOSSES:
+            raise ValueError(f"pref_loss must be one of {', '.join(PREF_LOSSES)}, not {self.pref_loss!r}")
+        if self.pref_beta <= 0:
+            raise ValueError(f"pref_beta must be > 0, not {self.pref_beta}")
+        if not 0 <= self.pref_label_smoothing < 0.5:
+            raise ValueError(f"pref_label_smoothing must be in [0, 0.5), not {self.pref_label_smoothing}")
+        if self.pref_reference not in ("auto", "adapter", "cached"):
+            raise ValueError(f"pref_reference must be auto, adapter or cached, not {self.pref_reference!r}")
+        if self.pref_reference == "adapter" and self.finetuning_type != "lora":
+            raise ValueError(f"pref_reference: adapter needs finetuning_type lora (a {self.finetuning_type} run has "
+                             "no adapter to disable); use cached")
         if self.stage == "pretrain":
             self.train_mm_proj_only = True
         elif self.stage == "finetune":
@@ -60,6 +101,30 @@ class FinetuningArguments:
             self.freeze_multi_modal_projector = False
         if self.lora_alpha is None:
             self.lora_alpha = 2 * self.lora_rank
+
+    @property
+    def preference(self) -> bool:
+        """A preference stage (dpo, kto)."""
+        return self.stage in PREFERENCE_STAGES
+
+    @property
+    def preference_data(self) -> str | None:
+        """The rows the stage reads: ``pairs`` (dpo), ``kto``, or None (plain conversations)."""
+        return {"dpo": "pairs", "kto": "kto"}.get(self.stage)
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the loss reads reference log-probabilities (every preference loss but orpo, simpo)."""
+        return self.preference and not (self.stage == "dpo" and self.pref_loss in REFERENCE_FREE)
+
+    @property
+    def reference(self) -> str | None:
+        """adapter or cached (``pref_reference: auto`` resolved), None when no reference is read."""
+        if not self.needs_reference:
+            return None
+        if self.pref_reference != "auto":
+            return self.pref_reference
+        return "adapter" if self.finetuning_type == "lora" else "cached"
 
     @property
     def lora_targets(self) -> list[str]:
@@ -128,3 +193,15 @@ def check_contradictions(values: dict[str, Any], spelled: dict[str, str] | None 
         for key in FREEZE_KEYS:
             if key in values:
                 fail("finetuning_type", method, key, values[key], f"only finetuning_type freeze reads {key}")
+    stage = values.get("stage", "sft")
+    for key, stages in PREFERENCE_KEYS.items():
+        if key in values and stage not in stages:
+            fail("stage", stage, key, values[key], f"only stage {' or '.join(stages)} reads {key}")
+    loss = values.get("pref_loss", "sigmoid")
+    if stage == "dpo" and "simpo_gamma" in values and loss != "simpo":
+        fail("pref_loss", loss, "simpo_gamma", values["simpo_gamma"], "only pref_loss simpo reads simpo_gamma")
+    if stage == "dpo" and "pref_label_smoothing" in values and loss not in ("sigmoid", "simpo"):
+        fail("pref_loss", loss, "pref_label_smoothing", values["pref_label_smoothing"],
+             "only pref_loss sigmoid and simpo read pref_label_smoothing")
+    if stage == "dpo" and "pref_reference" in values and loss in REFERENCE_FREE:
+        fail("pref_loss", loss, "pref_reference", values["pref_reference"], f"{loss} reads no reference")

@@ -17,7 +17,7 @@ from typing import Any
 
 from .aliases import ALIASES, UNSUPPORTED, resolve_alias
 from .data import DataArguments
-from .finetuning import FinetuningArguments, check_contradictions
+from .finetuning import PREFERENCE_STAGES, FinetuningArguments, check_contradictions
 from .model import ModelArguments
 from .predict import PredictArguments
 from .training import MMTrainingArguments
@@ -231,6 +231,10 @@ def parse_config(path: str | None, overrides: list[str] | None = None, extra: di
         spelled[name] = key
     model, data, finetuning, mm, training = groups
     check_contradictions(finetuning, spelled, sources)
+    if finetuning.get("stage") in PREFERENCE_STAGES and data.get("packing"):
+        where = sources.get("packing") or sources.get("stage")
+        raise ConfigError(f"{where}: stage: {finetuning['stage']} contradicts packing: true (preference pairs are "
+                          "padded, not packed); remove one of them")
     for name, default in TRAINING_DEFAULTS.items():
         training.setdefault(name, default)
     _device_defaults(training, model, set(sources), cuda=_cuda_available(), bf16=_bf16_available(),

@@ -25,7 +25,7 @@ from mmtune.config.data import DataArguments
 from mmtune.media import load_audio, load_image, load_video, sample_context
 
 from .formats import normalize_row
-from .loader import NOTE_KINDS, default_media_dir, load_samples
+from .loader import NOTE_KINDS, default_media_dir, encode_preference, load_samples
 from .problems import cause, file_problem, name_samples, one_line
 from .tokenize import encode_sample
 
@@ -111,21 +111,29 @@ def _rows(rows: Any) -> Iterator[tuple[int, Any, BaseException | None]]:
 
 
 def _check_sample(row: Any, index: int, path: str, media_dir: str | None, data_args: DataArguments, template: Any,
-                  plugin: Any, tokenizer: Any, processor: Any, report: CheckReport) -> tuple[Any, list[tuple[str, str]]]:
+                  plugin: Any, tokenizer: Any, processor: Any, report: CheckReport,
+                  preference: str | None = None) -> tuple[Any, list[tuple[str, str]]]:
     """The encoded sample and its notes (with ``large_image`` for PIL's decompression-bomb
-    warning); raises whatever the sample raises."""
+    warning); raises whatever the sample raises. A preference row (``preference``: pairs, kto)
+    is checked as training reads it: both answers present, non-empty, sharing the prompt's
+    media (:func:`~mmtune.data.loader.encode_preference`)."""
     with sample_context(index, path), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", Image.DecompressionBombWarning)
-        sample = normalize_row(row, media_dir)
+        if preference:
+            sample, result, _ = encode_preference(row, preference, media_dir, data_args, template, plugin, tokenizer,
+                                                   processor)
+        else:
+            sample = normalize_row(row, media_dir)
         for image in sample.images:  # decode fully: a corrupt body can hide behind a good header
             load_image(image)
         for video in sample.videos:
             load_video(video, fps=data_args.video_fps, maxlen=data_args.video_maxlen)
         for audio in sample.audios:
             load_audio(audio, data_args.audio_sampling_rate)
-        result = encode_sample(sample, template, plugin, tokenizer, processor, data_args.cutoff_len,
-                               data_args.train_on_prompt, data_args.mask_history, drop_overlong=True,
-                               keep_empty_answers=data_args.keep_empty_answers)
+        if not preference:
+            result = encode_sample(sample, template, plugin, tokenizer, processor, data_args.cutoff_len,
+                                   data_args.train_on_prompt, data_args.mask_history, drop_overlong=True,
+                                   keep_empty_answers=data_args.keep_empty_answers)
     notes = list(result.notes)
     for warning in caught:
         if issubclass(warning.category, Image.DecompressionBombWarning):
@@ -138,8 +146,10 @@ def _check_sample(row: Any, index: int, path: str, media_dir: str | None, data_a
     return result, notes
 
 
-def check_dataset(data_args: DataArguments, template: Any, plugin: Any, tokenizer: Any, processor: Any) -> CheckReport:
-    """Check every sample of every dataset entry; never raises for bad data (see the module)."""
+def check_dataset(data_args: DataArguments, template: Any, plugin: Any, tokenizer: Any, processor: Any,
+                  preference: str | None = None) -> CheckReport:
+    """Check every sample of every dataset entry; never raises for bad data (see the module).
+    ``preference`` (pairs, kto): the rows are preference rows of that kind."""
     report = CheckReport()
     entries = [p.strip() for p in data_args.dataset.split(",") if p.strip()]
     if not entries:
@@ -166,7 +176,7 @@ def check_dataset(data_args: DataArguments, template: Any, plugin: Any, tokenize
                 continue
             try:
                 result, sample_notes = _check_sample(row, index, path, media_dir, data_args, template, plugin,
-                                                     tokenizer, processor, report)
+                                                     tokenizer, processor, report, preference)
             except Exception as exc:  # any type: one problem line, the next sample is still checked
                 errors.append((index, cause(exc, index, path)))
                 continue

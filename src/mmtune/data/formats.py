@@ -240,3 +240,105 @@ def normalize_row(row: dict[str, Any], media_dir: str | None = None) -> Sample:
         system=system,
         positions=positions,
     )
+
+
+#: what a preference stage reads from a row: ``pairs`` (stage dpo) or ``kto`` (unpaired, marked answers)
+PREFERENCE_KINDS = ("pairs", "kto")
+
+
+@dataclass
+class PreferenceSample:
+    """A preference row as samples sharing one prompt and its media: ``chosen`` and ``rejected``
+    (a pair, stage dpo), or ``chosen`` alone with ``desirable`` (stage kto: the answer is good
+    or bad). Each sample is the whole conversation ending with its answer."""
+
+    chosen: Sample
+    rejected: Sample | None = None
+    desirable: bool | None = None
+
+
+def _answer_turns(value: Any, name: str) -> list[Any]:
+    """A row's answer (``chosen``, ``rejected``, ``completion``) as turns: a string is one
+    assistant turn, a dict one turn, a list its turns (TRL's conversational form)."""
+    if isinstance(value, str):
+        return [{"role": "assistant", "content": value}]
+    if isinstance(value, Mapping):
+        return [dict(value)]
+    if isinstance(value, (list, tuple)) and value:
+        return list(value)
+    raise RowError(f"the row's {name} is {_what(value)}: expected the answer as a string, a "
+                   "{\"role\": \"assistant\", \"content\": ...} turn or a list of turns")
+
+
+def _column_parts(turns: list[Any]) -> list[Any]:
+    """TRL's vision form: content parts ``{"type": "image"}`` that hold no image stand for the
+    next item of the row's ``images`` column; they become the placeholder text."""
+    out = []
+    for turn in turns:
+        content = turn.get("content") if isinstance(turn, Mapping) else None
+        if isinstance(content, (list, tuple)):
+            parts = []
+            for part in content:
+                kind = part.get("type") if isinstance(part, Mapping) else None
+                if kind in PART_PLACEHOLDER and part.get(kind) is None:
+                    part = {"type": "text", "text": PART_PLACEHOLDER[kind]}
+                parts.append(part)
+            turn = {**turn, "content": parts}
+        out.append(turn)
+    return out
+
+
+def _with_answer(row: dict[str, Any], answer: Any, name: str, media_dir: str | None) -> Sample:
+    """``row``'s prompt (``conversations`` / ``messages`` or TRL's ``prompt``) followed by ``answer``."""
+    base = {k: v for k, v in row.items() if k not in ("chosen", "rejected", "completion", "prompt", "conversations",
+                                                      "messages", "kto_tag", "label")}
+    key = next((k for k in ("conversations", "messages") if row.get(k) is not None), None)
+    if key is not None:
+        prompt = _turn_list(row[key], key)
+    elif row.get("prompt") is not None:
+        prompt = row["prompt"]
+        prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _turn_list(prompt, "prompt")
+        key = "messages"
+    else:
+        raise RowError(f"the preference row has no prompt: expected conversations/messages (ending with the user's "
+                       f"turn) or prompt beside {name} (keys: {', '.join(sorted(row))})")
+    turns = _column_parts([*prompt, *_answer_turns(answer, name)])
+    return normalize_row({**base, key: turns}, media_dir)
+
+
+def normalize_preference(row: dict[str, Any], kind: str, media_dir: str | None = None) -> PreferenceSample:
+    """One preference row as a :class:`PreferenceSample`.
+
+    ``kind`` ``pairs``: the pairwise ShareGPT form (``conversations`` / ``messages`` ending with
+    the user's turn, ``chosen`` and ``rejected`` answers beside them, as LLaMA-Factory's ranking
+    datasets) or TRL's (``prompt``, ``chosen``, ``rejected``, ``images``). ``kind`` ``kto``: a
+    conversation ending with its answer and ``kto_tag`` (LLaMA-Factory), or TRL's ``prompt``,
+    ``completion`` and ``label``. Both answers of a pair share the prompt's media: an answer that
+    brings media of its own is a :class:`RowError`, as is a missing answer or mark."""
+    if kind not in PREFERENCE_KINDS:
+        raise ValueError(f"kind must be one of {PREFERENCE_KINDS}, not {kind!r}")
+    if kind == "pairs":
+        missing = [k for k in ("chosen", "rejected") if row.get(k) is None]
+        if missing:
+            raise RowError(f"the preference row has no {' and no '.join(missing)} answer (keys: "
+                           f"{', '.join(sorted(row))}): stage dpo needs both beside the prompt")
+        chosen = _with_answer(row, row["chosen"], "chosen", media_dir)
+        rejected = _with_answer(row, row["rejected"], "rejected", media_dir)
+        for media in ("images", "videos", "audios"):
+            if getattr(chosen, media) != getattr(rejected, media):
+                raise RowError(f"the chosen and rejected answers bring different {media} "
+                               f"({len(getattr(chosen, media))} and {len(getattr(rejected, media))}): the media "
+                               "belong to the prompt, which both answers share")
+        return PreferenceSample(chosen, rejected)
+    mark_key = next((k for k in ("kto_tag", "label") if row.get(k) is not None), None)
+    if mark_key is None:
+        raise RowError(f"the row has no kto_tag or label (keys: {', '.join(sorted(row))}): stage kto needs each "
+                       "answer marked desirable (true) or undesirable (false)")
+    mark = row[mark_key]
+    if not isinstance(mark, (bool, int)) or isinstance(mark, int) and not isinstance(mark, bool) and mark not in (0, 1):
+        raise RowError(f"the row's {mark_key} is {_what(mark)}: expected true (desirable) or false (undesirable)")
+    if row.get("completion") is not None:
+        sample = _with_answer(row, row["completion"], "completion", media_dir)
+    else:
+        sample = normalize_row({k: v for k, v in row.items() if k not in ("kto_tag", "label")}, media_dir)
+    return PreferenceSample(sample, desirable=bool(mark))

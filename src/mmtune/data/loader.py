@@ -27,7 +27,7 @@ from mmtune.errors import DataError
 from mmtune.config.data import DataArguments
 from mmtune.media import MediaError, media_reference, sample_context
 
-from .formats import MEDIA_COLUMNS, media_column, normalize_row
+from .formats import MEDIA_COLUMNS, PREFERENCE_KINDS, media_column, normalize_preference, normalize_row
 from .entries import split_entry
 from .problems import (MAX_LISTED, BadSamplesError, cause, file_problem, listing, name_samples, one_line, sample_lines,
                        where)
@@ -240,7 +240,7 @@ def mix_datasets(parts: list[Any], data_args: DataArguments) -> Any:
 MAP_BATCH_SIZE = 256
 
 
-def encoded_features() -> Any:
+def encoded_features(preference: str | None = None) -> Any:
     """The tokenised columns' types, given to ``datasets.map`` so that it neither infers them
     nor scans every id for mixed types (datasets 5 does that per batch: it cost a third of the
     pass). The ids come as numpy arrays, which Arrow takes without a per-int Python loop.
@@ -249,11 +249,20 @@ def encoded_features() -> Any:
     (why it cannot be used, else empty: the map records it instead of raising, so that every
     bad sample is reported at once), ``notes`` (:attr:`EncodeResult.notes`), and where the
     sample comes from, ``sample_index`` and ``source`` (the ``dataset`` entry): the collator
-    names a sample whose media fail at batch time by them."""
+    names a sample whose media fail at batch time by them.
+
+    ``preference`` ``pairs`` adds the rejected answer's ids (``rejected_input_ids``,
+    ``rejected_labels``; ``input_ids`` and ``labels`` are the chosen one's); ``kto`` adds
+    ``kto_label`` (1: desirable)."""
     import datasets
 
     seq = getattr(datasets, "List", None) or datasets.Sequence
-    return datasets.Features({
+    extra: dict[str, Any] = {}
+    if preference == "pairs":
+        extra = {"rejected_input_ids": seq(datasets.Value("int32")), "rejected_labels": seq(datasets.Value("int64"))}
+    elif preference == "kto":
+        extra = {"kto_label": datasets.Value("int8")}
+    return datasets.Features({**extra,
         "input_ids": seq(datasets.Value("int32")), "labels": seq(datasets.Value("int64")),
         "images": seq(datasets.Value("string")), "videos": seq(datasets.Value("string")),
         "audios": seq(datasets.Value("string")), "dropped": datasets.Value("string"),
@@ -437,9 +446,33 @@ def _align_embedded(parts: list[Any], names: list[str]) -> list[Any]:
     return parts
 
 
+def encode_preference(row: dict[str, Any], preference: str, media_dir: str | None, data_args: DataArguments,
+                       template: Any, plugin: Any, tokenizer: Any, processor: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """(the sample whose media are stored, the encoding of its chosen / only answer, the extra
+    columns) of a preference row: each answer encoded after the shared prompt, the loss on the
+    last answer only. A pair with a dropped side is dropped, the side named."""
+    pref = normalize_preference(row, preference, media_dir)
+
+    def encode(sample: Any) -> Any:
+        return encode_sample(sample, template, plugin, tokenizer, processor, data_args.cutoff_len, False, True,
+                             data_args.drop_overlong, keep_empty_answers=False)
+
+    chosen = encode(pref.chosen)
+    if preference == "kto":
+        return pref.chosen, chosen, {"kto_label": int(bool(pref.desirable))}
+    rejected = encode(pref.rejected)
+    for side, result in (("chosen", chosen), ("rejected", rejected)):
+        if result.dropped:
+            chosen = dataclasses.replace(chosen, dropped=f"{side} answer: {result.dropped}")
+            break
+    chosen.notes += [(kind, f"rejected answer: {detail}") for kind, detail in rejected.notes]
+    return pref.chosen, chosen, {"rejected_input_ids": np.asarray(rejected.input_ids, dtype=np.int32),
+                                 "rejected_labels": np.asarray(rejected.labels, dtype=np.int64)}
+
+
 def _encode_batch(batch: dict[str, list[Any]], indices: list[int], *, path: str, media_dir: str | None,
                   carried: dict[str, str], data_args: DataArguments, template: Any, plugin: Any, tokenizer: Any,
-                  processor: Any, features: Any) -> dict[str, list[Any]]:
+                  processor: Any, features: Any, preference: str | None = None) -> dict[str, list[Any]]:
     """One ``datasets.map`` batch: every row normalised and encoded in its own
     :func:`~mmtune.media.sample_context`. Whatever a row raises (any type: a malformed row, a
     media header, the processor, the template) is recorded in its ``error`` column, never
@@ -450,12 +483,17 @@ def _encode_batch(batch: dict[str, list[Any]], indices: list[int], *, path: str,
     for index, values in zip(indices, zip(*(batch[k] for k in keys))):
         row = dict(zip(keys, values))
         stored: dict[str, list[str]] = {kind: [] for kind in MEDIA_COLUMNS}
+        extra: dict[str, Any] = {}
         try:
             with sample_context(index, path):
-                sample = normalize_row(row, media_dir)
-                result = encode_sample(sample, template, plugin, tokenizer, processor, data_args.cutoff_len,
-                                       data_args.train_on_prompt, data_args.mask_history, data_args.drop_overlong,
-                                       keep_empty_answers=data_args.keep_empty_answers)
+                if preference:
+                    sample, result, extra = encode_preference(row, preference, media_dir, data_args, template,
+                                                               plugin, tokenizer, processor)
+                else:
+                    sample = normalize_row(row, media_dir)
+                    result = encode_sample(sample, template, plugin, tokenizer, processor, data_args.cutoff_len,
+                                           data_args.train_on_prompt, data_args.mask_history, data_args.drop_overlong,
+                                           keep_empty_answers=data_args.keep_empty_answers)
                 if not result.dropped:
                     for kind in MEDIA_COLUMNS:
                         stored[kind] = _stored_media(row, getattr(sample, kind), kind, carried.get(kind))
@@ -465,12 +503,16 @@ def _encode_batch(batch: dict[str, list[Any]], indices: list[int], *, path: str,
             out["notes"].append([])
             out["input_ids"].append(empty_ids)
             out["labels"].append(empty_labels)
+            extra = {"rejected_input_ids": empty_ids, "rejected_labels": empty_labels, "kto_label": 0}
         else:
             out["error"].append("")
             out["dropped"].append(result.dropped or "")
             out["notes"].append([{"kind": kind, "detail": detail} for kind, detail in result.notes])
             out["input_ids"].append(np.asarray(result.input_ids, dtype=np.int32))
             out["labels"].append(np.asarray(result.labels, dtype=np.int64))
+        for name in ("rejected_input_ids", "rejected_labels", "kto_label"):
+            if name in out:
+                out[name].append(extra.get(name, empty_ids if name != "kto_label" else 0))
         for kind in MEDIA_COLUMNS:
             out[kind].append(stored[kind])
         out["sample_index"].append(index)
@@ -482,7 +524,8 @@ def _encode_batch(batch: dict[str, list[Any]], indices: list[int], *, path: str,
 CHECK_HINT = "run `mmtune check-data CONFIG` (same config and overrides) for the full report"
 
 
-def build_dataset(data_args: DataArguments, template: Any, plugin: Any, tokenizer: Any, processor: Any) -> dict[str, Any]:
+def build_dataset(data_args: DataArguments, template: Any, plugin: Any, tokenizer: Any, processor: Any,
+                  preference: str | None = None) -> dict[str, Any]:
     """Tokenised ``train`` (and ``eval`` when ``val_size`` > 0) datasets; dropped samples and
     notes are counted and logged per dataset, never silently lost. Embedded media stay in
     their source's Arrow file (see the module's docstring).
@@ -493,10 +536,16 @@ def build_dataset(data_args: DataArguments, template: Any, plugin: Any, tokenize
     :class:`~mmtune.data.problems.BadSamplesError` listing the first ten by sample index,
     file and line; so is a dataset with no samples, or none left after dropping, and an empty
     training set. The tokenising pass is cached by ``datasets`` under a fingerprint that
-    covers the config and the referenced media files' sizes and times (:func:`media_signature`)."""
+    covers the config and the referenced media files' sizes and times (:func:`media_signature`).
+
+    ``preference`` (``pairs``, ``kto``) reads preference rows
+    (:func:`~mmtune.data.formats.normalize_preference`) into the columns
+    :func:`encoded_features` lists for it."""
     import datasets
 
-    features = encoded_features()
+    if preference is not None and preference not in PREFERENCE_KINDS:
+        raise ValueError(f"preference must be one of {PREFERENCE_KINDS}, not {preference!r}")
+    features = encoded_features(preference)
     parts, keeps, names = [], [], []
     problems: list[str] = []
     total_problems = 0
@@ -519,10 +568,11 @@ def build_dataset(data_args: DataArguments, template: Any, plugin: Any, tokenize
         signature = media_signature(raw, media_dir)
 
         def encode(batch: dict[str, list[Any]], indices: list[int], _path: str = path, _dir: str | None = media_dir,
-                   _carried: dict[str, str] = carried, _media_signature: str = signature) -> dict[str, list[Any]]:
+                   _carried: dict[str, str] = carried, _media_signature: str = signature,
+                   _preference: str | None = preference) -> dict[str, list[Any]]:
             return _encode_batch(batch, indices, path=_path, media_dir=_dir, carried=_carried, data_args=data_args,
                                  template=template, plugin=plugin, tokenizer=tokenizer, processor=processor,
-                                 features=features)
+                                 features=features, preference=_preference)
 
         try:
             encoded = raw.map(encode, with_indices=True, batched=True, batch_size=MAP_BATCH_SIZE, features=features,

@@ -36,6 +36,8 @@ from mmtune.plugins import get_mm_plugin
 from mmtune.speed.forward import TrainingForward, collator_precompute
 from mmtune.templates import get_template
 
+from .preference import PreferenceCollator, add_kl_rows
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["Parts", "build", "build_saved", "training_template"]
@@ -114,7 +116,8 @@ def build(model_args: ModelArguments, data_args: DataArguments, finetuning_args:
         first = (training_args.main_process_first(desc="tokenising") if training_args is not None
                  else contextlib.nullcontext())
         with first:
-            parts.datasets = build_dataset(data_args, template, plugin, tokenizer, processor)
+            parts.datasets = build_dataset(data_args, template, plugin, tokenizer, processor,
+                                           preference=finetuning_args.preference_data)
         parts.train_dataset = parts.datasets["train"]
     if not model:
         return parts
@@ -135,11 +138,18 @@ def build(model_args: ModelArguments, data_args: DataArguments, finetuning_args:
     fake = mm_args.fake_media_for_text_only
     if fake is None:
         fake = several_ranks
+    preference = finetuning_args.preference_data
     parts.collator = MultiModalCollator(plugin, processor, tokenizer,
                                         model=parts.model if mm_args.build_rope_in_collator else None,
                                         fake_media_for_text_only=bool(fake) and processor is not None,
-                                        precompute=collator_precompute(parts.levers))
-    if datasets and training_args is not None:
+                                        precompute=None if preference else collator_precompute(parts.levers))
+    if preference:  # pairs / KTO rows around the padding collator; never packed (config refuses packing: true)
+        parts.collator = PreferenceCollator(parts.collator, preference)
+        if preference == "kto" and datasets:
+            size = training_args.per_device_train_batch_size if training_args is not None else 1
+            parts.datasets = {name: add_kl_rows(ds, size) for name, ds in parts.datasets.items()}
+            parts.train_dataset = parts.datasets["train"]
+    elif datasets and training_args is not None:
         parts.train_dataset, parts.collator = maybe_pack(parts.datasets["train"], parts.collator, parts.model,
                                                          data_args.packing, data_args.packing_max_len,
                                                          training_args.per_device_train_batch_size)

@@ -10,12 +10,16 @@ from typing import Any
 import torch
 
 from mmtune.model.composite import get_composite_model, has_prefix
+from mmtune.speed import fused_loss
+from mmtune.speed.fused_loss import FusedHead
+from mmtune.speed.result import Applied
 
 from . import recipe
 from .callbacks import JsonlLogCallback, MmtuneConfigCallback, plot_loss
 from .checkpoints import resolve_resume
 from .interrupt import InterruptCallback
 from .outputs import prepare_output_dir
+from .preference import PairedMedia, PreferenceForward, PreferenceTrainer, precompute_reference
 from .trainer import MMTrainer
 
 logger = logging.getLogger(__name__)
@@ -94,17 +98,30 @@ def run_sft(model_args: Any, data_args: Any, finetuning_args: Any, mm_args: Any,
     assembled_config = (model.config if model_args.vision_tower
                         and finetuning_args.finetuning_type == "lora" else None)
     interrupt = InterruptCallback()  # Ctrl-C / SIGTERM: a checkpoint of the step reached, then TrainingInterrupted
-    trainer = MMTrainer(
+    trainer_class, extra = MMTrainer, {"training_forward": parts.training_forward}
+    eval_dataset = datasets.get("eval")
+    if finetuning_args.preference:
+        preference = preference_forward(parts, finetuning_args)
+        if finetuning_args.reference == "cached":  # once, with the initial weights: no second model in memory
+            batch = training_args.per_device_eval_batch_size
+            with training_args.main_process_first(desc="reference log-probabilities"):
+                train_dataset = precompute_reference(model, train_dataset, parts.collator, preference, batch,
+                                                     training_args.device)
+                if eval_dataset is not None:
+                    eval_dataset = precompute_reference(model, eval_dataset, parts.collator, preference, batch,
+                                                        training_args.device)
+        trainer_class, extra = PreferenceTrainer, {"preference": preference}
+    trainer = trainer_class(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
-        eval_dataset=datasets.get("eval"),
+        eval_dataset=eval_dataset,
         data_collator=collator,
         # the Trainer saves it into every checkpoint-N and the final folder, before any push
         processing_class=processor or tokenizer,
         callbacks=[JsonlLogCallback(), MmtuneConfigCallback(record, assembled_config), interrupt, *(callbacks or [])],
         projector_lr=mm_args.projector_lr,
-        training_forward=parts.training_forward,
+        **extra,
     )
     try:
         result = trainer.train(resume_from_checkpoint=resume)
@@ -121,12 +138,21 @@ def run_sft(model_args: Any, data_args: Any, finetuning_args: Any, mm_args: Any,
             save_projector(trainer.model, training_args.output_dir)
     trainer.save_model(training_args.output_dir)  # weights and processor (processing_class)
     metrics = dict(result.metrics)
-    if datasets.get("eval") is not None:
+    if eval_dataset is not None:
         metrics.update(trainer.evaluate())
     trainer.save_metrics("all", metrics)
     if mm_args.plot_loss and trainer.is_world_process_zero():
         plot_loss(training_args.output_dir)
     return metrics
+
+
+def preference_forward(parts: Any, finetuning_args: Any) -> PreferenceForward:
+    """The preference loss's forward for a built pipeline: the fused head of the levers, when
+    they applied it, and the towers' paired-media hooks."""
+    result = parts.levers.get(fused_loss.SWITCH)
+    fused = result.state if isinstance(result, Applied) and isinstance(result.state, FusedHead) else None
+    media = PairedMedia.install(parts.model) if finetuning_args.stage == "dpo" else None
+    return PreferenceForward(finetuning_args, fused=fused, media=media)
 
 
 def run_record(model_args: Any, data_args: Any, finetuning_args: Any, mm_args: Any, model_type: str | None,
