@@ -5,10 +5,16 @@ peak GPU memory.
 
     python benchmarks/predict_speed.py --model-dir /path/to/Qwen2-VL-2B-Instruct   # GPU, bf16
     python benchmarks/predict_speed.py --cpu                                       # CPU smoke test
+    python benchmarks/predict_speed.py --model-dir /tmp/lfbench/model --model-as-is \
+        --data /tmp/lfbench/data/bench.json                  # the LLaMA-Factory peer's model and data
 
 The model folder gives config.json and the processor files only (no weights are read); random
-weights are saved once into ``--work-dir``. Run LLaMA-Factory's ``do_predict`` on the same data
-(``WORK_DIR/data/predict.json``, ShareGPT with ``images``) beside it for the comparison.
+weights are saved once into ``--work-dir``; with ``--model-as-is`` the folder's own weights are
+read instead (the peer's random-weight folder, so that both sides run the very same model). With
+``--data`` the prompts come from that ShareGPT file (the last assistant turn is the label)
+instead of ``WORK_DIR/data/predict.json``. ``benchmarks/gpu_predict_speed.sh`` runs
+LLaMA-Factory's ``do_predict`` (``benchmarks/peer/lf_predict/``) on the same model folder and data
+beside it for the comparison.
 """
 
 from __future__ import annotations
@@ -78,12 +84,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--samples", type=int, default=None, help="default: 512 (--cpu: 8)")
     parser.add_argument("--new-tokens", type=int, default=None, help="new tokens a sample; default: 64 (--cpu: 4)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: 64 (--cpu: 4)")
+    parser.add_argument("--model-as-is", action="store_true",
+                        help="read --model-dir's own weights (no random model is built)")
+    parser.add_argument("--data", help="a ShareGPT JSON with images to predict on (default: built in WORK_DIR/data)")
     parser.add_argument("--cache", default="dynamic", choices=["dynamic", "static"], help="the KV cache")
     parser.add_argument("--work-dir", help="where the random model, data and predictions go (default: a temp dir)")
     parser.add_argument("--json", help="also write the result here")
     args = parser.parse_args(argv)
     if not args.cpu and not args.model_dir:
         parser.error("--model-dir is required (or --cpu for the smoke test)")
+    if args.model_as_is and not args.model_dir:
+        parser.error("--model-as-is needs --model-dir")
     if not args.cpu and not torch.cuda.is_available():
         parser.error("no GPU: use --cpu for the smoke test")
     samples = args.samples or (8 if args.cpu else 512)
@@ -94,18 +105,23 @@ def main(argv: list[str] | None = None) -> dict:
     from mmtune.config.model import DTYPES
     from mmtune.infer.predict import predict_folder
 
-    model = build_random_model(None if args.cpu else args.model_dir, work, DTYPES[dtype])
-    data = build_data(os.path.join(work, "data"), samples)
+    if args.model_as_is:
+        model = args.model_dir
+    else:
+        model = build_random_model(None if args.cpu else args.model_dir, work, DTYPES[dtype])
+    data = args.data or build_data(os.path.join(work, "data"), samples)
     if torch.cuda.is_available() and not args.cpu:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     results = predict_folder(model, data, os.path.join(work, "predict"), torch_dtype=dtype, max_new_tokens=new_tokens,
                              min_new_tokens=new_tokens, predict_batch_size=batch, overwrite_output_dir=True,
-                             cache_implementation=args.cache)
+                             cache_implementation=args.cache, **({"max_samples": samples} if args.data else {}))
     wall = time.perf_counter() - start
     result = {
-        "model": "tiny qwen2_vl (random)" if args.cpu else f"{os.path.basename(args.model_dir)} sizes (random weights)",
-        "device": "cpu" if args.cpu else torch.cuda.get_device_name(), "dtype": dtype, "samples": samples,
+        "model": (model if args.model_as_is else "tiny qwen2_vl (random)" if args.cpu
+                  else f"{os.path.basename(args.model_dir)} sizes (random weights)"),
+        "data": data,
+        "device": "cpu" if args.cpu else torch.cuda.get_device_name(), "dtype": dtype, "samples": results["predict_samples"],
         "new_tokens": new_tokens, "batch_size": batch, "cache": args.cache,
         "samples_per_second": results["predict_samples_per_second"],
         "tokens_per_second": results["predict_tokens_per_second"], "generate_seconds": results["predict_runtime"],
