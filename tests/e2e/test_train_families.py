@@ -19,6 +19,7 @@ CASES = {  # fixture -> (template, media kind)
     "qwen3_5": ("qwen3_5", "image"),  # hybrid linear attention (Gated DeltaNet), the PyTorch fallback here
     "gemma4": ("gemma4", "image"),
     "glm46v": ("glm46v", "image"),
+    "qwen3_omni_moe_thinker": ("qwen3_omni", "audio"),
 }
 
 
