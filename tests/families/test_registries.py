@@ -33,6 +33,8 @@ OLD_CAUSAL_MODEL_TYPES = {"llava", "llava_next", "llava_next_video", "llava_onev
 #: the class table model/loader.py kept (AUDIO_CLASSES) before the families declared their class
 OLD_AUDIO_CLASSES = {"qwen2_audio": "Qwen2AudioForConditionalGeneration",
                      "qwen2_5_omni_thinker": "Qwen2_5OmniThinkerForConditionalGeneration"}
+#: classes declared since (the thinker alone trains)
+NEW_CLASSES = {"qwen3_omni_moe_thinker": "Qwen3OmniMoeThinkerForConditionalGeneration"}
 
 #: (module of src/mmtune, model type) pairs allowed to name a family's model type outside its
 #: family file, and why
@@ -109,8 +111,8 @@ def test_model_classes_are_the_old_table():
     from mmtune.model.loader import model_class_for
 
     declared = {t: entry.model_class for t, entry in COMPOSITE_MODELS.items() if entry.model_class is not None}
-    assert declared == OLD_AUDIO_CLASSES
-    for model_type, name in OLD_AUDIO_CLASSES.items():
+    assert declared == {**OLD_AUDIO_CLASSES, **NEW_CLASSES}
+    for model_type, name in {**OLD_AUDIO_CLASSES, **NEW_CLASSES}.items():
         assert model_class_for(types.SimpleNamespace(model_type=model_type)) is getattr(transformers, name)
     assert model_class_for(types.SimpleNamespace(model_type="qwen2_vl")) is transformers.AutoModelForImageTextToText
     assert model_class_for(types.SimpleNamespace(model_type="llama")) is transformers.AutoModelForCausalLM
