@@ -20,6 +20,7 @@ CASES = {  # fixture -> (template, media kind)
     "gemma4": ("gemma4", "image"),
     "glm46v": ("glm46v", "image"),
     "qwen3_omni_moe_thinker": ("qwen3_omni", "audio"),
+    "lfm2_vl": ("lfm2_vl", "image"),  # hybrid short-convolution layers
 }
 
 
