@@ -186,7 +186,7 @@ def test_no_attention_across_samples(name, qwen, tmp_path):
 
 #: model type -> (fixture, its config builder in ``extra`` or None for ``tiny_config``)
 _FIXTURE_OF = {t: (t, None) for t in ("qwen2_5_vl", "qwen3_vl", "glm4v", "llava_next", "llava_next_video",
-                                      "llava_onevision", "video_llava", "qwen2_audio", "internvl", "mistral3",
+                                      "llava_onevision", "video_llava", "glm46v", "qwen2_audio", "internvl", "mistral3",
                                       "idefics3", "smolvlm")}
 _FIXTURE_OF.update({"qwen3_vl_moe": ("qwen3_vl", "moe_config"), "glm4v_moe": ("glm4v", "moe_config")})
 

@@ -16,8 +16,11 @@ CASES = {  # fixture -> (template, media kind)
     "gemma3": ("gemma3", "image"),
     "qwen2_audio": ("qwen2_audio", "audio"),
     "llava_next": ("llava", "image"),
-    "qwen3_5": ("qwen3_5", "image"),
-    "gemma4": ("gemma4", "image"),  # hybrid linear attention (Gated DeltaNet), the PyTorch fallback here
+    "qwen3_5": ("qwen3_5", "image"),  # hybrid linear attention (Gated DeltaNet), the PyTorch fallback here
+    "gemma4": ("gemma4", "image"),
+    "glm46v": ("glm46v", "image"),
+    "qwen3_omni_moe_thinker": ("qwen3_omni", "audio"),
+    "lfm2_vl": ("lfm2_vl", "image"),  # hybrid short-convolution layers
 }
 
 

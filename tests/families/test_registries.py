@@ -26,11 +26,15 @@ SRC = pathlib.Path(mmtune.__file__).parent
 
 #: the packing tables data/packing.py kept before the families declared their layout
 OLD_MROPE_MODEL_TYPES = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe"}
+#: types that declared a packing layout since, each checked exact in tests/data/test_packing.py
+NEW_MROPE_MODEL_TYPES = {"glm46v"}
 OLD_CAUSAL_MODEL_TYPES = {"llava", "llava_next", "llava_next_video", "llava_onevision", "video_llava", "qwen2_audio",
                           "internvl", "mistral3", "idefics3", "smolvlm"}
 #: the class table model/loader.py kept (AUDIO_CLASSES) before the families declared their class
 OLD_AUDIO_CLASSES = {"qwen2_audio": "Qwen2AudioForConditionalGeneration",
                      "qwen2_5_omni_thinker": "Qwen2_5OmniThinkerForConditionalGeneration"}
+#: classes declared since (the thinker alone trains)
+NEW_CLASSES = {"qwen3_omni_moe_thinker": "Qwen3OmniMoeThinkerForConditionalGeneration"}
 
 #: (module of src/mmtune, model type) pairs allowed to name a family's model type outside its
 #: family file, and why
@@ -94,9 +98,10 @@ def test_family_files_hold_no_test_fixture():
 
 
 def test_packing_layouts_are_the_old_tables():
-    assert {t for t in COMPOSITE_MODELS if packing_layout(t) == "mrope"} == OLD_MROPE_MODEL_TYPES
+    mrope = OLD_MROPE_MODEL_TYPES | NEW_MROPE_MODEL_TYPES
+    assert {t for t in COMPOSITE_MODELS if packing_layout(t) == "mrope"} == mrope
     assert {t for t in COMPOSITE_MODELS if packing_layout(t) == "causal"} == OLD_CAUSAL_MODEL_TYPES
-    assert packable_model_types() == OLD_MROPE_MODEL_TYPES | OLD_CAUSAL_MODEL_TYPES
+    assert packable_model_types() == mrope | OLD_CAUSAL_MODEL_TYPES
     assert packing_layout("no_such_model_type") is None
 
 
@@ -106,8 +111,8 @@ def test_model_classes_are_the_old_table():
     from mmtune.model.loader import model_class_for
 
     declared = {t: entry.model_class for t, entry in COMPOSITE_MODELS.items() if entry.model_class is not None}
-    assert declared == OLD_AUDIO_CLASSES
-    for model_type, name in OLD_AUDIO_CLASSES.items():
+    assert declared == {**OLD_AUDIO_CLASSES, **NEW_CLASSES}
+    for model_type, name in {**OLD_AUDIO_CLASSES, **NEW_CLASSES}.items():
         assert model_class_for(types.SimpleNamespace(model_type=model_type)) is getattr(transformers, name)
     assert model_class_for(types.SimpleNamespace(model_type="qwen2_vl")) is transformers.AutoModelForImageTextToText
     assert model_class_for(types.SimpleNamespace(model_type="llama")) is transformers.AutoModelForCausalLM

@@ -23,7 +23,7 @@ from ..helpers import (assert_same, fast_forward, fused_forward, make_batch, mak
 def _types():
     from mmtune.testing import FIXTURES
 
-    return [t for t in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v", "qwen3_5") if t in tiny_configs() and t in FIXTURES]
+    return [t for t in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v", "qwen3_5", "glm46v", "qwen3_omni_moe_thinker") if t in tiny_configs() and t in FIXTURES]
 
 
 def _fast(model_type, method="lora", **flags):
@@ -46,7 +46,7 @@ def test_sync_free_forward_keeps_losses_and_grads(model_type, projector):
     assert any(has_prefix(n, [entry.projector_key]) for n in ref[1]) == (projector == "trains")
     model, forward, pre = _fast(model_type, **flags)
     fast = [pre(dict(b)) for b in batches]
-    assert pre.grid_on_host == (model_type != "glm4v")  # GLM-4V's tower reads the grid for its embeddings too
+    assert pre.grid_on_host == (model_type not in ("glm4v", "glm46v"))  # GLM-4V's tower reads the grid for its embeddings too
     host = fast[0][HOST_KEY].values
     if pre.grid_on_host:
         assert torch.equal(host["image_grid_thw"], batches[0]["image_grid_thw"])
@@ -328,8 +328,10 @@ def test_the_tower_takes_the_grid_by_position_or_name_each_modality_once_and_onl
     assert calls == [(device_image, [])] and state.current is None
 
 
+# the forward's own merge does not engage for the Qwen3-Omni thinker (the model merges its media
+# itself there): its losses and gradients are held equal by the first test of this file
 @pytest.mark.parametrize("projector", ["frozen", "trains"])
-@pytest.mark.parametrize("model_type", _types())
+@pytest.mark.parametrize("model_type", [t for t in _types() if t != "qwen3_omni_moe_thinker"])
 def test_the_forwards_own_merge_keeps_losses_and_grads(model_type, projector):
     """With the collator's positions the training forward builds ``inputs_embeds`` itself (the
     features at the placeholder positions, Qwen3-VL's deepstack features as the language

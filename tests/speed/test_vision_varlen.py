@@ -107,7 +107,7 @@ def test_cpp_wrapper_all_takes_the_vision_blocks_and_their_attention(monkeypatch
 def _varlen_types():
     from mmtune.testing import FIXTURES
 
-    return [t for t in ("glm4v", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5") if t in tiny_configs() and t in FIXTURES]
+    return [t for t in ("glm4v", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "glm46v", "qwen3_omni_moe_thinker") if t in tiny_configs() and t in FIXTURES]
 
 
 @pytest.mark.parametrize("model_type", _varlen_types())

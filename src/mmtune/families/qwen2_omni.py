@@ -185,16 +185,16 @@ register_mm_plugin("qwen2_omni", Qwen2OmniPlugin)
 register_mm_plugin("qwen2_5_omni", Qwen2OmniPlugin)
 
 
-def _thinker_prefix() -> str:
+def _thinker_prefix(module: str = "qwen2_5_omni", wrapper: str = "Qwen2_5OmniThinkerModel") -> str:
     """Where the thinker keeps its towers: transformers >= 5.2x wraps them and the text model in
-    ``model`` (a ``Qwen2_5OmniThinkerModel``), 5.17 keeps them at the top with the text model as
-    ``model``. Read from the installed source so that importing mmtune imports no transformers."""
+    ``model`` (a ``<wrapper>``), 5.17 keeps them at the top with the text model as ``model``.
+    Read from the installed source so that importing mmtune imports no transformers."""
     spec = importlib.util.find_spec("transformers")
     root = os.path.dirname(spec.origin) if spec and spec.origin else ""
-    path = os.path.join(root, "models", "qwen2_5_omni", "modeling_qwen2_5_omni.py")
+    path = os.path.join(root, "models", module, f"modeling_{module}.py")
     try:
         with open(path, encoding="utf-8") as f:
-            wrapped = "class Qwen2_5OmniThinkerModel(" in f.read()
+            wrapped = f"class {wrapper}(" in f.read()
     except OSError:
         wrapped = True
     return "model." if wrapped else ""
