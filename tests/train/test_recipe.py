@@ -82,6 +82,21 @@ def test_build_saved_reopens_with_the_parts_build_gives(ws, tmp_path):
     assert saved.collator.plugin is saved.plugin and not saved.model.training
 
 
+def test_inference_goes_to_the_accelerator_when_there_is_one(ws, monkeypatch):
+    import torch
+
+    assert recipe.inference_device("cpu") == "cpu" and recipe.inference_device("cuda:1") == "cuda:1"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert recipe.inference_device() == "cuda"  # chat, predict and serve: the GPU, not the CPU, by default
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert recipe.inference_device() == "cpu"
+    # the model is moved where inference_device says (meta stands in for an accelerator here)
+    saved = recipe.build_saved(ws["model"], dtype="fp32", device="meta")
+    assert {p.device.type for p in saved.model.parameters()} == {"meta"}
+    assert {p.device.type for p in recipe.build_saved(ws["model"], dtype="fp32").model.parameters()} == {"cpu"}
+
+
 def test_train_goes_through_build(ws, tmp_path, monkeypatch, capsys):
     import yaml
 

@@ -89,7 +89,7 @@ def export_model(model_path: str, output_dir: str, adapter_path: str | None = No
     folder = inspect_folder(model_path, adapter_path)
     prepare_export_dir(output_dir, folder, model_path, overwrite)
     # no template known: the export still works; chat on it will ask for --template
-    parts = recipe.build_saved(folder, template=template, dtype=dtype, template_required=False)
+    parts = recipe.build_saved(folder, template=template, dtype=dtype, template_required=False, device="cpu")
     name = parts.template.name if parts.template is not None else None
     logger.info("export: template %s (%s)", name, parts.template_source)
     tokenizer, processor, model = parts.tokenizer, parts.processor, parts.model

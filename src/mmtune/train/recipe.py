@@ -23,6 +23,8 @@ import logging
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+import torch
+
 from mmtune.config import ConfigError, DataArguments, FinetuningArguments, MMTrainingArguments, ModelArguments
 from mmtune.data import MultiModalCollator, build_dataset
 from mmtune.data.packing import dataset_lengths, maybe_pack
@@ -184,7 +186,7 @@ def load_saved_processor(folder: SavedFolder) -> tuple[Any, Any | None]:
 
 def build_saved(model_path: str | SavedFolder, adapter_path: str | None = None, *, template: str | None = None,
                 dtype: str = "auto", template_required: bool = True, model: bool = True,
-                data_args: DataArguments | None = None) -> Parts:
+                data_args: DataArguments | None = None, device: str | None = None) -> Parts:
     """Reopen a folder mmtune wrote (an output folder, a ``checkpoint-N``, an adapter folder
     alone, an export) or a model, for inference: the parts :func:`build` gives, from the folder.
 
@@ -197,7 +199,9 @@ def build_saved(model_path: str | SavedFolder, adapter_path: str | None = None, 
     left and builds no position ids (generation derives them). ``data_args`` (``mmtune predict``)
     tokenises its data with the folder's template and plugin, as :func:`build` would, before the
     weights load: ``datasets`` then holds ``train`` and, with ``val_size``, the held-out ``eval``
-    that training set aside (the same split)."""
+    that training set aside (the same split). The model is placed on ``device``, by default the
+    accelerator when there is one (:func:`inference_device`): generation on the CPU of a GPU
+    machine is many times slower; ``export`` passes ``"cpu"`` (merging needs no accelerator)."""
     folder = model_path if isinstance(model_path, SavedFolder) else inspect_folder(model_path, adapter_path)
     try:
         name, source = resolve_template(template, folder.model_type, folder.record, where=folder.files)
@@ -225,4 +229,21 @@ def build_saved(model_path: str | SavedFolder, adapter_path: str | None = None, 
         args = ModelArguments(model_name_or_path=folder.model_path, adapter_name_or_path=folder.adapter_path,
                               torch_dtype=dtype)
         parts.model = load_model(args, FinetuningArguments(), is_trainable=False)
+        target = inference_device(device)
+        if target != "cpu":
+            logger.info("model placed on %s for inference", target)
+            parts.model = parts.model.to(target)
     return parts
+
+
+def inference_device(device: str | None = None) -> str:
+    """Where an inference model goes: ``device`` when given, else ``cuda`` when torch sees a GPU,
+    else ``mps`` on Apple silicon, else ``cpu``."""
+    if device:
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return "mps"
+    return "cpu"
