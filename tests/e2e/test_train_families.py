@@ -22,6 +22,13 @@ CASES = {  # fixture -> (template, media kind)
     "qwen3_omni_moe_thinker": ("qwen3_omni", "audio"),
     "lfm2_vl": ("lfm2_vl", "image"),  # hybrid short-convolution layers
 }
+try:  # both newer than transformers 5.17 (whose MiniCPM-V 4.6 takes one image size per batch)
+    import transformers.models.minicpmv4_7  # noqa: F401
+
+    CASES["minicpmv4_6"] = ("minicpmv4_6", "image")  # NaViT-packed slices, a Qwen3.5 language model
+    CASES["minicpmv4_7"] = ("minicpmv4_7", "image")  # canvas M-RoPE from mm_token_type_ids
+except ImportError:
+    pass
 
 
 def _losses(out):

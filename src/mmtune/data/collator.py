@@ -171,7 +171,8 @@ class MultiModalCollator:
             return
         params = inspect.signature(rope).parameters
         kwargs = {k: batch[k] for k in ("input_ids", "mm_token_type_ids", "image_grid_thw", "video_grid_thw",
-                                        "attention_mask", "second_per_grid_ts", "video_second_per_grid") if k in params and k in batch}
+                                        "attention_mask", "second_per_grid_ts", "video_second_per_grid", "target_sizes",
+                                        "target_sizes_videos") if k in params and k in batch}
         with torch.no_grad():
             position_ids, _ = rope(**kwargs)
         batch["position_ids"] = position_ids
