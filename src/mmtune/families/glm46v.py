@@ -23,30 +23,13 @@ Packing: M-RoPE positions from the model's own ``get_rope_index``, as GLM-4.1V.
 
 from __future__ import annotations
 
-from mmtune.families.glm4v import Glm4vPlugin
-from mmtune.families.qwen2_vl import qwen2_vl_tower_inputs
-from mmtune.model.composite import CompositeModel, register_composite_model
+from mmtune.families.glm4v import Glm4vPlugin, glm4v_composite
+from mmtune.model.composite import register_composite_model
 from mmtune.plugins import register_mm_plugin
-from mmtune.speed.capabilities import SpeedCapabilities
 from mmtune.templates import Template, register_template
 
 register_mm_plugin("glm46v", Glm4vPlugin)
-register_composite_model(
-    CompositeModel(
-        model_type="glm46v",
-        packing="mrope",
-        template="glm46v",
-        projector_key="model.visual.merger",
-        vision_model_keys=["model.visual.patch_embed", "model.visual.embeddings", "model.visual.blocks",
-                           "model.visual.post_conv_layernorm", "model.visual.post_layernorm",
-                           "model.visual.downsample"],
-        language_model_keys=["model.language_model", "lm_head"],
-        lora_conflict_keys=["patch_embed"],
-        speed=SpeedCapabilities(fusable_head=True, varlen_attention_classes=("Glm4vVisionAttention",),
-                                # its embeddings read the grid too: the model keeps the device grid
-                                tower_inputs=qwen2_vl_tower_inputs, grid_on_host=False),
-    )
-)
+register_composite_model(glm4v_composite("glm46v", "glm46v"))  # GLM-4.1V's architecture
 
 _GLM = dict(plugin="glm46v", prefix="[gMASK]<sop>", system="<|system|>\n{content}", suffix="<|endoftext|>",
             stop_words=("<|endoftext|>", "<|user|>", "<|observation|>"), split_reasoning=True)

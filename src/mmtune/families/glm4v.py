@@ -31,23 +31,27 @@ class Glm4vPlugin(Qwen2VLPlugin):
 
 register_mm_plugin("glm4v", Glm4vPlugin)
 register_mm_plugin("glm4v_moe", Glm4vPlugin)
-for _model_type in ("glm4v", "glm4v_moe"):
-    register_composite_model(
-        CompositeModel(
-            model_type=_model_type,
-            packing="mrope",
-            template="glm4v",
-            projector_key="model.visual.merger",
-            vision_model_keys=["model.visual.patch_embed", "model.visual.embeddings", "model.visual.blocks",
-                               "model.visual.post_conv_layernorm", "model.visual.post_layernorm",
-                               "model.visual.downsample"],
-            language_model_keys=["model.language_model", "lm_head"],
-            lora_conflict_keys=["patch_embed"],
-            speed=SpeedCapabilities(fusable_head=True, varlen_attention_classes=("Glm4vVisionAttention", "Glm4vMoeVisionAttention"),
-                                    # its embeddings read the grid too: the model keeps the device grid
-                                    tower_inputs=qwen2_vl_tower_inputs, grid_on_host=False),
-        )
+def glm4v_composite(model_type: str, template: str) -> CompositeModel:
+    """The composite entry of a GLM-4V-architecture model (GLM-4.1V, GLM-4.5V, GLM-4.6V): the same
+    tower, merger and language-model keys, and the same speed capabilities."""
+    return CompositeModel(
+        model_type=model_type,
+        packing="mrope",
+        template=template,
+        projector_key="model.visual.merger",
+        vision_model_keys=["model.visual.patch_embed", "model.visual.embeddings", "model.visual.blocks",
+                           "model.visual.post_conv_layernorm", "model.visual.post_layernorm",
+                           "model.visual.downsample"],
+        language_model_keys=["model.language_model", "lm_head"],
+        lora_conflict_keys=["patch_embed"],
+        speed=SpeedCapabilities(fusable_head=True, varlen_attention_classes=("Glm4vVisionAttention", "Glm4vMoeVisionAttention"),
+                                # its embeddings read the grid too: the model keeps the device grid
+                                tower_inputs=qwen2_vl_tower_inputs, grid_on_host=False),
     )
+
+
+for _model_type in ("glm4v", "glm4v_moe"):
+    register_composite_model(glm4v_composite(_model_type, "glm4v"))
 
 
 # GLM-4.1V-9B-Thinking's chat template: "[gMASK]<sop>", then "<|system|>\n", "<|user|>\n", "<|assistant|>\n"
