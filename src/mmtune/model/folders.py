@@ -170,13 +170,15 @@ def check_buildable(model: ModelPath, option: str) -> None:
     if not model_type:
         raise ModelFolderError(f"{where}: its {CONFIG_NAME} names no model_type; restore the file from where the "
                                f"model came from")
+    if model_type == "llava_llama" or config.get("mm_vision_tower"):
+        return  # mmtune's native LLaVA (its own config class, registered with transformers' Auto classes)
     if get_composite_model(model_type) is not None and model_type not in CONFIG_MAPPING_NAMES:
         import transformers
 
         raise ModelFolderError(f"{where}: model_type {model_type!r} has an mmtune family but needs a newer "
                                f"transformers than the installed {transformers.__version__}, which does not have it; "
                                f"upgrade transformers")
-    if model_type == "llava_llama" or config.get("mm_vision_tower") or get_composite_model(model_type) is not None:
+    if get_composite_model(model_type) is not None:
         return
     if model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES or model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         return
